@@ -1,0 +1,62 @@
+"""orbax CheckpointManager wrapper: save every N steps, keep K, restore the newest good step.
+
+A damaged checkpoint (truncated, deleted or bit-flipped array files, a missing manifest or
+metadata) stays listed by orbax but raises on restore; `restore_latest` warns naming the bad step and
+falls back to the next newest one that restores. Old steps are only removed by orbax after a newer
+one has been committed, so the last good checkpoint is never lost.
+"""
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+  """Checkpoints of a TrainState under `directory` (the run's `workdir/checkpoints`)."""
+
+  def __init__(self, directory, max_to_keep=3):
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+  def all_steps(self):
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def save(self, step, state):
+    """Saves `state` as `step` (asynchronously; call `wait` before relying on it)."""
+    self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def restore_latest(self, abstract_state):
+    """Restores the newest step that loads into `abstract_state`'s shapes and shardings.
+
+    abstract_state: a tree of jax.ShapeDtypeStruct with `.sharding`. Returns (state, step), or
+    (None, None) when the directory holds no restorable checkpoint. Each damaged step is reported
+    with a warning naming it.
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        return state, step
+      except (ValueError, OSError, KeyError, TypeError) as e:
+        log.warning('checkpoint step %d in %s cannot be restored (%s: %s); trying an older step',
+                    step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+    return None, None
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_with_shardings(abstract_state, shardings):
+  """ShapeDtypeStructs of `abstract_state` carrying the given shardings (restore target)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract_state, shardings)

@@ -1,0 +1,83 @@
+"""Config helpers: the base config every experiment starts from, and arg-string parsing.
+
+Config files are `configs/<name>.py` with `get_config(arg=None)`; `arg` is the text after the colon
+in `--config=configs/mnist_cnn.py:data=tfds,smoke`. Like big_vision's `parse_arg`, `parse` reads
+`key=value` pairs and bare flags (`smoke` means smoke=True); each key must be declared with a
+default whose type the value is cast to.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from bigjax.errors import UserError
+
+
+def _cast(key, text, default):
+  if isinstance(default, bool):
+    if text.lower() in ('1', 'true', 'yes', ''):
+      return True
+    if text.lower() in ('0', 'false', 'no'):
+      return False
+    raise UserError(f'config arg {key}={text!r} is not a boolean; use {key}=true or {key}=false')
+  try:
+    return type(default)(text)
+  except ValueError:
+    raise UserError(f'config arg {key}={text!r} is not a {type(default).__name__}') from None
+
+
+def parse(arg, **defaults):
+  """Returns a ConfigDict of `defaults` updated from `arg` ("k=v,flag,...", or None).
+
+  Unknown keys raise UserError listing the known ones.
+  """
+  args = ml_collections.ConfigDict(dict(defaults))
+  for item in filter(None, (arg or '').split(',')):
+    key, _, value = item.partition('=')
+    key = key.strip()
+    if key not in defaults:
+      raise UserError(f'config arg {key!r} is unknown; known args: {", ".join(sorted(defaults))}')
+    args[key] = _cast(key, value.strip(), defaults[key])
+  return args
+
+
+def base_config():
+  """The fields every experiment config has, with their defaults (experiment files override them).
+
+  Declaring every field here is what lets the command line override any of them with type checks
+  (`--config.optim.lr=3e-4`) and lets bigjax reject unknown ones.
+  """
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = dict(name='mnist5k', data_dir=config_dict.placeholder(str), train_split='train',
+                eval_split='test', standardize=False)
+  c.augment = dict(enabled=False, crop_padding=0, flip=False, max_rotate_degrees=0.0, max_scale=0.0)
+  c.model = dict(name='cnn', kwargs=ml_collections.ConfigDict())
+  c.task = dict(name='classification', kwargs=ml_collections.ConfigDict())
+  c.optim = dict(name='adam', lr=1e-3, schedule='constant', warmup_steps=0, end_lr_fraction=0.0,
+                 step_boundaries=(0.5, 0.75), step_decay=0.1, momentum=0.9, b1=0.9, b2=0.999,
+                 eps=1e-8, weight_decay=0.0, clip_norm=0.0)
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.sharding_rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'),
+                      ('classes', 'tensor'), ('conv_in', 'fsdp'), ('conv_out', 'tensor'))
+  c.batch_size = 64
+  c.eval_batch_size = 500
+  c.num_epochs = 10
+  c.num_steps = 0  # > 0 overrides num_epochs
+  c.log_every = 50
+  c.eval_every = 0  # 0: evaluate at the end only
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.nan_policy = 'raise'  # or 'skip'
+  return c
+
+
+def load_config_file(spec):
+  """'configs/name.py[:arg]' -> the ConfigDict its get_config(arg) returns (as --config loads it)."""
+  import importlib.util
+  import os
+  path, _, arg = spec.partition(':')
+  if not os.path.exists(path):
+    raise UserError(f'--config={path}: no such config file; configs live in configs/<name>.py')
+  module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)

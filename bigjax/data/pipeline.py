@@ -1,0 +1,159 @@
+"""From a TFDS name to per-step global batches.
+
+A split is read once from its TFDS data source into host memory (all datasets bigjax ships or
+names fit easily), as a dict {'inputs': (N, ...), 'label': (N,)}. The batch for a training step is
+a pure function of (seed, step): epoch e uses the permutation `default_rng([seed, e])` of the split,
+drops the remainder, and each process takes only its own rows of the global batch. That makes
+resuming at any step exact, mid-epoch included.
+"""
+import dataclasses
+import os
+
+import jax
+import numpy as np
+
+from bigjax.data import offline
+from bigjax.errors import DataError
+
+INPUT_KEYS = ('image', 'features')  # the first present becomes batch['inputs']
+
+
+def _data_dir(data_dir):
+  return os.path.expanduser(data_dir) if data_dir else None
+
+
+def _builder(name, data_dir):
+  import tensorflow_datasets as tfds
+  known_offline = ', '.join(offline.NAMES)
+  if name not in offline.NAMES and name not in tfds.list_builders(with_community_datasets=False):
+    raise DataError(f'config.data.name={name!r} is not a TFDS dataset; offline datasets: '
+                    f'{known_offline}; or any TFDS catalog name (e.g. mnist, cifar10) prepared in '
+                    'config.data.data_dir')
+  return tfds.builder(name, data_dir=_data_dir(data_dir))
+
+
+def _not_prepared(name, where):
+  return DataError(
+      f'dataset {name!r} is not prepared in {where} and bigjax does not download at run time; on a '
+      f'machine with internet run `tfds build {name} --file_format=array_record --data_dir=DIR` '
+      f'and pass --config.data.data_dir=DIR, or use an offline dataset ({", ".join(offline.NAMES)})')
+
+
+def _open(name, split, data_dir):
+  """The split's TFDS data source, never downloading; offline datasets are prepared on first use."""
+  import tensorflow_datasets as tfds
+  builder = _builder(name, data_dir)
+  if name in offline.NAMES and not builder.is_prepared():
+    tfds.disable_progress_bar()
+    builder.download_and_prepare(file_format='array_record')
+  try:
+    return tfds.data_source(name, split=split, data_dir=_data_dir(data_dir), download=False)
+  except (AssertionError, FileNotFoundError, OSError, NotImplementedError) as e:
+    if builder.is_prepared():  # prepared, but as TFRecord: no random access without TensorFlow
+      raise DataError(f'dataset {name!r} in {builder.data_dir} is not in array_record format; '
+                      f'rebuild it with `tfds build {name} --file_format=array_record`') from e
+    raise _not_prepared(name, builder.data_dir) from e
+  except (ValueError, KeyError) as e:
+    if not builder.is_prepared():
+      raise _not_prepared(name, builder.data_dir) from e
+    raise DataError(f'split {split!r} of dataset {name!r} cannot be read ({e}); its splits: '
+                    f'{", ".join(builder.info.splits)}; check config.data.*_split') from e
+
+
+def check_available(name, split, data_dir):
+  """Raises DataError (with the command that fixes it) unless the split can be read offline."""
+  _open(name, split, data_dir)
+
+
+def load_split(name, split, data_dir=None):
+  """Reads a whole split into host memory.
+
+  Returns {'inputs': (N, ...) array, 'label': (N,) int32}; `inputs` is the record's 'image' (uint8,
+  NHWC) or 'features' (float32). Offline datasets are prepared on first use.
+  """
+  source = _open(name, split, data_dir)
+  records = [source[i] for i in range(len(source))]
+  if not records:
+    raise DataError(f'split {split!r} of dataset {name!r} is empty')
+  key = next((k for k in INPUT_KEYS if k in records[0]), None)
+  if key is None or 'label' not in records[0]:
+    raise DataError(f'dataset {name!r} records have keys {sorted(records[0])}; bigjax expects one '
+                    f'of {INPUT_KEYS} and "label"')
+  inputs = _stack(name, split, [r[key] for r in records])
+  labels = np.asarray([r['label'] for r in records], np.int32)
+  return {'inputs': inputs, 'label': labels}
+
+
+def _stack(name, split, values):
+  """np.stack that names the first record whose shape or dtype differs from record 0."""
+  first = np.asarray(values[0])
+  for i, v in enumerate(values):
+    v = np.asarray(v)
+    if v.shape != first.shape or v.dtype != first.dtype:
+      raise DataError(f'dataset {name!r} split {split!r} record {i}: shape {v.shape} dtype {v.dtype}, '
+                      f'expected {first.shape} {first.dtype} like record 0')
+  return np.stack(values)
+
+
+def check_labels(arrays, num_classes, name, split):
+  """Raises DataError naming the first record whose label is outside [0, num_classes)."""
+  bad = np.flatnonzero((arrays['label'] < 0) | (arrays['label'] >= num_classes))
+  if bad.size:
+    i = int(bad[0])
+    raise DataError(f'dataset {name!r} split {split!r} record {i}: label {arrays["label"][i]} is '
+                    f'outside [0, {num_classes}); check config.task.kwargs.num_classes')
+
+
+def standardize(train, *others):
+  """Scales float 'inputs' to zero mean, unit variance using the training split's statistics."""
+  mean = train['inputs'].mean(0)
+  std = train['inputs'].std(0) + 1e-8
+  return [dict(a, inputs=((a['inputs'] - mean) / std).astype(np.float32)) for a in (train, *others)]
+
+
+@dataclasses.dataclass
+class TrainBatches:
+  """Process-local training batches, a pure function of the step.
+
+  arrays: the split, {'inputs': (N, ...), 'label': (N,)}; batch_size: the global batch size.
+  `batch(step)` returns this process's rows: {'inputs': (B/P, ...), 'label': (B/P,)}.
+  """
+  arrays: dict
+  batch_size: int
+  seed: int
+
+  def __post_init__(self):
+    n = len(self.arrays['label'])
+    self.steps_per_epoch = n // self.batch_size
+    if self.steps_per_epoch == 0:
+      raise DataError(f'config.batch_size={self.batch_size} is larger than the training split '
+                      f'({n} examples); lower config.batch_size')
+    procs = jax.process_count()
+    self._rows = slice(jax.process_index() * self.batch_size // procs,
+                       (jax.process_index() + 1) * self.batch_size // procs)
+    self._epoch, self._perm = None, None
+
+  def batch(self, step):
+    epoch, i = divmod(step, self.steps_per_epoch)
+    if epoch != self._epoch:
+      self._epoch = epoch
+      self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.arrays['label']))
+    idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size][self._rows]
+    return {k: v[idx] for k, v in self.arrays.items()}
+
+
+def eval_batches(arrays, batch_size):
+  """Yields process-local eval batches covering every example once.
+
+  The last batch is padded to `batch_size`; batch['mask'] (B/P,) is 1.0 on real examples.
+  """
+  n = len(arrays['label'])
+  procs, pid = jax.process_count(), jax.process_index()
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size)
+    mask = (idx < n).astype(np.float32)
+    idx = np.minimum(idx, n - 1)
+    rows = slice(pid * batch_size // procs, (pid + 1) * batch_size // procs)
+    batch = {k: v[idx[rows]] for k, v in arrays.items()}
+    batch['mask'] = mask[rows]
+    yield batch

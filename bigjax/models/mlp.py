@@ -1,0 +1,48 @@
+"""Multi-layer perceptron over flattened inputs."""
+from typing import Optional, Sequence
+
+import chex
+import flax.linen as nn
+import jax.numpy as jnp
+
+from bigjax.models import layers
+
+
+class Model(nn.Module):
+  """MLP: (B, ...) inputs, flattened -> hidden Dense+activation layers -> (B, num_outputs).
+
+  hidden: widths of the hidden layers. activation: relu | sigmoid | tanh | gelu | silu.
+  output_activation: applied to the output (None = logits; leave None for classification, the task
+  applies softmax/sigmoid inside its loss). kernel_init: kernel initializer (see layers.INITIALIZERS). norm: None or 'layernorm' after each hidden
+  Dense. dropout: rate after each hidden activation.
+  """
+  hidden: Sequence[int] = (128,)
+  num_outputs: int = 10
+  activation: str = 'relu'
+  output_activation: Optional[str] = None
+  kernel_init: str = 'lecun'
+  norm: Optional[str] = None
+  dropout: float = 0.0
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+
+  @nn.compact
+  def __call__(self, x, *, train=False):
+    chex.assert_rank(x, {2, 3, 4})
+    act = layers.activation(self.activation)
+    kw = dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
+              kernel_init=layers.initializer(self.kernel_init))
+    x = layers.flatten(x).astype(kw['dtype'])
+    names = ('embed', 'mlp')
+    for i, width in enumerate(self.hidden):
+      x = layers.dense(width, names, name=f'hidden_{i}', **kw)(x)
+      if self.norm == 'layernorm':
+        x = nn.LayerNorm(dtype=kw['dtype'], param_dtype=kw['param_dtype'],
+                         scale_init=layers.partitioned(nn.initializers.ones_init(), ('norm',)),
+                         bias_init=layers.partitioned(nn.initializers.zeros_init(), ('norm',)))(x)
+      x = nn.Dropout(self.dropout, deterministic=not train)(act(x))
+      names = names[::-1]
+    x = layers.dense(self.num_outputs, (names[0], 'classes'), name='output', **kw)(x)
+    if self.output_activation:
+      x = layers.activation(self.output_activation, 'config.model.kwargs.output_activation')(x)
+    return x.astype(jnp.float32)

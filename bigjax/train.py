@@ -1,0 +1,341 @@
+"""Train and evaluate any experiment from its config file.
+
+  python -m bigjax.train --config=configs/mnist_cnn.py[:arg=value,...] --workdir=runs/mnist_cnn \
+      [--config.optim.lr=3e-4 ...]
+
+Re-running the same command on the same workdir resumes from its newest good checkpoint. From a
+colab: `bigjax.train.train_and_evaluate(config, workdir)` returns the final results dict.
+
+The workdir receives config.json, checkpoints/, tensorboard/ and, at the end, results.json. Invalid
+input (unknown field, wrong type, bad mesh or batch size, unknown component, missing dataset) is
+reported on one line with exit status 2 before anything is written.
+"""
+import json
+import os
+import signal
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from bigjax import checkpoint as checkpoint_lib
+from bigjax import mesh as mesh_lib
+from bigjax import optim
+from bigjax import registry
+from bigjax import reporting
+from bigjax import steps
+from bigjax.data import pipeline
+from bigjax.errors import NonFiniteError, UserError
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the parts (pure: reads the config and data, writes nothing)
+# ----------------------------------------------------------------------------------------------
+def build_component(kind, cfg):
+  """Instantiates `bigjax.<kind>.<cfg.name>`'s Model/Task with cfg.kwargs; bad kwargs -> UserError."""
+  cls = registry.load(kind, cfg.name)
+  kwargs = cfg.kwargs.to_dict() if hasattr(cfg.kwargs, 'to_dict') else dict(cfg.kwargs)
+  field = f'config.{"model" if kind == "models" else "task"}.kwargs'
+  try:
+    return cls(**kwargs)
+  except TypeError as e:
+    raise UserError(f'{field} does not fit {cfg.name!r} ({e}); fix or remove that field') from None
+
+
+def load_data(config, task):
+  """Train and eval splits as host arrays {'inputs', 'label'}, checked against the task."""
+  d = config.data
+  train = pipeline.load_split(d.name, d.train_split, d.data_dir)
+  evals = pipeline.load_split(d.name, d.eval_split, d.data_dir)
+  if d.standardize:
+    train, evals = pipeline.standardize(train, evals)
+  task.check_data(train, d.name, d.train_split)
+  task.check_data(evals, d.name, d.eval_split)
+  return train, evals
+
+
+def check_config(config, mesh):
+  """Validates the fields that no component checks by itself."""
+  dp = mesh_lib.data_parallel_size(mesh)
+  for field in ('batch_size', 'eval_batch_size'):
+    value = config[field]
+    if value <= 0 or value % dp or value % jax.process_count():
+      raise UserError(f'config.{field}={value} is not divisible by the data-parallel size {dp} '
+                      f'(mesh data x fsdp) and {jax.process_count()} processes; use a multiple')
+  for field in ('log_every', 'checkpoint_every'):
+    if config[field] <= 0:
+      raise UserError(f'config.{field}={config[field]} must be positive')
+  if config.nan_policy not in steps.NAN_POLICIES:
+    raise UserError(f'config.nan_policy={config.nan_policy!r} is unknown; use one of '
+                    f'{", ".join(steps.NAN_POLICIES)}')
+
+
+def check_workdir_matches(workdir, config):
+  """Refuses a workdir whose saved run has a different model or task than `config`."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  for part in ('model', 'task'):
+    if saved.get(part) != json.loads(config[part].to_json()):
+      raise UserError(f'{workdir} holds a run with a different config.{part}; use a new --workdir, '
+                      'or delete that workdir to start over')
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+class _Preemption:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (save, then exit)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    if jax.process_count() == 1 and _in_main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _in_main_thread():
+  import threading
+  return threading.current_thread() is threading.main_thread()
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM/SIGINT after saving a checkpoint."""
+
+
+def to_global(batch, sharding):
+  """Process-local host batch -> global jax arrays split over the mesh's batch axes."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def evaluate(eval_step, state, arrays, config, sharding, task):
+  """Runs the model over the whole eval split -> task.eval_report(...) dict."""
+  outputs = []
+  for batch in pipeline.eval_batches(arrays, config.eval_batch_size):
+    out = eval_step(state, to_global({'inputs': batch['inputs']}, sharding)['inputs'])
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      out = multihost_utils.process_allgather(out, tiled=True)
+    outputs.append(np.asarray(out))
+  outputs = np.concatenate(outputs)[:len(arrays['label'])]
+  return task.eval_report(outputs, arrays['label'])
+
+
+def _mean_metrics(pending):
+  """List of per-step device metric dicts -> {name: mean over steps} on the host, plus the per-step
+  'finite' flags."""
+  fetched = jax.device_get(pending)
+  finite = np.array([m['finite'] for m in fetched])
+  means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+  return means, finite
+
+
+def _scalars(report):
+  return {k: v for k, v in report.items() if np.ndim(v) == 0}
+
+
+def train_and_evaluate(config, workdir, devices=None):
+  """Trains `config` in `workdir` (resuming if it holds checkpoints) and returns results.json's dict.
+
+  devices: the devices to build the mesh over (default: all). results['history'] lists the train
+  metrics at every log step and the eval metrics at every eval, as {'step', 'split', ...} dicts.
+
+  Raises UserError for invalid input before anything is written, NonFiniteError when the loss or
+  gradient norm becomes NaN/Inf under nan_policy='raise', Preempted after saving on SIGTERM/SIGINT.
+  """
+  t_start = time.time()
+  # -- 1. Build and validate everything; nothing is written until this section has passed.
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  check_config(config, mesh)
+  task = build_component('tasks', config.task)
+  model = build_component('models', config.model)
+  train_arrays, eval_arrays = load_data(config, task)
+  batches = pipeline.TrainBatches(train_arrays, config.batch_size, config.seed)
+  total_steps = config.num_steps or config.num_epochs * batches.steps_per_epoch
+  tx = optim.make_optimizer(config.optim, total_steps)
+  sample = steps.prepare_inputs(train_arrays['inputs'][:1], None, None)
+  boxed = steps.abstract_state(model, tx, sample, config.seed)
+  out_shape = jax.eval_shape(lambda v: model.apply(v, sample), nn.meta.unbox(
+      {'params': boxed.params, **boxed.model_state})).shape
+  if out_shape[-1] != task.num_outputs:
+    raise UserError(f'config.model outputs {out_shape[-1]} values per example but the task needs '
+                    f'{task.num_outputs}; set config.model.kwargs.num_classes (or num_outputs)')
+  shardings = mesh_lib.tree_shardings(boxed, mesh, config.sharding_rules)
+  abstract = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
+  check_workdir_matches(workdir, config)
+
+  # -- 2. Workdir: config, checkpoints, restore or initialise.
+  chief = jax.process_index() == 0
+  if chief:
+    os.makedirs(workdir, exist_ok=True)
+    reporting.write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
+  state, step = ckpt.restore_latest(abstract)
+  if state is None:
+    state, step = steps.create_state(model, tx, sample, config.seed, shardings), 0
+  last_saved = step if step else None
+
+  # -- 3. Compile the steps ahead of time (compile time is reported apart from training).
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  t0 = time.time()
+  train_step = jax.jit(
+      steps.make_train_step(model, task, tx, seed=config.seed, augment_cfg=config.augment,
+                            nan_policy=config.nan_policy),
+      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, mesh_lib.replicated(mesh)),
+      donate_argnums=0).lower(abstract, to_global(batches.batch(0), batch_sharding)).compile()
+  compile_s = time.time() - t0
+  eval_step = jax.jit(steps.make_eval_step(model, task), in_shardings=(shardings, batch_sharding),
+                      out_shardings=batch_sharding)
+
+  # -- 4. Train.
+  reporter = reporting.Reporter(workdir, step, total_steps)
+  reporter.print(f'bigjax: {config.model.name} on {config.data.name}, {total_steps} steps, mesh '
+                 f'{dict(mesh.shape)}, {mesh.size} {jax.devices()[0].platform} devices'
+                 + (f', resuming at step {step}' if step else ''))
+  pending, train_metrics, skipped, history = [], {}, 0, []
+  first_step, t_train = step, None
+  with _Preemption() as preemption:
+    while step < total_steps:
+      state, metrics = train_step(state, to_global(batches.batch(step), batch_sharding))
+      if t_train is None:
+        t_train = time.time()  # the first step's dispatch; throughput counts the steps after it
+        first_timed_step = step + 1
+      step += 1
+      pending.append(metrics)
+      reporter.step()
+      done = step == total_steps
+      save = done or step % config.checkpoint_every == 0 or preemption.requested
+      if save or step % config.log_every == 0:
+        train_metrics, finite = _mean_metrics(pending)
+        pending = []
+        if config.nan_policy == 'raise' and not finite.all():
+          bad = step - len(finite) + int(np.argmin(finite)) + 1
+          where = f'step {last_saved} in {ckpt.directory}' if last_saved else 'none saved yet'
+          raise NonFiniteError(f'loss or gradient norm is NaN/Inf at step {bad}; last good '
+                               f'checkpoint: {where}. Lower config.optim.lr, set '
+                               'config.optim.clip_norm, or use config.nan_policy=skip')
+        skipped += int((1 - finite).sum())
+        reporter.scalars(step, 'train', dict(train_metrics, skipped_steps=skipped))
+        history.append({'step': step, 'split': 'train', **train_metrics})
+      if config.eval_every and step % config.eval_every == 0 and not done:
+        report = evaluate(eval_step, state, eval_arrays, config, batch_sharding, task)
+        reporter.scalars(step, 'eval', report)
+        history.append({'step': step, 'split': 'eval', **_scalars(report)})
+      if save:
+        ckpt.save(step, state)
+        last_saved = step
+      if preemption.requested and not done:
+        ckpt.close()
+        reporter.close()
+        raise Preempted(f'{preemption.requested} received: saved step {step} in {ckpt.directory}; '
+                        'run the same command again to resume')
+  jax.block_until_ready(state)
+  train_s = time.time() - t_train if t_train else 0.0
+  timed_steps = step - first_timed_step if t_train else 0
+
+  # -- 5. Final evaluation and results.
+  eval_report = evaluate(eval_step, state, eval_arrays, config, batch_sharding, task)
+  reporter.scalars(step, 'eval', eval_report)
+  history.append({'step': step, 'split': 'eval', **_scalars(eval_report)})
+  ckpt.close()
+  reporter.print('final eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in _scalars(eval_report).items()))
+  reporter.close()
+  results = {
+      'step': step, 'eval': eval_report, 'train': train_metrics, 'skipped_steps': skipped,
+      'steps_this_run': step - first_step, 'compile_s': compile_s, 'wall_time_s': time.time() - t_start,
+      'train_examples_per_s': timed_steps * config.batch_size / train_s if train_s > 0 else None,
+      'num_params': int(sum(np.prod(p.shape) for p in jax.tree.leaves(state.params))),
+      'devices': mesh.size, 'platform': jax.devices()[0].platform, 'history': history,
+  }
+  if chief:
+    reporting.write_json_atomic(os.path.join(workdir, 'results.json'), results)
+  return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def parse_flags(argv):
+  """argv -> (config, workdir). Every mistake raises UserError with a one-line message."""
+  from absl import flags
+  from ml_collections import config_flags
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file[:args].',
+                                  flag_values=flag_values, lock_config=True, sys_argv=argv)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.',
+                      flag_values=flag_values)
+  try:
+    for arg in argv[1:]:
+      path = arg.split('=', 1)[1].split(':')[0] if arg.startswith('--config=') else None
+      if path and not os.path.exists(path):
+        raise UserError(f'--config={path}: no such config file; configs live in configs/<name>.py')
+    flag_values(argv)
+    config = flag_values.config
+    if config is not None:
+      config.keys()  # a config file that failed to load raises here
+  except UserError:
+    raise
+  except flags.IllegalFlagValueError as e:
+    raise UserError(f'{str(e).splitlines()[0]}; give a value of that field\'s type') from None
+  except flags.UnrecognizedFlagError as e:
+    raise UserError(f'{e}; see --helpfull') from None
+  except (AttributeError, KeyError) as e:  # an override names a field the config does not have
+    raise UserError(_explain_unknown_field(argv, e)) from None
+  if config is None or not flag_values.workdir:
+    raise UserError('both --config=configs/<name>.py[:args] and --workdir=DIR are required')
+  return config, flag_values.workdir
+
+
+def _explain_unknown_field(argv, error):
+  """Names the first `--config.a.b` override whose path the loaded config lacks, with its siblings."""
+  from bigjax.config_lib import load_config_file
+  spec = next(a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config='))
+  config = load_config_file(spec)
+  for arg in argv[1:]:
+    if arg.startswith('--config.'):
+      path = arg[len('--config.'):].split('=', 1)[0]
+      node, parts = config, path.split('.')
+      for i, part in enumerate(parts):
+        if not hasattr(node, 'keys') or part not in node:
+          parent = 'config' + ''.join(f'.{p}' for p in parts[:i])
+          known = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else '(not a group)'
+          return f'--config.{path}: {parent} has no field {part!r}; its fields: {known}'
+        node = node[part]
+  return ' '.join(str(error).split())
+
+
+def main(argv=None):
+  """CLI entry: parses flags, trains. User errors print one line and exit with status 2;
+  NaN/Inf exits 1; SIGTERM/SIGINT saves a checkpoint and exits 143."""
+  try:
+    config, workdir = parse_flags(sys.argv if argv is None else argv)
+    train_and_evaluate(config, workdir)
+  except UserError as e:
+    _exit(str(e), 2)
+  except (NonFiniteError, Preempted) as e:
+    _exit(str(e), 1 if isinstance(e, NonFiniteError) else 143)
+
+
+def _exit(message, status):
+  print(f'bigjax: error: {message}' if status == 2 else f'bigjax: {message}', file=sys.stderr)
+  sys.exit(status)
+
+
+if __name__ == '__main__':
+  main()
