@@ -60,3 +60,18 @@ def abstract_with_shardings(abstract_state, shardings):
   """ShapeDtypeStructs of `abstract_state` carrying the given shardings (restore target)."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract_state, shardings)
+
+
+def load_latest(directory):
+  """(step, state dict of numpy arrays) from the newest checkpoint in `directory`, with no target.
+
+  For inspection, tests and colabs: the tree is {'step', 'params', 'model_state', 'opt_state'} with
+  optimizer-state tuples turned into lists (orbax restores untyped containers that way).
+  """
+  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {directory}')
+  tree = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  return step, jax.tree.map(lambda x: jax.device_get(x), tree)

@@ -82,7 +82,7 @@ def make_train_step(model, task, tx, *, seed, augment_cfg=None, nan_policy='rais
       return loss, (metrics, new_model_state)
 
     (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                         model_state=dict(model_state), opt_state=opt_state)

