@@ -210,52 +210,54 @@ def train_and_evaluate(config, workdir, devices=None):
                  + (f', resuming at step {step}' if step else ''))
   pending, train_metrics, skipped, history = [], {}, 0, []
   first_step, t_train = step, None
-  with _Preemption() as preemption:
-    while step < total_steps:
-      state, metrics = train_step(state, to_global(batches.batch(step), batch_sharding))
-      if t_train is None:
-        t_train = time.time()  # the first step's dispatch; throughput counts the steps after it
-        first_timed_step = step + 1
-      step += 1
-      pending.append(metrics)
-      reporter.step()
-      done = step == total_steps
-      save = done or step % config.checkpoint_every == 0 or preemption.requested
-      if save or step % config.log_every == 0:
-        train_metrics, finite = _mean_metrics(pending)
-        pending = []
-        if config.nan_policy == 'raise' and not finite.all():
-          bad = step - len(finite) + int(np.argmin(finite)) + 1
-          where = f'step {last_saved} in {ckpt.directory}' if last_saved else 'none saved yet'
-          raise NonFiniteError(f'loss or gradient norm is NaN/Inf at step {bad}; last good '
-                               f'checkpoint: {where}. Lower config.optim.lr, set '
-                               'config.optim.clip_norm, or use config.nan_policy=skip')
-        skipped += int((1 - finite).sum())
-        reporter.scalars(step, 'train', dict(train_metrics, skipped_steps=skipped))
-        history.append({'step': step, 'split': 'train', **train_metrics})
-      if config.eval_every and step % config.eval_every == 0 and not done:
-        report = evaluate(eval_step, state, eval_arrays, config, batch_sharding, task)
-        reporter.scalars(step, 'eval', report)
-        history.append({'step': step, 'split': 'eval', **_scalars(report)})
-      if save:
-        ckpt.save(step, state)
-        last_saved = step
-      if preemption.requested and not done:
-        ckpt.close()
-        reporter.close()
-        raise Preempted(f'{preemption.requested} received: saved step {step} in {ckpt.directory}; '
-                        'run the same command again to resume')
-  jax.block_until_ready(state)
-  train_s = time.time() - t_train if t_train else 0.0
-  timed_steps = step - first_timed_step if t_train else 0
+  try:
+    with _Preemption() as preemption:
+      while step < total_steps:
+        state, metrics = train_step(state, to_global(batches.batch(step), batch_sharding))
+        if t_train is None:  # throughput counts the steps after the first (warm-up) one
+          jax.block_until_ready(metrics)
+          t_train, first_timed_step = time.time(), step + 1
+        step += 1
+        pending.append(metrics)
+        reporter.step()
+        done = step == total_steps
+        stop = preemption.requested  # read once: a signal may arrive at any point below
+        save = done or step % config.checkpoint_every == 0 or bool(stop)
+        if save or step % config.log_every == 0:
+          train_metrics, finite = _mean_metrics(pending)
+          pending = []
+          if config.nan_policy == 'raise' and not finite.all():
+            bad = step - len(finite) + int(np.argmin(finite)) + 1
+            where = f'step {last_saved} in {ckpt.directory}' if last_saved else 'none saved yet'
+            raise NonFiniteError(f'loss or gradient norm is NaN/Inf at step {bad}; last good '
+                                 f'checkpoint: {where}. Lower config.optim.lr, set '
+                                 'config.optim.clip_norm, or use config.nan_policy=skip')
+          skipped += int((1 - finite).sum())
+          reporter.scalars(step, 'train', dict(train_metrics, skipped_steps=skipped))
+          history.append({'step': step, 'split': 'train', **train_metrics})
+        if config.eval_every and step % config.eval_every == 0 and not done:
+          report = evaluate(eval_step, state, eval_arrays, config, batch_sharding, task)
+          reporter.scalars(step, 'eval', report)
+          history.append({'step': step, 'split': 'eval', **_scalars(report)})
+        if save:
+          ckpt.save(step, state)
+          last_saved = step
+        if stop and not done:
+          raise Preempted(f'{stop} received: saved step {step} in {ckpt.directory}; '
+                          'run the same command again to resume')
+    jax.block_until_ready(state)
+    train_s = time.time() - t_train if t_train else 0.0
+    timed_steps = step - first_timed_step if t_train else 0
 
-  # -- 5. Final evaluation and results.
-  eval_report = evaluate(eval_step, state, eval_arrays, config, batch_sharding, task)
-  reporter.scalars(step, 'eval', eval_report)
-  history.append({'step': step, 'split': 'eval', **_scalars(eval_report)})
-  ckpt.close()
-  reporter.print('final eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in _scalars(eval_report).items()))
-  reporter.close()
+    # -- 5. Final evaluation and results.
+    eval_report = evaluate(eval_step, state, eval_arrays, config, batch_sharding, task)
+    reporter.scalars(step, 'eval', eval_report)
+    history.append({'step': step, 'split': 'eval', **_scalars(eval_report)})
+    reporter.print('final eval: ' + ', '.join(f'{k}={v:.4f}'
+                                              for k, v in _scalars(eval_report).items()))
+  finally:
+    ckpt.close()  # waits for in-flight saves: nothing already written is lost
+    reporter.close()
   results = {
       'step': step, 'eval': eval_report, 'train': train_metrics, 'skipped_steps': skipped,
       'steps_this_run': step - first_step, 'compile_s': compile_s, 'wall_time_s': time.time() - t_start,

@@ -16,7 +16,7 @@ def get_config(arg=None):
   config.model.name = 'cnn'
   config.model.kwargs = dict(conv_features=(32, 64, 64), pool_after=(True, True, False),
                              dense_features=(64,), num_classes=10,
-                             kernel_init='glorot_uniform')
+                             kernel_init='lecun')
   config.task.name = 'classification'
   config.task.kwargs = dict(num_classes=10)
   config.optim.name = 'adam'

