@@ -10,6 +10,7 @@ import os
 import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -84,15 +85,21 @@ def abstract_with_shardings(abstract_state, shardings):
 
 
 def load_latest(directory):
-  """(step, state dict of numpy arrays) from the newest checkpoint in `directory`, with no target.
+  """(step, state dict of numpy arrays) from the newest checkpoint in `directory`.
 
-  For inspection, tests and colabs: the tree is {'step', 'params', 'model_state', 'opt_state'} with
-  optimizer-state tuples turned into lists (orbax restores untyped containers that way).
+  Restores into host numpy arrays whatever the mesh it was saved from, so it serves inspection,
+  tests, colabs and `config.init_from`. The tree is {'step', 'params', 'model_state', 'opt_state'}
+  (optimizer-state tuples come back as lists).
   """
-  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  manager = ocp.CheckpointManager(os.path.abspath(directory),
+                                  item_handlers=ocp.StandardCheckpointHandler())
   step = manager.latest_step()
   if step is None:
+    manager.close()
     raise FileNotFoundError(f'no checkpoint in {directory}')
-  tree = manager.restore(step, args=ocp.args.StandardRestore())
+  metadata = manager.item_metadata(step)
+  metadata = getattr(metadata, 'tree', metadata)
+  target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), metadata)
+  tree = manager.restore(step, args=ocp.args.StandardRestore(target))
   manager.close()
-  return step, jax.tree.map(lambda x: jax.device_get(x), tree)
+  return step, tree

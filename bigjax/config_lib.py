@@ -47,8 +47,11 @@ def base_config():
   """
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # view: '' reads records as {'inputs', 'label'} arrays; text datasets take 'lm', 'classification'
+  # or 'pairs' (see bigjax/data/text.py) with sequences of seq_len tokens.
   c.data = dict(name='mnist5k', data_dir=config_dict.placeholder(str), train_split='train',
-                eval_split='test', standardize=False)
+                eval_split='test', standardize=False, view='', seq_len=128,
+                eval_max_examples=0)  # > 0: evaluate on the first N eval examples only
   c.augment = dict(enabled=False, crop_padding=0, flip=False, max_rotate_degrees=0.0, max_scale=0.0)
   c.model = dict(name='cnn', kwargs=ml_collections.ConfigDict())
   c.task = dict(name='classification', kwargs=ml_collections.ConfigDict())
@@ -56,10 +59,13 @@ def base_config():
                  step_boundaries=(0.5, 0.75), step_decay=0.1, momentum=0.9, b1=0.9, b2=0.999,
                  eps=1e-8, weight_decay=0.0, clip_norm=0.0)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  # Conv kernels are split on their output channels only: XLA:CPU's SPMD partitioner (jax 0.10.2)
-  # computed wrong gradients for a conv whose kernel was split on conv_in over 'fsdp' and conv_out
-  # over 'tensor' while the batch was split over 'fsdp' (tests/test_train.py guards this).
+  # Logical axis -> mesh axes; the first rule whose mesh axes are free and divide the dimension
+  # wins (bigjax/mesh.py). Conv kernels are split on their output channels only: XLA:CPU's SPMD
+  # partitioner (jax 0.10.2) computed wrong gradients for a conv whose kernel was split on conv_in
+  # over 'fsdp' and conv_out over 'tensor' while the batch was split over 'fsdp'
+  # (tests/test_train.py guards this).
   c.sharding_rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'),
+                      ('heads', 'tensor'), ('kv_heads', 'tensor'), ('vocab', 'tensor'),
                       ('classes', 'tensor'), ('conv_out', ('fsdp', 'tensor')),
                       ('conv_out', 'tensor'))
   c.batch_size = 64
@@ -71,6 +77,8 @@ def base_config():
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.nan_policy = 'raise'  # or 'skip'
+  # Fine-tuning: copy parameters matching `load` (comma-separated regexes) from a run's checkpoint.
+  c.init_from = dict(checkpoint='', load='.*')
   return c
 
 

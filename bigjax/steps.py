@@ -27,29 +27,38 @@ class TrainState:
   opt_state: Any
 
 
-def _init_state(model, tx, sample_inputs, rng):
-  variables = model.init({'params': rng, 'dropout': rng}, sample_inputs, train=False)
+def sample_batch(task, arrays):
+  """The first example of a host split as a batch of one, prepared as the task feeds the model."""
+  batch = {k: jnp.asarray(v[:1]) for k, v in arrays.items()}
+  return task.prepare(batch, jax.random.key(0)) if hasattr(task, 'prepare') else batch
+
+
+def _init_state(model, tx, sample, rng):
+  variables = apply_model(model, None, sample, train=False, init_rngs={'params': rng,
+                                                                       'dropout': rng})
   params = variables.pop('params')
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=dict(variables),
                     opt_state=tx.init(params))
 
 
-def abstract_state(model, tx, sample_inputs, seed):
-  """Shapes of the train state with logical-axis boxes, computed without allocating anything."""
-  return jax.eval_shape(functools.partial(_init_state, model, tx, sample_inputs),
-                        jax.random.key(seed))
+def abstract_state(model, tx, sample, seed):
+  """Shapes of the train state with logical-axis boxes, computed without allocating anything.
+
+  sample: a prepared batch of one (see sample_batch)."""
+  return jax.eval_shape(functools.partial(_init_state, model, tx, sample), jax.random.key(seed))
 
 
-def create_state(model, tx, sample_inputs, seed, shardings):
+def create_state(model, tx, sample, seed, shardings):
   """Initialises the train state directly into `shardings` (nothing is materialised unsharded)."""
-  init = lambda rng: nn.meta.unbox(_init_state(model, tx, sample_inputs, rng))
+  init = lambda rng: nn.meta.unbox(_init_state(model, tx, sample, rng))
   return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
 
 
 def prepare_inputs(inputs, rng, augment_cfg):
-  """Host batch inputs -> float model inputs: uint8 images to [0, 1], then augmentation if enabled."""
-  x = augment_lib.to_float(inputs)
+  """Batch inputs -> model inputs: uint8 images to float [0, 1] then augmentation if enabled; token
+  ids (other integer types) and float features pass through."""
+  x = augment_lib.to_float(inputs) if inputs.dtype == jnp.uint8 else inputs
   if rng is not None and augment_cfg is not None and augment_cfg.get('enabled', False):
     x = augment_lib.augment(rng, x, crop_padding=augment_cfg.get('crop_padding', 0),
                             flip=augment_cfg.get('flip', False),
@@ -58,25 +67,42 @@ def prepare_inputs(inputs, rng, augment_cfg):
   return x
 
 
+MODEL_KWARG_KEYS = ('segment_ids',)  # batch entries passed to the model as keyword arguments
+
+
+def apply_model(model, variables, batch, *, train, rngs=None, mutable=False, augment=None,
+                init_rngs=None):
+  """model.apply on a prepared batch: batch['inputs'] (images made float, augmented when `augment`
+  = (rng, config.augment)) plus any MODEL_KWARG_KEYS present in the batch. With `init_rngs`,
+  model.init instead (returns the variables)."""
+  x = prepare_inputs(batch['inputs'], *(augment or (None, None)))
+  kwargs = {k: batch[k] for k in MODEL_KWARG_KEYS if k in batch}
+  if init_rngs is not None:
+    return model.init(init_rngs, x, train=train, **kwargs)
+  return model.apply(variables, x, train=train, rngs=rngs, mutable=mutable, **kwargs)
+
+
 def make_train_step(model, task, tx, *, seed, augment_cfg=None, nan_policy='raise'):
   """Returns train_step(state, batch) -> (state, metrics).
 
-  batch: {'inputs': (B, ...), 'label': (B,)} global arrays. metrics: scalars 'loss', 'grad_norm',
-  'finite' (1.0 if loss and gradient norm are finite) plus the task's metrics. Under
-  nan_policy='skip' a non-finite step leaves params, model and optimizer state unchanged (the step
-  counter still advances).
+  batch: global arrays {'inputs': (B, ...), ...} holding what the task needs (e.g. 'label').
+  Tasks with a `prepare(batch, rng)` method (language modelling: targets, masking) transform the
+  batch on device first. metrics: scalars 'loss', 'grad_norm', 'finite' (1.0 if loss and gradient
+  norm are finite) plus the task's metrics. Under nan_policy='skip' a non-finite step leaves params,
+  model and optimizer state unchanged (the step counter still advances).
   """
   def train_step(state, batch):
-    chex.assert_rank(batch['label'], {1, 2})
-    chex.assert_equal_shape_prefix([batch['inputs'], batch['label']], 1)
+    chex.assert_equal_shape_prefix(list(batch.values()), 1)
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    k_augment, k_dropout = jax.random.split(rng)
-    inputs = prepare_inputs(batch['inputs'], k_augment, augment_cfg)
+    k_augment, k_dropout, k_task = jax.random.split(rng, 3)
+    if hasattr(task, 'prepare'):
+      batch = task.prepare(batch, k_task)
     mutable = list(state.model_state) or False
 
     def loss_fn(params):
-      out = model.apply({'params': params, **state.model_state}, inputs, train=True,
-                        rngs={'dropout': k_dropout}, mutable=mutable)
+      out = apply_model(model, {'params': params, **state.model_state}, batch, train=True,
+                        rngs={'dropout': k_dropout}, mutable=mutable,
+                        augment=(k_augment, augment_cfg))
       outputs, new_model_state = out if mutable else (out, state.model_state)
       loss, metrics = task.loss_and_metrics(outputs, batch)
       return loss, (metrics, new_model_state)
@@ -96,10 +122,12 @@ def make_train_step(model, task, tx, *, seed, augment_cfg=None, nan_policy='rais
   return train_step
 
 
-def make_eval_step(model, task):
-  """Returns eval_step(state, inputs) -> task.eval_outputs(model outputs), e.g. (B, K) probabilities."""
-  def eval_step(state, inputs):
-    x = prepare_inputs(inputs, None, None)
-    return task.eval_outputs(model.apply({'params': state.params, **state.model_state}, x,
-                                         train=False))
+def make_eval_step(model, task, seed=0):
+  """Returns eval_step(state, batch) -> task.eval_outputs(model outputs, batch): per-example arrays
+  (B, ...), or a dict of them. Task preparation (e.g. MLM masking) uses a fixed rng."""
+  def eval_step(state, batch):
+    if hasattr(task, 'prepare'):
+      batch = task.prepare(batch, jax.random.key(seed))
+    outputs = apply_model(model, {'params': state.params, **state.model_state}, batch, train=False)
+    return task.eval_outputs(outputs, batch)
   return eval_step

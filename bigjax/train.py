@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from bigjax import checkpoint as checkpoint_lib
+from bigjax import init_from
 from bigjax import mesh as mesh_lib
 from bigjax import optim
 from bigjax import registry
@@ -47,10 +48,17 @@ def build_component(kind, cfg):
 def load_data(config, task):
   """Train and eval splits as host arrays {'inputs', 'label'}, checked against the task."""
   d = config.data
-  train = pipeline.load_split(d.name, d.train_split, d.data_dir)
-  evals = pipeline.load_split(d.name, d.eval_split, d.data_dir)
+  if d.view:
+    from bigjax.data import text
+    train, evals = (text.load_text_split(d.name, split, d.view, d.seq_len, d.data_dir, config.seed)
+                    for split in (d.train_split, d.eval_split))
+  else:
+    train = pipeline.load_split(d.name, d.train_split, d.data_dir)
+    evals = pipeline.load_split(d.name, d.eval_split, d.data_dir)
   if d.standardize:
     train, evals = pipeline.standardize(train, evals)
+  if d.eval_max_examples:
+    evals = {k: v[:d.eval_max_examples] for k, v in evals.items()}
   task.check_data(train, d.name, d.train_split)
   task.check_data(evals, d.name, d.eval_split)
   return train, evals
@@ -70,6 +78,19 @@ def check_config(config, mesh):
   if config.nan_policy not in steps.NAN_POLICIES:
     raise UserError(f'config.nan_policy={config.nan_policy!r} is unknown; use one of '
                     f'{", ".join(steps.NAN_POLICIES)}')
+
+
+def check_output_size(model, task, boxed_state, sample):
+  """Raises UserError when the model's output size differs from what the task needs."""
+  variables = nn.meta.unbox({'params': boxed_state.params, **boxed_state.model_state})
+  outputs = jax.eval_shape(lambda v: steps.apply_model(model, v, sample, train=False), variables)
+  if isinstance(outputs, dict):
+    outputs = next(iter(outputs.values()))
+  needed = getattr(task, 'num_outputs', None) or getattr(task, 'vocab_size', None)
+  if needed and outputs.shape[-1] != needed:
+    raise UserError(f'config.model outputs {outputs.shape[-1]} values per example but the task '
+                    f'needs {needed}; make config.model.kwargs (num_classes, num_outputs or '
+                    'vocab_size) and config.task.kwargs agree')
 
 
 def check_workdir_matches(workdir, config):
@@ -125,16 +146,17 @@ def to_global(batch, sharding):
 
 
 def evaluate(eval_step, state, arrays, config, sharding, task):
-  """Runs the model over the whole eval split -> task.eval_report(...) dict."""
+  """Runs the model over the whole eval split -> task.eval_report(outputs, labels) dict."""
   outputs = []
   for batch in pipeline.eval_batches(arrays, config.eval_batch_size):
-    out = eval_step(state, to_global({'inputs': batch['inputs']}, sharding)['inputs'])
+    out = eval_step(state, to_global(batch, sharding))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       out = multihost_utils.process_allgather(out, tiled=True)
-    outputs.append(np.asarray(out))
-  outputs = np.concatenate(outputs)[:len(arrays['label'])]
-  return task.eval_report(outputs, arrays['label'])
+    outputs.append(jax.device_get(out))
+  n = len(arrays['inputs'])
+  outputs = jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *outputs)
+  return task.eval_report(outputs, arrays.get('label'))
 
 
 def _mean_metrics(pending):
@@ -169,16 +191,16 @@ def train_and_evaluate(config, workdir, devices=None):
   batches = pipeline.TrainBatches(train_arrays, config.batch_size, config.seed)
   total_steps = config.num_steps or config.num_epochs * batches.steps_per_epoch
   tx = optim.make_optimizer(config.optim, total_steps)
-  sample = steps.prepare_inputs(train_arrays['inputs'][:1], None, None)
+  sample = steps.sample_batch(task, train_arrays)
   boxed = steps.abstract_state(model, tx, sample, config.seed)
-  out_shape = jax.eval_shape(lambda v: model.apply(v, sample), nn.meta.unbox(
-      {'params': boxed.params, **boxed.model_state})).shape
-  if out_shape[-1] != task.num_outputs:
-    raise UserError(f'config.model outputs {out_shape[-1]} values per example but the task needs '
-                    f'{task.num_outputs}; set config.model.kwargs.num_classes (or num_outputs)')
+  check_output_size(model, task, boxed, sample)
   shardings = mesh_lib.tree_shardings(boxed, mesh, config.sharding_rules)
   abstract = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
   check_workdir_matches(workdir, config)
+  loaded = {}
+  if config.init_from.checkpoint:  # read and checked before anything is written
+    loaded = init_from.load_matching(abstract.params, config.init_from.checkpoint,
+                                     config.init_from.load)
 
   # -- 2. Workdir: config, checkpoints, restore or initialise.
   chief = jax.process_index() == 0
@@ -189,6 +211,8 @@ def train_and_evaluate(config, workdir, devices=None):
   state, step = ckpt.restore_latest(abstract)
   if state is None:
     state, step = steps.create_state(model, tx, sample, config.seed, shardings), 0
+    if loaded:
+      state = state.replace(params=init_from.merge(state.params, loaded))
   last_saved = step if step else None
 
   # -- 3. Compile the steps ahead of time (compile time is reported apart from training).
@@ -200,8 +224,8 @@ def train_and_evaluate(config, workdir, devices=None):
       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, mesh_lib.replicated(mesh)),
       donate_argnums=0).lower(abstract, to_global(batches.batch(0), batch_sharding)).compile()
   compile_s = time.time() - t0
-  eval_step = jax.jit(steps.make_eval_step(model, task), in_shardings=(shardings, batch_sharding),
-                      out_shardings=batch_sharding)
+  eval_step = jax.jit(steps.make_eval_step(model, task, config.seed),
+                      in_shardings=(shardings, batch_sharding), out_shardings=batch_sharding)
 
   # -- 4. Train.
   reporter = reporting.Reporter(workdir, step, total_steps)

@@ -105,6 +105,17 @@ def check_labels(arrays, num_classes, name, split):
                     f'outside [0, {num_classes}); check config.task.kwargs.num_classes')
 
 
+def check_tokens(arrays, vocab_size, name, split):
+  """Raises DataError naming the first record holding a token id outside [0, vocab_size)."""
+  tokens = arrays['inputs']
+  bad = np.argwhere((tokens < 0) | (tokens >= vocab_size))
+  if bad.size:
+    i, j = (int(v) for v in bad[0][:2])
+    raise DataError(f'dataset {name!r} split {split!r} record {i}: token id {tokens[i, j]} at '
+                    f'position {j} is outside the vocabulary [0, {vocab_size}); check '
+                    'config.task.kwargs.vocab_size and config.model.kwargs.vocab_size')
+
+
 def standardize(train, *others):
   """Scales float 'inputs' to zero mean, unit variance using the training split's statistics."""
   mean = train['inputs'].mean(0)

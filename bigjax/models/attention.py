@@ -52,7 +52,7 @@ def padding_mask(valid_q_BT, valid_k_BS=None):
 
 
 def combine_masks(*masks):
-  """Logical and of boolean masks, broadcasting their shapes; Nones are ignored (all None -> None)."""
+  """Logical and of boolean masks (shapes broadcast); Nones are ignored, all None -> None."""
   masks = [m for m in masks if m is not None]
   if not masks:
     return None
@@ -326,7 +326,7 @@ _chunked_attention.defvjp(_chunked_fwd, _chunked_bwd)
 
 def dot_product_attention(q, k, v, *, mask=None, bias=None, causal=False, dropout_rate=0.0,
                           dropout_rng=None, implementation='xla', chunk_size=128):
-  """Scaled dot-product attention: (B, T, N, H) queries over (B, S, K, H) keys/values -> (B, T, N, H).
+  """Scaled dot-product attention: q (B, T, N, H) over k, v (B, S, K, H) -> (B, T, N, H).
 
   mask: bool broadcastable to (B, N, T, S), True = attend. bias: added to the logits, broadcastable
   to (B, N, T, S). causal: also mask keys j > i + S - T. K must divide N (grouped-query attention;
@@ -370,7 +370,7 @@ def dot_product_attention(q, k, v, *, mask=None, bias=None, causal=False, dropou
 # Positions.
 
 def sinusoidal_positions(T, D, base=10000.0):
-  """(T, D) float32 table of Vaswani et al.: [p, 2i] = sin(p / base^(2i/D)), [p, 2i+1] = cos(...)."""
+  """(T, D) float32 sinusoids (Vaswani et al.): [p, 2i] = sin(p / base^(2i/D)), [p, 2i+1] = cos."""
   pos = np.arange(T, dtype=np.float64)[:, None]
   dim = np.arange(D)
   angle = pos / np.power(base, (dim - dim % 2) / D)[None, :]
@@ -430,8 +430,8 @@ class MultiHeadAttention(nn.Module):
 
   Incremental decoding: the 'cache' collection holds cached_key, cached_value
   (B, max_decode_length, K, H) and cache_index (int32 scalar). Create it, zeros, with
-  `model.init(rngs, x, decode=True)` where x is (B, max_decode_length, D) (any T <= max_decode_length
-  gives the same cache; the batch size B is fixed by it), then
+  `model.init(rngs, x, decode=True)` where x is (B, max_decode_length, D) (any length gives the same
+  cache; the batch size B is fixed by it), then
   `model.apply({'params': ..., 'cache': cache}, x_new, decode=True, mutable=['cache'])` with T new
   tokens (T = 1, or T > 1 for a prefill): they are written at cache_index, attend causally to the
   filled prefix, and cache_index advances by T. Writing past max_decode_length is not checked (jit)
@@ -469,7 +469,8 @@ class MultiHeadAttention(nn.Module):
       raise UserError(f'config.model.kwargs.num_kv_heads={num_kv} must divide '
                       f'num_heads={self.num_heads}')
     if self.attention not in IMPLEMENTATIONS:
-      raise UserError(f'{_FIELD}={self.attention!r} is unknown; known: {", ".join(IMPLEMENTATIONS)}')
+      raise UserError(f'{_FIELD}={self.attention!r} is unknown; known: '
+                      f'{", ".join(IMPLEMENTATIONS)}')
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     init = layers.initializer(self.kernel_init)
     self_attention = context_BSD is None

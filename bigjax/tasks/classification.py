@@ -41,8 +41,9 @@ class Task:
       correct = logits.argmax(-1) == labels
     return losses.mean(), {'accuracy': correct.mean()}
 
-  def eval_outputs(self, logits):
+  def eval_outputs(self, logits, batch):
     """(B, K) logits -> (B, K) class probabilities ((B, 1) P(label=1) when binary), kept for the report."""
+    del batch
     return jax.nn.sigmoid(logits) if self.binary else jax.nn.softmax(logits)
 
   def eval_report(self, probs, labels):

@@ -1,0 +1,91 @@
+"""BERT-style encoder: token + position + segment embeddings, post-LN encoder stack, tied MLM head,
+next-sentence head, pooled classification head; and a converter from HuggingFace BERT weights.
+"""
+from typing import Optional
+
+import chex
+import flax.linen as nn
+import jax.numpy as jnp
+
+from bigjax.data import text
+from bigjax.errors import UserError
+from bigjax.models import attention, layers, transformer
+
+
+class Model(nn.Module):
+  """BERT: tokens (B, T) int [, segment_ids (B, T)] -> outputs of `head`.
+
+  head='pretrain': {'mlm_logits': (B, T, vocab_size), 'nsp_logits': (B, 2)} (float32).
+  head='classify': (B, num_classes) logits from the pooled [CLS] representation.
+  Tokens equal to pad_id are masked out of attention. mlp_dim 0 means 4 * embed_dim.
+  """
+  vocab_size: int = text.VOCAB_SIZE
+  num_layers: int = 4
+  num_heads: int = 4
+  embed_dim: int = 256
+  mlp_dim: int = 0
+  max_len: int = 512
+  type_vocab_size: int = 2
+  dropout: float = 0.1
+  head: str = 'pretrain'
+  num_classes: int = 2
+  pad_id: int = text.PAD
+  activation: str = 'gelu_exact'
+  norm_eps: float = 1e-12
+  pre_ln: bool = False
+  scan: bool = False
+  remat: str = 'none'
+  attention: str = 'xla'
+  num_kv_heads: Optional[int] = None
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+
+  @nn.compact
+  def __call__(self, inputs, segment_ids=None, *, train=False):
+    chex.assert_rank(inputs, 2)
+    b, t = inputs.shape
+    if t > self.max_len:
+      raise UserError(f'sequence length {t} exceeds config.model.kwargs.max_len={self.max_len}; '
+                      'shorten config.data.seq_len or raise max_len')
+    if self.head not in ('pretrain', 'classify'):
+      raise UserError(f"config.model.kwargs.head={self.head!r} is unknown; use 'pretrain' or "
+                      "'classify'")
+    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    init = nn.initializers.normal(0.02)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=init)
+    embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=dtype, param_dtype=param_dtype,
+                     embedding_init=layers.partitioned(init, ('vocab', 'embed')), name='embed')
+    segment_ids = jnp.zeros_like(inputs) if segment_ids is None else segment_ids
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    x = (embed(inputs)
+         + attention.LearnedPositions(self.max_len, self.embed_dim, self.dtype, self.param_dtype,
+                                      name='position_embed')(positions)
+         + nn.Embed(self.type_vocab_size, self.embed_dim, dtype=dtype, param_dtype=param_dtype,
+                    embedding_init=layers.partitioned(init, ('segments', 'embed')),
+                    name='segment_embed')(segment_ids))
+    x = transformer.norm('layernorm', self.norm_eps, dtype, param_dtype, 'embed_norm')(x)
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    mask = attention.padding_mask(inputs != self.pad_id)
+    x = transformer.Stack(
+        self.num_layers, scan=self.scan, remat=self.remat, name='stack',
+        block=dict(num_heads=self.num_heads, head_dim=self.embed_dim // self.num_heads,
+                   mlp_dim=self.mlp_dim or 4 * self.embed_dim, num_kv_heads=self.num_kv_heads,
+                   activation=self.activation, dropout_rate=self.dropout,
+                   attention_dropout_rate=self.dropout, norm='layernorm', norm_eps=self.norm_eps,
+                   pre_ln=self.pre_ln, attention=self.attention, dtype=dtype,
+                   param_dtype=param_dtype),
+    )(x, mask, train=train)
+    pooled = nn.tanh(layers.dense(self.embed_dim, ('embed', 'mlp'), name='pooler', **kw)(x[:, 0]))
+    if self.head == 'classify':
+      pooled = nn.Dropout(self.dropout)(pooled, deterministic=not train)
+      return layers.dense(self.num_classes, ('mlp', 'classes'), name='classifier',
+                          **kw)(pooled).astype(jnp.float32)
+    h = layers.dense(self.embed_dim, ('embed', 'mlp'), name='mlm_dense', **kw)(x)
+    h = transformer.norm('layernorm', self.norm_eps, dtype, param_dtype, 'mlm_norm')(
+        nn.gelu(h, approximate=False))
+    mlm_bias = self.param('mlm_bias', layers.partitioned(nn.initializers.zeros_init(), ('vocab',)),
+                          (self.vocab_size,), param_dtype)
+    mlm_logits = embed.attend(h) + mlm_bias
+    nsp_logits = layers.dense(2, ('mlp', 'classes'), name='nsp', **kw)(pooled)
+    return {'mlm_logits': mlm_logits.astype(jnp.float32),
+            'nsp_logits': nsp_logits.astype(jnp.float32)}

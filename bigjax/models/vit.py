@@ -1,0 +1,60 @@
+"""Vision Transformer (Dosovitskiy et al. 2021): patch embedding, class token or mean pooling."""
+import chex
+import flax.linen as nn
+import jax.numpy as jnp
+
+from bigjax.errors import UserError
+from bigjax.models import attention, layers, transformer
+
+
+class Model(nn.Module):
+  """ViT: images (B, H, W, C) float -> (B, num_classes) logits.
+
+  patch_size P must divide H and W; the (H/P)(W/P) patches are embedded by a PxP stride-P conv.
+  pool: 'cls' (a learned class token, its final state classifies) or 'mean' (mean over patches).
+  Pre-LN blocks, learned position embeddings. mlp_dim 0 means 4 * embed_dim.
+  """
+  patch_size: int = 4
+  num_layers: int = 4
+  num_heads: int = 4
+  embed_dim: int = 128
+  mlp_dim: int = 0
+  num_classes: int = 10
+  pool: str = 'cls'
+  dropout: float = 0.0
+  scan: bool = False
+  remat: str = 'none'
+  attention: str = 'xla'
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+
+  @nn.compact
+  def __call__(self, x, *, train=False):
+    chex.assert_rank(x, 4)
+    b, h, w, _ = x.shape
+    p = self.patch_size
+    if h % p or w % p:
+      raise UserError(f'config.model.kwargs.patch_size={p} does not divide the {h}x{w} images')
+    if self.pool not in ('cls', 'mean'):
+      raise UserError(f"config.model.kwargs.pool={self.pool!r} is unknown; use 'cls' or 'mean'")
+    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    x = layers.conv(self.embed_dim, p, strides=p, padding='VALID', dtype=dtype,
+                    param_dtype=param_dtype, name='patch_embed')(x.astype(dtype))
+    x = x.reshape(b, -1, self.embed_dim)
+    if self.pool == 'cls':
+      cls = self.param('cls', layers.partitioned(nn.initializers.zeros_init(), ('length', 'embed')),
+                       (1, self.embed_dim), param_dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (b, 1, self.embed_dim)), x], 1)
+    n = x.shape[1]
+    x = x + attention.LearnedPositions(n, self.embed_dim, self.dtype, self.param_dtype,
+                                       name='position_embed')(jnp.broadcast_to(jnp.arange(n), (b, n)))
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    x = transformer.Stack(
+        self.num_layers, scan=self.scan, remat=self.remat, name='stack',
+        block=dict(num_heads=self.num_heads, head_dim=self.embed_dim // self.num_heads,
+                   mlp_dim=self.mlp_dim or 4 * self.embed_dim, dropout_rate=self.dropout,
+                   pre_ln=True, attention=self.attention, dtype=dtype, param_dtype=param_dtype),
+    )(x, train=train)
+    x = x[:, 0] if self.pool == 'cls' else x.mean(1)
+    return layers.dense(self.num_classes, ('embed', 'classes'), name='head', dtype=dtype,
+                        param_dtype=param_dtype)(x).astype(jnp.float32)

@@ -1,0 +1,59 @@
+"""Causal language modelling: next-token cross-entropy, perplexity, bits per byte.
+
+A batch holds token windows {'inputs': (B, T + 1)}; `prepare` splits them into model inputs
+(B, T) and targets (B, T) on device. With the byte-level tokenizer one token is one byte, so
+bits per byte = loss / ln 2.
+"""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+class Task:
+  """vocab_size: V, the model's output size; label_smoothing: as in classification."""
+
+  def __init__(self, vocab_size=260, label_smoothing=0.0):
+    self.vocab_size = vocab_size
+    self.label_smoothing = label_smoothing
+
+  def check_data(self, arrays, name, split):
+    from bigjax.data import pipeline
+    pipeline.check_tokens(arrays, self.vocab_size, name, split)
+
+  def prepare(self, batch, rng):
+    """{'inputs': (B, T+1)} -> {'inputs': (B, T) tokens, 'targets': (B, T) next tokens}."""
+    del rng
+    tokens = batch['inputs']
+    chex.assert_rank(tokens, 2)
+    return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
+
+  def _token_losses(self, logits, targets):
+    chex.assert_shape(logits, (*targets.shape, self.vocab_size))
+    if self.label_smoothing:
+      soft = optax.smooth_labels(jax.nn.one_hot(targets, self.vocab_size),
+                                self.label_smoothing)
+      return optax.softmax_cross_entropy(logits, soft)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+  def loss_and_metrics(self, logits, batch):
+    """logits (B, T, V) float32 -> (mean token loss, {'accuracy': next-token accuracy})."""
+    losses = self._token_losses(logits, batch['targets'])
+    return losses.mean(), {'accuracy': (logits.argmax(-1) == batch['targets']).mean()}
+
+  def eval_outputs(self, logits, batch):
+    """Per example: summed token NLL (no smoothing), correct tokens, token count -> (B,) each."""
+    targets = batch['targets']
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return {'nll': nll.sum(-1), 'correct': (logits.argmax(-1) == targets).sum(-1).astype(jnp.float32),
+            'tokens': jnp.full(targets.shape[:1], targets.shape[1], jnp.float32)}
+
+  def eval_report(self, outputs, labels):
+    """-> {'loss' (nats/token), 'perplexity', 'bits_per_byte', 'accuracy'} over the eval split."""
+    del labels
+    tokens = outputs['tokens'].sum()
+    loss = float(outputs['nll'].sum() / tokens)
+    return {'loss': loss, 'perplexity': float(np.exp(loss)), 'bits_per_byte': loss / np.log(2),
+            'accuracy': float(outputs['correct'].sum() / tokens)}
+

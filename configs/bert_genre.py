@@ -1,0 +1,31 @@
+"""Fine-tune BERT to classify the genre of a Shakespeare passage (comedy/tragedy/history/poem).
+
+  python -m bigjax.train --config=configs/bert_genre.py:init=runs/bert_mlm --workdir=runs/bert_genre
+  python -m bigjax.train --config=configs/bert_genre.py:init=none --workdir=runs/bert_genre_scratch
+
+Args: init=<workdir of a configs/bert_shakespeare_mlm.py run> (default runs/bert_mlm) loads the
+pretrained encoder (embeddings, stack, pooler; the classifier head starts fresh), init=none trains
+the same model from scratch; smoke. Splits are by play, so test passages come from unseen works.
+"""
+import os
+
+from bigjax import config_lib
+
+PRETRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'bert_shakespeare_mlm.py')
+
+
+def get_config(arg=None):
+  args = config_lib.parse(arg, init='runs/bert_mlm', smoke=False)
+  # The pretraining run's config, so the model shapes agree.
+  config = config_lib.load_config_file(PRETRAIN + (':smoke' if args.smoke else ''))
+  config.data.update(view='classification', eval_split='test', eval_max_examples=0)
+  config.model.kwargs.update(head='classify', num_classes=4)
+  config.task.name = 'sequence_classification'
+  config.task.kwargs = dict(num_classes=4)
+  config.optim.update(lr=1e-4 if args.init != 'none' else 1e-3, warmup_steps=50)
+  config.num_steps = 20 if args.smoke else 600
+  config.checkpoint_every = 10 if args.smoke else 300
+  config.init_from = dict(checkpoint='' if args.init == 'none' else args.init,
+                          load='^embed/,^position_embed/,^segment_embed/,^embed_norm/,^stack/,'
+                               '^pooler/')
+  return config

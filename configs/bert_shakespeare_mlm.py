@@ -1,0 +1,40 @@
+"""BERT-style masked-LM + next-sentence pretraining on Shakespeare (byte-level, sentence pairs).
+
+  python -m bigjax.train --config=configs/bert_shakespeare_mlm.py --workdir=runs/bert_mlm
+
+Args: smoke. 4 post-LN layers, 4 heads, 128 wide, sequences of 128 bytes; AdamW 1e-3 with warmup +
+linear decay. Its workdir is what configs/bert_genre.py fine-tunes from.
+"""
+from bigjax import config_lib
+from bigjax.data import text
+
+MODEL = dict(vocab_size=text.VOCAB_SIZE, num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512,
+             max_len=128, dropout=0.1)
+
+
+def get_config(arg=None):
+  args = config_lib.parse(arg, smoke=False)
+  config = config_lib.base_config()
+  config.data.update(name='shakespeare', view='pairs', seq_len=128, eval_split='validation',
+                     eval_max_examples=1024)
+  config.model.name = 'bert'
+  config.model.kwargs = dict(MODEL, head='pretrain', scan=False, remat='none', attention='xla',
+                             dtype='float32', param_dtype='float32')
+  config.task.name = 'masked_lm'
+  config.task.kwargs = dict(vocab_size=text.VOCAB_SIZE, mask_rate=0.15, next_sentence=True)
+  config.optim.update(name='adamw', lr=1e-3, weight_decay=0.01, clip_norm=1.0,
+                      schedule='warmup_linear', warmup_steps=100)
+  config.batch_size = 32
+  config.eval_batch_size = 64
+  config.num_epochs = 0
+  config.num_steps = 2000
+  config.log_every = 50
+  config.checkpoint_every = 500
+  if args.smoke:
+    config.model.kwargs.update(num_layers=1, embed_dim=32, mlp_dim=64, num_heads=2)
+    config.data.eval_max_examples = 64
+    config.num_steps = 20
+    config.optim.warmup_steps = 5
+    config.log_every = 5
+    config.checkpoint_every = 10
+  return config

@@ -1,0 +1,51 @@
+"""Byte-level GPT on Shakespeare's works (the shape of nanoGPT's character model).
+
+  python -m bigjax.train --config=configs/gpt_shakespeare.py --workdir=runs/gpt_shakespeare
+
+Args: size=nano (default: 6 layers, 6 heads, 384 wide, context 256, dropout 0.2, ~10.7M params),
+size=small (4 layers, 4 heads, 128 wide, context 128: the CPU benchmark shape), smoke (a tiny model
+for a few steps). AdamW 1e-3 (betas 0.9/0.99, weight decay 0.1 on matrices), warmup + cosine,
+global-norm clipping 1.0. Train/validation/test are split by play. Reports validation loss in
+bits per byte; see README for the CPU run and a generated sample.
+"""
+from bigjax import config_lib
+from bigjax.data import text
+
+
+def get_config(arg=None):
+  args = config_lib.parse(arg, size='nano', smoke=False)
+  config = config_lib.base_config()
+  config.data.update(name='shakespeare', view='lm', eval_split='validation')
+  shapes = {'nano': dict(num_layers=6, num_heads=6, embed_dim=384, max_len=256, dropout=0.2),
+            'small': dict(num_layers=4, num_heads=4, embed_dim=128, max_len=128, dropout=0.0)}
+  if args.size not in shapes:
+    from bigjax.errors import UserError
+    raise UserError(f'config arg size={args.size!r} is unknown; use one of {", ".join(shapes)}')
+  shape = shapes[args.size]
+  config.data.seq_len = shape['max_len']
+  config.model.name = 'gpt'
+  config.model.kwargs = dict(vocab_size=text.VOCAB_SIZE, positions='learned', scan=False,
+                             remat='none', attention='xla', dtype='float32',
+                             param_dtype='float32', **shape)
+  config.task.name = 'causal_lm'
+  config.task.kwargs = dict(vocab_size=text.VOCAB_SIZE)
+  config.optim.update(name='adamw', lr=1e-3, b2=0.99, weight_decay=0.1, clip_norm=1.0,
+                      schedule='warmup_cosine', warmup_steps=100, end_lr_fraction=0.1)
+  config.batch_size = 64 if args.size == 'nano' else 32
+  config.eval_batch_size = 64
+  config.num_epochs = 0
+  config.num_steps = 5000
+  config.log_every = 50
+  config.eval_every = 500
+  config.checkpoint_every = 500
+  if args.smoke:
+    config.model.kwargs.update(num_layers=2, num_heads=2, embed_dim=32, max_len=32, dropout=0.0)
+    config.data.seq_len = 32
+    config.data.eval_max_examples = 128
+    config.batch_size = 16
+    config.num_steps = 30
+    config.optim.warmup_steps = 5
+    config.log_every = 5
+    config.eval_every = 0
+    config.checkpoint_every = 10
+  return config
