@@ -33,7 +33,8 @@ def get_config(arg=None):
   if args.smoke:
     config.model.kwargs.update(num_layers=1, embed_dim=32, mlp_dim=64, num_heads=2)
     config.data.eval_max_examples = 64
-    config.num_steps = 20
+    config.num_steps = 30
+    config.optim.lr = 1e-2  # a 32-wide model takes a larger step
     config.optim.warmup_steps = 5
     config.log_every = 5
     config.checkpoint_every = 10

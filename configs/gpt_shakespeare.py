@@ -44,6 +44,7 @@ def get_config(arg=None):
     config.data.eval_max_examples = 128
     config.batch_size = 16
     config.num_steps = 30
+    config.optim.lr = 1e-2  # a 32-wide model takes a larger step
     config.optim.warmup_steps = 5
     config.log_every = 5
     config.eval_every = 0

@@ -24,7 +24,8 @@ def get_config(arg=None):
   config.checkpoint_every = 500
   if args.smoke:
     config.model.kwargs.update(num_layers=1, embed_dim=32, mlp_dim=64)
-    config.num_steps = 20
+    config.num_steps = 30
+    config.optim.update(lr=3e-3, warmup_steps=5)
     config.log_every = 5
     config.checkpoint_every = 10
   return config

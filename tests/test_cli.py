@@ -32,7 +32,7 @@ INVALID = [
     (['--config.eval_batch_size=100'], 'config.eval_batch_size=100 is not divisible'),
     (['--config.batch_size=0'], 'config.batch_size=0 is not divisible'),
     (['--config.batch_size=8000'], 'config.batch_size=8000 is larger than the training split'),
-    (['--config.model.name=cnnn'], "config.model.name='cnnn' is unknown; known models: cnn, mlp"),
+    (['--config.model.name=cnnn'], "config.model.name='cnnn' is unknown; known models: bert, cnn"),
     (['--config.task.name=clasify'], "config.task.name='clasify' is unknown; known tasks"),
     (['--config.optim.name=adamm'], "config.optim.name='adamm' is unknown; known: sgd"),
     (['--config.optim.schedule=cosine'], "config.optim.schedule='cosine' is unknown"),

@@ -42,9 +42,9 @@ def partitioned(init, names):
 
 
 def dense(features, names, *, dtype=jnp.float32, param_dtype=jnp.float32,
-          kernel_init=nn.initializers.lecun_normal(), name=None):
+          kernel_init=nn.initializers.lecun_normal(), use_bias=True, name=None):
   """nn.Dense whose kernel has logical axes `names` (in, out) and bias (out,)."""
-  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
+  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name, use_bias=use_bias,
                   kernel_init=partitioned(kernel_init, names),
                   bias_init=partitioned(nn.initializers.zeros_init(), names[-1:]))
 

@@ -48,10 +48,11 @@ class Mlp(nn.Module):
   def __call__(self, x, *, train=False):
     d = x.shape[-1]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-              kernel_init=nn.initializers.normal(0.02))
+              kernel_init=nn.initializers.normal(0.02), use_bias=self.use_bias)
     acts = {'gelu': nn.gelu, 'gelu_exact': lambda h: nn.gelu(h, approximate=False),
             'relu': nn.relu}
     if self.activation == 'swiglu':
+      kw['use_bias'] = False
       gate = layers.dense(self.mlp_dim, ('embed', 'mlp'), name='wi_gate', **kw)
       up = layers.dense(self.mlp_dim, ('embed', 'mlp'), name='wi_up', **kw)
       h = nn.silu(gate(x)) * up(x)
@@ -117,7 +118,7 @@ class Block(nn.Module):
       x = sublayer(x, lambda h: self._attention('cross_attention', False)(
           h, context, mask=context_mask, train=self.train), 'cross')
     x = sublayer(x, lambda h: Mlp(self.mlp_dim, self.activation, self.dropout_rate,
-                                  dtype=self.dtype, param_dtype=self.param_dtype,
+                                  use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                                   name='mlp')(h, train=self.train), 'mlp')
     return (x, None) if self.scanned else x
 
