@@ -110,14 +110,19 @@ def check_workdir_matches(workdir, config):
 # Training
 # ----------------------------------------------------------------------------------------------
 class _Preemption:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (save, then exit)."""
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (save, then exit).
 
-  def __init__(self):
+  With several processes, `stop_requested` agrees across all of them (any process signalled), but
+  only at log steps, so a collective runs every config.log_every steps rather than every step.
+  """
+
+  def __init__(self, log_every):
     self.requested = False
+    self.log_every = log_every
     self._previous = {}
 
   def __enter__(self):
-    if jax.process_count() == 1 and _in_main_thread():
+    if _in_main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
@@ -125,6 +130,16 @@ class _Preemption:
   def _handle(self, signum, frame):
     del frame
     self.requested = signal.Signals(signum).name
+
+  def stop_requested(self, step):
+    """The signal name (or 'preemption of a peer process') when training must stop after `step`."""
+    if jax.process_count() == 1:
+      return self.requested
+    if step % self.log_every:
+      return False
+    from jax.experimental import multihost_utils
+    anyone = multihost_utils.process_allgather(np.array(bool(self.requested))).any()
+    return (self.requested or 'preemption of a peer process') if anyone else False
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -235,7 +250,7 @@ def train_and_evaluate(config, workdir, devices=None):
   pending, train_metrics, skipped, history = [], {}, 0, []
   first_step, t_train = step, None
   try:
-    with _Preemption() as preemption:
+    with _Preemption(config.log_every) as preemption:
       while step < total_steps:
         state, metrics = train_step(state, to_global(batches.batch(step), batch_sharding))
         if t_train is None:  # throughput counts the steps after the first (warm-up) one
@@ -245,7 +260,7 @@ def train_and_evaluate(config, workdir, devices=None):
         pending.append(metrics)
         reporter.step()
         done = step == total_steps
-        stop = preemption.requested  # read once: a signal may arrive at any point below
+        stop = preemption.stop_requested(step)  # read once: a signal may arrive at any time
         save = done or step % config.checkpoint_every == 0 or bool(stop)
         if save or step % config.log_every == 0:
           train_metrics, finite = _mean_metrics(pending)

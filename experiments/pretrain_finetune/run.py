@@ -1,0 +1,66 @@
+"""Does MLM pretraining help genre classification? Fine-tune from pretraining vs. from scratch.
+
+  python experiments/pretrain_finetune/run.py [--pretrain_steps 800] [--finetune_steps 150] \
+      [--seeds 0,1,2] [--workdir runs/pretrain_finetune]
+
+1. Pretrains configs/bert_shakespeare_mlm.py for --pretrain_steps (masked-LM + next sentence).
+2. Fine-tunes configs/bert_genre.py for --finetune_steps from that checkpoint (init=<pretrain
+   workdir>) and from scratch (init=none), for each seed, with the same model, data, steps and batch.
+3. Prints a markdown table of test accuracy (mean +- std over seeds) and writes results.json.
+Every run is a plain `python -m bigjax.train` in its own sub-workdir, so re-running resumes or skips
+finished runs.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(config, workdir, *overrides):
+  """Runs bigjax.train unless workdir already has results.json; returns that results dict."""
+  results = os.path.join(workdir, 'results.json')
+  if not os.path.exists(results):
+    subprocess.run([sys.executable, '-m', 'bigjax.train', f'--config={config}',
+                    f'--workdir={workdir}', *overrides], cwd=ROOT, check=True)
+  with open(results) as f:
+    return json.load(f)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--pretrain_steps', type=int, default=800)
+  parser.add_argument('--finetune_steps', type=int, default=150)
+  parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--workdir', default=os.path.join(ROOT, 'runs', 'pretrain_finetune'))
+  args = parser.parse_args()
+  seeds = [int(s) for s in args.seeds.split(',')]
+  pre_dir = os.path.join(args.workdir, 'pretrain')
+  pre = run('configs/bert_shakespeare_mlm.py', pre_dir, f'--config.num_steps={args.pretrain_steps}')
+  rows = {}
+  for init, arg in (('pretrained', f'init={pre_dir}'), ('scratch', 'init=none')):
+    for seed in seeds:
+      res = run(f'configs/bert_genre.py:{arg}', os.path.join(args.workdir, f'{init}_seed{seed}'),
+                f'--config.num_steps={args.finetune_steps}', f'--config.seed={seed}')
+      rows.setdefault(init, []).append(res['eval'])
+  summary = {'pretrain_eval': pre['eval'], 'pretrain_steps': args.pretrain_steps,
+             'finetune_steps': args.finetune_steps, 'seeds': seeds, 'finetune': rows}
+  with open(os.path.join(args.workdir, 'results.json'), 'w') as f:
+    json.dump(summary, f, indent=2)
+  print(f'pretraining ({args.pretrain_steps} steps): validation MLM accuracy '
+        f'{pre["eval"]["mlm_accuracy"]:.3f}, next-sentence accuracy {pre["eval"]["nsp_accuracy"]:.3f}')
+  print(f'\n| init | test accuracy (mean ± std, {len(seeds)} seeds) | macro F1 | per seed |')
+  print('| --- | --- | --- | --- |')
+  for init, evals in rows.items():
+    acc = np.array([e['accuracy'] for e in evals])
+    f1 = np.array([e['f1_macro'] for e in evals])
+    print(f'| {init} | {acc.mean():.3f} ± {acc.std():.3f} | {f1.mean():.3f} ± {f1.std():.3f} | '
+          f'{", ".join(f"{a:.3f}" for a in acc)} |')
+
+
+if __name__ == '__main__':
+  main()
