@@ -48,10 +48,12 @@ def base_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
   # view: '' reads records as {'inputs', 'label'} arrays; text datasets take 'lm', 'classification'
-  # or 'pairs' (see bigjax/data/text.py) with sequences of seq_len tokens.
+  # or 'pairs' (see bigjax/data/text.py) with sequences of seq_len tokens, from the 'bytes' tokenizer
+  # or a 'sentencepiece' one of vocab_size trained on the train split. eval_max_examples > 0:
+  # evaluate on the first N eval examples only.
   c.data = dict(name='mnist5k', data_dir=config_dict.placeholder(str), train_split='train',
-                eval_split='test', standardize=False, view='', seq_len=128,
-                eval_max_examples=0)  # > 0: evaluate on the first N eval examples only
+                eval_split='test', standardize=False, view='', seq_len=128, tokenizer='bytes',
+                vocab_size=0, eval_max_examples=0)
   c.augment = dict(enabled=False, crop_padding=0, flip=False, max_rotate_degrees=0.0, max_scale=0.0)
   c.model = dict(name='cnn', kwargs=ml_collections.ConfigDict())
   c.task = dict(name='classification', kwargs=ml_collections.ConfigDict())
@@ -59,6 +61,10 @@ def base_config():
                  step_boundaries=(0.5, 0.75), step_decay=0.1, momentum=0.9, b1=0.9, b2=0.999,
                  eps=1e-8, weight_decay=0.0, clip_norm=0.0)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # Multi-process runs: set coordinator_address/num_processes/process_id (one command per process,
+  # differing in process_id), or auto=True on TPU pods / SLURM (see mesh.initialize_distributed).
+  c.distributed = dict(coordinator_address='', num_processes=1, process_id=0, auto=False,
+                       timeout_s=300)
   # Logical axis -> mesh axes; the first rule whose mesh axes are free and divide the dimension
   # wins (bigjax/mesh.py). Conv kernels are split on their output channels only: XLA:CPU's SPMD
   # partitioner (jax 0.10.2) computed wrong gradients for a conv whose kernel was split on conv_in

@@ -20,6 +20,24 @@ AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')  # the batch dimension is split over both
 
 
+def initialize_distributed(cfg):
+  """Joins a multi-process run before any device is touched (no-op for a single process).
+
+  cfg = config.distributed: coordinator_address ('host:port'), num_processes and process_id give
+  an explicit cluster (e.g. several processes on one machine, or clusters without a scheduler jax
+  knows); auto=True lets `jax.distributed.initialize()` read TPU pod / SLURM / MPI environments.
+  timeout_s bounds the wait for peers: a missing peer fails the run instead of hanging it.
+  """
+  if jax.distributed.is_initialized():
+    return
+  if cfg.get('coordinator_address'):
+    jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
+                               num_processes=cfg.num_processes, process_id=cfg.process_id,
+                               initialization_timeout=cfg.get('timeout_s', 300))
+  elif cfg.get('auto', False):
+    jax.distributed.initialize(initialization_timeout=cfg.get('timeout_s', 300))
+
+
 def mesh_shape(cfg, num_devices):
   """Resolves config.mesh sizes (-1 = the rest) against `num_devices` -> tuple of 3 ints."""
   sizes = {a: int(cfg.get(a, 1)) for a in AXES}

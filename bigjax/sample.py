@@ -40,9 +40,11 @@ def sample(workdir, prompt, **kwargs):
     raise UserError(f'{workdir} is a {config.model.name!r} run; sampling needs a gpt run')
   model = registry.load('models', 'gpt')(**config.model.kwargs)
   _, state = checkpoint.load_latest(os.path.join(workdir, 'checkpoints'))
-  tokens = text.encode(prompt)[None]
-  out = gpt.generate(model, state['params'], tokens, **kwargs)
-  return prompt + text.decode(np.asarray(out)[0])
+  d = config.data
+  tokenizer = text.dataset_tokenizer(d.name, d.get('tokenizer', 'bytes'), d.get('vocab_size', 0),
+                                     d.get('data_dir'), d.train_split)
+  out = gpt.generate(model, state['params'], tokenizer.encode(prompt)[None], **kwargs)
+  return prompt + tokenizer.decode(np.asarray(out)[0])
 
 
 def main(argv):

@@ -50,7 +50,9 @@ def load_data(config, task):
   d = config.data
   if d.view:
     from bigjax.data import text
-    train, evals = (text.load_text_split(d.name, split, d.view, d.seq_len, d.data_dir, config.seed)
+    train, evals = (text.load_text_split(d.name, split, d.view, d.seq_len, d.data_dir, config.seed,
+                                         tokenizer=d.tokenizer, vocab_size=d.vocab_size,
+                                         train_split=d.train_split)
                     for split in (d.train_split, d.eval_split))
   else:
     train = pipeline.load_split(d.name, d.train_split, d.data_dir)
@@ -198,6 +200,7 @@ def train_and_evaluate(config, workdir, devices=None):
   """
   t_start = time.time()
   # -- 1. Build and validate everything; nothing is written until this section has passed.
+  mesh_lib.initialize_distributed(config.distributed)
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   check_config(config, mesh)
   task = build_component('tasks', config.task)

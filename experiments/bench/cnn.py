@@ -17,19 +17,17 @@ all three see the same machine state; the table gives the median and [min-max] o
 The plain loops are adapted from the reference anchors (cnn_jax.py, cnn_torch.py) and self-contained.
 """
 import argparse
-import importlib.metadata
 import importlib.util
-import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness
+from harness import ROOT
+
 BATCH, LR = 64, 1e-3
 CONTENDERS = ('bigjax', 'jax loop', 'torch')
 
@@ -163,33 +161,6 @@ RUNNERS = dict(zip(CONTENDERS, (run_bigjax, run_jax_loop, run_torch)))
 # ------------------------------------------------------------------------------------------------
 # Driver: one fresh subprocess per (round, contender), then the table.
 # ------------------------------------------------------------------------------------------------
-def run_in_subprocess(name, epochs):
-  cmd = [sys.executable, os.path.abspath(__file__), '--worker', name, '--epochs', str(epochs)]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
-  if proc.returncode or not lines:
-    sys.exit(f'{name} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}')
-  return json.loads(lines[-1][len('RESULT '):])
-
-
-def version(pkg):
-  try:
-    return importlib.metadata.version(pkg)
-  except importlib.metadata.PackageNotFoundError:
-    return 'not installed'
-
-
-def machine_info():
-  cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')),
-             platform.processor() or '?')
-  flags = next((l for l in open('/proc/cpuinfo') if l.startswith('flags')), '').split()
-  isa = ','.join(f for f in ('avx2', 'avx512f', 'amx_tile') if f in flags) or 'no avx2'
-  return (f'python {platform.python_version()}, jax {version("jax")}, jaxlib {version("jaxlib")}, '
-          f'flax {version("flax")}, optax {version("optax")}, torch {version("torch")}, '
-          f'numpy {version("numpy")}\nnproc {len(os.sched_getaffinity(0))}, CPU: {cpu} ({isa}), '
-          f'load average at start {os.getloadavg()[0]:.2f}')
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--epochs', type=int, default=3)
@@ -197,17 +168,15 @@ def main():
   parser.add_argument('--worker', choices=CONTENDERS, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    print('RESULT ' + json.dumps(RUNNERS[args.worker](args.epochs)), flush=True)
+    harness.worker_result(RUNNERS[args.worker](args.epochs))
     return
 
-  print(machine_info())
-  if os.getloadavg()[0] > 0.5:
-    print('WARNING: the machine is busy; the numbers will be noisy (torch eager most of all)')
+  print(harness.machine_info())
   contenders = [c for c in CONTENDERS if c != 'torch' or importlib.util.find_spec('torch')]
   results = {c: [] for c in contenders}
   for r in range(args.rounds):
     for c in contenders:
-      results[c].append(run_in_subprocess(c, args.epochs))
+      results[c].append(harness.run_worker(__file__, c, '--epochs', args.epochs))
       print(f'round {r + 1}/{args.rounds} {c:9s} {results[c][-1]["images_per_s"]:7.0f} images/s',
             flush=True)
 

@@ -32,19 +32,17 @@ and [min-max] over rounds. The plain loops are adapted from the reference anchor
 gpt_torch.py, matmul_peak.py) and self-contained.
 """
 import argparse
-import importlib.metadata
 import importlib.util
-import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness
+from harness import ROOT
+
 N_LAYER, N_HEAD, N_EMBD, BLOCK, VOCAB, BATCH = 4, 4, 128, 128, 260, 32
 LR, B1, B2, EPS, WD = 1e-3, 0.9, 0.999, 1e-8, 0.1
 SEED = 0
@@ -258,33 +256,6 @@ RUNNERS = {'matmul': lambda steps: run_matmul(), 'bigjax': run_bigjax, 'jax loop
 # ------------------------------------------------------------------------------------------------
 # Driver: one fresh subprocess per (round, contender), then the table.
 # ------------------------------------------------------------------------------------------------
-def run_in_subprocess(name, steps):
-  cmd = [sys.executable, os.path.abspath(__file__), '--worker', name, '--steps', str(steps)]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
-  if proc.returncode or not lines:
-    sys.exit(f'{name} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}')
-  return json.loads(lines[-1][len('RESULT '):])
-
-
-def version(pkg):
-  try:
-    return importlib.metadata.version(pkg)
-  except importlib.metadata.PackageNotFoundError:
-    return 'not installed'
-
-
-def machine_info():
-  cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')),
-             platform.processor() or '?')
-  flags = next((l for l in open('/proc/cpuinfo') if l.startswith('flags')), '').split()
-  isa = ','.join(f for f in ('avx2', 'avx512f', 'amx_tile') if f in flags) or 'no avx2'
-  return (f'python {platform.python_version()}, jax {version("jax")}, jaxlib {version("jaxlib")}, '
-          f'flax {version("flax")}, optax {version("optax")}, torch {version("torch")}, '
-          f'numpy {version("numpy")}\nnproc {len(os.sched_getaffinity(0))}, CPU: {cpu} ({isa}), '
-          f'load average at start {os.getloadavg()[0]:.2f}')
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--steps', type=int, default=60)
@@ -294,20 +265,18 @@ def main():
   if args.steps < 2:
     parser.error('--steps must be >= 2 (the first step is not timed)')
   if args.worker:
-    print('RESULT ' + json.dumps(RUNNERS[args.worker](args.steps)), flush=True)
+    harness.worker_result(RUNNERS[args.worker](args.steps))
     return
 
-  print(machine_info())
-  if os.getloadavg()[0] > 0.5:
-    print('WARNING: the machine is busy; the numbers will be noisy (torch eager most of all)')
-  peak = run_in_subprocess('matmul', args.steps)
+  print(harness.machine_info())
+  peak = harness.run_worker(__file__, 'matmul', '--steps', args.steps)
   print(f'float32 matmul peak (jax, 2048^3): median {peak["median_gflops"]:.1f} GFLOP/s, '
         f'best {peak["best_gflops"]:.1f}', flush=True)
   contenders = [c for c in CONTENDERS if c != 'torch' or importlib.util.find_spec('torch')]
   results = {c: [] for c in contenders}
   for r in range(args.rounds):
     for c in contenders:
-      results[c].append(run_in_subprocess(c, args.steps))
+      results[c].append(harness.run_worker(__file__, c, '--steps', args.steps))
       print(f'round {r + 1}/{args.rounds} {c:9s} {results[c][-1]["tokens_per_s"]:7.0f} tokens/s',
             flush=True)
 

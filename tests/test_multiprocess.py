@@ -1,0 +1,93 @@
+"""Two processes x 4 CPU devices (gloo collectives, coordinator on 127.0.0.1) equal 1 process x 8.
+
+Every process is a subprocess with a timeout, so a peer that never arrives fails the test instead
+of hanging it.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from bigjax import checkpoint
+from conftest import REPO
+
+BASE = ['--config=configs/mlp_breast_cancer.py:smoke', '--config.mesh.data=2',
+        '--config.mesh.fsdp=2', '--config.mesh.tensor=2', '--config.log_every=1']
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _env(devices):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  return dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', PYTHONPATH=REPO)
+
+
+def _start(workdir, extra, num_processes, devices):
+  """Starts the processes of one run; returns the Popen list."""
+  cmd = [sys.executable, '-m', 'bigjax.train', f'--workdir={workdir}', *BASE, *extra]
+  if num_processes == 1:
+    return [subprocess.Popen(cmd, cwd=REPO, env=_env(devices), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)]
+  port = _free_port()
+  return [subprocess.Popen(cmd + [f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+                                  f'--config.distributed.num_processes={num_processes}',
+                                  f'--config.distributed.process_id={i}',
+                                  '--config.distributed.timeout_s=60'],
+                           cwd=REPO, env=_env(devices), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for i in range(num_processes)]
+
+
+def _wait(procs, timeout=240):
+  outputs = []
+  try:
+    for p in procs:
+      outputs.append(p.communicate(timeout=timeout))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return [p.returncode for p in procs], [err for _, err in outputs]
+
+
+def _train_losses(workdir):
+  results = json.load(open(os.path.join(workdir, 'results.json')))
+  return np.array([h['loss'] for h in results['history'] if h['split'] == 'train'])
+
+
+def test_two_processes_equal_one_process(tmp_path):
+  codes, errs = _wait(_start(tmp_path / 'one', [], 1, 8))
+  assert codes == [0], errs
+  codes, errs = _wait(_start(tmp_path / 'two', [], 2, 4))
+  assert codes == [0, 0], errs
+  np.testing.assert_allclose(_train_losses(tmp_path / 'two'), _train_losses(tmp_path / 'one'),
+                             rtol=1e-5)
+  _, a = checkpoint.load_latest(tmp_path / 'one' / 'checkpoints')
+  _, b = checkpoint.load_latest(tmp_path / 'two' / 'checkpoints')
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5),
+               a['params'], b['params'])
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
+  procs = _start(tmp_path, ['--config.num_epochs=2000', '--config.checkpoint_every=100000',
+                            '--config.log_every=5'], 2, 4)
+  deadline = time.time() + 120
+  while not (tmp_path / 'tensorboard').exists() and time.time() < deadline:
+    time.sleep(0.1)
+  time.sleep(3)
+  procs[1].send_signal(signal.SIGTERM)
+  codes, errs = _wait(procs)
+  assert codes == [143, 143], errs
+  assert 'preemption of a peer process' in errs[0] and 'SIGTERM received' in errs[1]
+  saved = [int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit()]
+  assert len(saved) == 1 and saved[0] % 5 == 0
