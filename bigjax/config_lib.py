@@ -75,6 +75,7 @@ def base_config():
                       ('classes', 'tensor'), ('conv_out', ('fsdp', 'tensor')),
                       ('conv_out', 'tensor'))
   c.batch_size = 64
+  c.grad_accum_steps = 1  # > 1: the batch runs as this many sequential micro-batches, one update
   c.eval_batch_size = 512
   c.num_epochs = 10
   c.num_steps = 0  # > 0 overrides num_epochs

@@ -130,12 +130,24 @@ def tree_shardings(boxed_tree, mesh, rules):
   return jax.tree.map(leaf, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
-def describe(params, shardings):
-  """One line per parameter: path, shape, PartitionSpec and bytes held per device."""
+def describe(abstract_state, shardings):
+  """Sharding report of a train state: one line per parameter (path, shape, PartitionSpec, bytes
+  per device), then the per-device bytes of the parameters and of the whole state.
+
+  abstract_state/shardings: matching trees (ShapeDtypeStructs or arrays, and NamedShardings).
+  Returns (lines, state_bytes_per_device).
+  """
+  def per_device(x, s):
+    return math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+
   lines = []
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  for (path, p), s in zip(flat, jax.tree.leaves(shardings)):
-    shard = s.shard_shape(p.shape)
-    nbytes = math.prod(shard) * p.dtype.itemsize
-    lines.append(f'{jax.tree_util.keystr(path):60s} {str(p.shape):18s} {str(s.spec):34s} {nbytes:>10,d} B')
-  return lines
+  flat = jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]
+  for (path, x), s in zip(flat, jax.tree.leaves(shardings.params)):
+    lines.append(f'{jax.tree_util.keystr(path):64s} {str(x.shape):20s} {str(s.spec):36s} '
+                 f'{per_device(x, s):>12,d} B')
+  param_bytes = sum(jax.tree.leaves(jax.tree.map(per_device, abstract_state.params,
+                                                 shardings.params)))
+  state_bytes = sum(jax.tree.leaves(jax.tree.map(per_device, abstract_state, shardings)))
+  lines.append(f'parameters: {param_bytes:,d} B per device; train state (parameters, optimizer '
+               f'and model state): {state_bytes:,d} B per device')
+  return lines, state_bytes

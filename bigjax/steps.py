@@ -82,36 +82,69 @@ def apply_model(model, variables, batch, *, train, rngs=None, mutable=False, aug
   return model.apply(variables, x, train=train, rngs=rngs, mutable=mutable, **kwargs)
 
 
-def make_train_step(model, task, tx, *, seed, augment_cfg=None, nan_policy='raise'):
+def make_train_step(model, task, tx, *, seed, augment_cfg=None, nan_policy='raise',
+                    grad_accum_steps=1):
   """Returns train_step(state, batch) -> (state, metrics).
 
   batch: global arrays {'inputs': (B, ...), ...} holding what the task needs (e.g. 'label').
   Tasks with a `prepare(batch, rng)` method (language modelling: targets, masking) transform the
-  batch on device first. metrics: scalars 'loss', 'grad_norm', 'finite' (1.0 if loss and gradient
-  norm are finite) plus the task's metrics. Under nan_policy='skip' a non-finite step leaves params,
-  model and optimizer state unchanged (the step counter still advances).
+  batch on device first. grad_accum_steps A > 1 splits the batch into A micro-batches of B/A
+  (rows i, i+A, i+2A, ... so each stays split over the data axes), runs them one after another
+  under lax.scan and applies one update with the mean gradient: the same step as the whole batch at
+  1/A of the activation memory. metrics: scalars 'loss', 'grad_norm', 'finite' (1.0 if loss and
+  gradient norm are finite) plus the task's metrics. Under nan_policy='skip' a non-finite step
+  leaves params, model and optimizer state unchanged (the step counter still advances).
   """
+  def loss_and_grads(params, model_state, batch, k_augment, k_dropout):
+    mutable = list(model_state) or False
+
+    def loss_fn(params):
+      out = apply_model(model, {'params': params, **model_state}, batch, train=True,
+                        rngs={'dropout': k_dropout}, mutable=mutable,
+                        augment=(k_augment, augment_cfg))
+      outputs, new_model_state = out if mutable else (out, model_state)
+      loss, metrics = task.loss_and_metrics(outputs, batch)
+      return loss, (metrics, dict(new_model_state))
+
+    (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, model_state, dict(metrics, loss=loss)
+
+  def accumulated(params, model_state, batch, k_augment, k_dropout):
+    a = grad_accum_steps
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 0, 1),
+                         batch)
+
+    def body(carry, xs):
+      grads_sum, model_state, metrics_sum = carry
+      i, mb = xs
+      grads, model_state, metrics = loss_and_grads(params, model_state, mb,
+                                                   jax.random.fold_in(k_augment, i),
+                                                   jax.random.fold_in(k_dropout, i))
+      add = lambda x, y: jax.tree.map(jnp.add, x, y)
+      return (add(grads_sum, grads), model_state, add(metrics_sum, metrics)), None
+
+    shapes = jax.eval_shape(loss_and_grads, params, model_state,
+                            jax.tree.map(lambda x: x[0], micro), k_augment, k_dropout)
+    zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+    (grads, model_state, metrics), _ = jax.lax.scan(
+        body, (zeros(shapes[0]), model_state, zeros(shapes[2])), (jnp.arange(a), micro))
+    mean = lambda tree: jax.tree.map(lambda x: x / a, tree)
+    return mean(grads), model_state, mean(metrics)
+
   def train_step(state, batch):
     chex.assert_equal_shape_prefix(list(batch.values()), 1)
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     k_augment, k_dropout, k_task = jax.random.split(rng, 3)
     if hasattr(task, 'prepare'):
       batch = task.prepare(batch, k_task)
-    mutable = list(state.model_state) or False
-
-    def loss_fn(params):
-      out = apply_model(model, {'params': params, **state.model_state}, batch, train=True,
-                        rngs={'dropout': k_dropout}, mutable=mutable,
-                        augment=(k_augment, augment_cfg))
-      outputs, new_model_state = out if mutable else (out, state.model_state)
-      loss, metrics = task.loss_and_metrics(outputs, batch)
-      return loss, (metrics, new_model_state)
-
-    (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    compute = loss_and_grads if grad_accum_steps == 1 else accumulated
+    grads, model_state, metrics = compute(state.params, state.model_state, batch, k_augment,
+                                          k_dropout)
+    loss = metrics.pop('loss')
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                        model_state=dict(model_state), opt_state=opt_state)
+                        model_state=model_state, opt_state=opt_state)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if nan_policy == 'skip':
       kept = state.replace(step=state.step + 1)

@@ -74,6 +74,11 @@ def check_config(config, mesh):
     if value <= 0 or value % dp or value % jax.process_count():
       raise UserError(f'config.{field}={value} is not divisible by the data-parallel size {dp} '
                       f'(mesh data x fsdp) and {jax.process_count()} processes; use a multiple')
+  accum = config.grad_accum_steps
+  if accum < 1 or config.batch_size % accum or (config.batch_size // accum) % dp:
+    raise UserError(f'config.grad_accum_steps={accum} must divide config.batch_size='
+                    f'{config.batch_size} into micro-batches divisible by the data-parallel size '
+                    f'{dp}')
   for field in ('log_every', 'checkpoint_every'):
     if config[field] <= 0:
       raise UserError(f'config.{field}={config[field]} must be positive')
@@ -222,9 +227,12 @@ def train_and_evaluate(config, workdir, devices=None):
 
   # -- 2. Workdir: config, checkpoints, restore or initialise.
   chief = jax.process_index() == 0
+  sharding_lines, state_bytes = mesh_lib.describe(abstract, shardings)
   if chief:
     os.makedirs(workdir, exist_ok=True)
     reporting.write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
+    with open(os.path.join(workdir, 'sharding.txt'), 'w') as f:
+      f.write('\n'.join(sharding_lines) + '\n')
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
   state, step = ckpt.restore_latest(abstract)
   if state is None:
@@ -238,7 +246,8 @@ def train_and_evaluate(config, workdir, devices=None):
   t0 = time.time()
   train_step = jax.jit(
       steps.make_train_step(model, task, tx, seed=config.seed, augment_cfg=config.augment,
-                            nan_policy=config.nan_policy),
+                            nan_policy=config.nan_policy,
+                            grad_accum_steps=config.grad_accum_steps),
       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, mesh_lib.replicated(mesh)),
       donate_argnums=0).lower(abstract, to_global(batches.batch(0), batch_sharding)).compile()
   compile_s = time.time() - t0
@@ -248,8 +257,9 @@ def train_and_evaluate(config, workdir, devices=None):
   # -- 4. Train.
   reporter = reporting.Reporter(workdir, step, total_steps)
   reporter.print(f'bigjax: {config.model.name} on {config.data.name}, {total_steps} steps, mesh '
-                 f'{dict(mesh.shape)}, {mesh.size} {jax.devices()[0].platform} devices'
-                 + (f', resuming at step {step}' if step else ''))
+                 f'{dict(mesh.shape)}, {mesh.size} {jax.devices()[0].platform} devices, '
+                 f'{state_bytes / 2**20:.1f} MiB of train state per device (per-parameter sharding '
+                 'in sharding.txt)' + (f', resuming at step {step}' if step else ''))
   pending, train_metrics, skipped, history = [], {}, 0, []
   first_step, t_train = step, None
   try:
