@@ -10,11 +10,13 @@ The workdir receives config.json, checkpoints/, tensorboard/ and, at the end, re
 input (unknown field, wrong type, bad mesh or batch size, unknown component, missing dataset) is
 reported on one line with exit status 2 before anything is written.
 """
+import dataclasses
 import json
 import os
 import signal
 import sys
 import time
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -194,17 +196,45 @@ def _scalars(report):
   return {k: v for k, v in report.items() if np.ndim(v) == 0}
 
 
-def train_and_evaluate(config, workdir, devices=None):
-  """Trains `config` in `workdir` (resuming if it holds checkpoints) and returns results.json's dict.
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from a config before anything is written: the mesh, components, host data,
+  optimizer and the train state's abstract shapes and shardings."""
+  config: Any
+  mesh: Any
+  task: Any
+  model: Any
+  train_arrays: dict
+  eval_arrays: dict
+  batches: pipeline.TrainBatches
+  total_steps: int
+  tx: Any
+  sample: dict
+  shardings: Any
+  abstract: Any
 
-  devices: the devices to build the mesh over (default: all). results['history'] lists the train
-  metrics at every log step and the eval metrics at every eval, as {'step', 'split', ...} dicts.
+  @property
+  def batch_sharding(self):
+    return mesh_lib.batch_sharding(self.mesh)
 
-  Raises UserError for invalid input before anything is written, NonFiniteError when the loss or
-  gradient norm becomes NaN/Inf under nan_policy='raise', Preempted after saving on SIGTERM/SIGINT.
-  """
-  t_start = time.time()
-  # -- 1. Build and validate everything; nothing is written until this section has passed.
+  def compile_train_step(self):
+    """AOT-compiles the jitted, donated train step for this mesh (no data is moved)."""
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((self.config.batch_size, *x.shape[1:]),
+                                                        x.dtype, sharding=self.batch_sharding),
+                         self.batches.batch(0))
+    c = self.config
+    return jax.jit(
+        steps.make_train_step(self.model, self.task, self.tx, seed=c.seed, augment_cfg=c.augment,
+                              nan_policy=c.nan_policy, grad_accum_steps=c.grad_accum_steps),
+        in_shardings=(self.shardings, self.batch_sharding),
+        out_shardings=(self.shardings, mesh_lib.replicated(self.mesh)),
+        donate_argnums=0).lower(self.abstract, batch).compile()
+
+
+def build(config, devices=None):
+  """Builds and validates an Experiment from `config`; raises UserError, writes nothing.
+
+  devices: the devices to build the mesh over (default: all)."""
   mesh_lib.initialize_distributed(config.distributed)
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   check_config(config, mesh)
@@ -219,6 +249,25 @@ def train_and_evaluate(config, workdir, devices=None):
   check_output_size(model, task, boxed, sample)
   shardings = mesh_lib.tree_shardings(boxed, mesh, config.sharding_rules)
   abstract = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
+  return Experiment(config, mesh, task, model, train_arrays, eval_arrays, batches, total_steps, tx,
+                    sample, shardings, abstract)
+
+
+def train_and_evaluate(config, workdir, devices=None):
+  """Trains `config` in `workdir` (resuming if it holds checkpoints) and returns results.json's dict.
+
+  devices: the devices to build the mesh over (default: all). results['history'] lists the train
+  metrics at every log step and the eval metrics at every eval, as {'step', 'split', ...} dicts.
+
+  Raises UserError for invalid input before anything is written, NonFiniteError when the loss or
+  gradient norm becomes NaN/Inf under nan_policy='raise', Preempted after saving on SIGTERM/SIGINT.
+  """
+  t_start = time.time()
+  # -- 1. Build and validate everything; nothing is written until this section has passed.
+  exp = build(config, devices)
+  mesh, task, model, tx = exp.mesh, exp.task, exp.model, exp.tx
+  eval_arrays, batches, total_steps = exp.eval_arrays, exp.batches, exp.total_steps
+  shardings, abstract = exp.shardings, exp.abstract
   check_workdir_matches(workdir, config)
   loaded = {}
   if config.init_from.checkpoint:  # read and checked before anything is written
@@ -236,20 +285,15 @@ def train_and_evaluate(config, workdir, devices=None):
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
   state, step = ckpt.restore_latest(abstract)
   if state is None:
-    state, step = steps.create_state(model, tx, sample, config.seed, shardings), 0
+    state, step = steps.create_state(model, tx, exp.sample, config.seed, shardings), 0
     if loaded:
       state = state.replace(params=init_from.merge(state.params, loaded))
   last_saved = step if step else None
 
   # -- 3. Compile the steps ahead of time (compile time is reported apart from training).
-  batch_sharding = mesh_lib.batch_sharding(mesh)
+  batch_sharding = exp.batch_sharding
   t0 = time.time()
-  train_step = jax.jit(
-      steps.make_train_step(model, task, tx, seed=config.seed, augment_cfg=config.augment,
-                            nan_policy=config.nan_policy,
-                            grad_accum_steps=config.grad_accum_steps),
-      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, mesh_lib.replicated(mesh)),
-      donate_argnums=0).lower(abstract, to_global(batches.batch(0), batch_sharding)).compile()
+  train_step = exp.compile_train_step()
   compile_s = time.time() - t0
   eval_step = jax.jit(steps.make_eval_step(model, task, config.seed),
                       in_shardings=(shardings, batch_sharding), out_shardings=batch_sharding)

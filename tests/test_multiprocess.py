@@ -13,7 +13,6 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
 from bigjax import checkpoint
 from conftest import REPO
