@@ -54,7 +54,6 @@ def create_state(model, tx, sample, seed, shardings):
   return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
 
-
 def prepare_inputs(inputs, rng, augment_cfg):
   """Batch inputs -> model inputs: uint8 images to float [0, 1] then augmentation if enabled; token
   ids (other integer types) and float features pass through."""

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from bigjax import checkpoint as checkpoint_lib
+from bigjax import flops
 from bigjax import init_from
 from bigjax import mesh as mesh_lib
 from bigjax import optim
@@ -351,6 +352,12 @@ def train_and_evaluate(config, workdir, devices=None):
     history.append({'step': step, 'split': 'eval', **_scalars(eval_report)})
     reporter.print('final eval: ' + ', '.join(f'{k}={v:.4f}'
                                               for k, v in _scalars(eval_report).items()))
+    throughput = flops.throughput_report(exp, train_step, train_s, timed_steps) if chief else None
+    if throughput and throughput['mfu'] is not None:
+      rate = (f"{throughput['tokens_per_s']:,.0f} tokens/s" if throughput['tokens_per_s']
+              else f"{throughput['examples_per_s']:,.0f} examples/s")
+      reporter.print(f"throughput: {throughput['step_time_s'] * 1e3:.1f} ms/step, {rate}, "
+                     f"MFU {throughput['mfu']:.1%} of {throughput['peak_source']}")
   finally:
     ckpt.close()  # waits for in-flight saves: nothing already written is lost
     reporter.close()
@@ -359,7 +366,8 @@ def train_and_evaluate(config, workdir, devices=None):
       'steps_this_run': step - first_step, 'compile_s': compile_s, 'wall_time_s': time.time() - t_start,
       'train_examples_per_s': timed_steps * config.batch_size / train_s if train_s > 0 else None,
       'num_params': int(sum(np.prod(p.shape) for p in jax.tree.leaves(state.params))),
-      'devices': mesh.size, 'platform': jax.devices()[0].platform, 'history': history,
+      'devices': mesh.size, 'platform': jax.devices()[0].platform, 'throughput': throughput,
+      'history': history,
   }
   if chief:
     reporting.write_json_atomic(os.path.join(workdir, 'results.json'), results)

@@ -22,7 +22,7 @@ def get_config(arg=None):
   config.model.kwargs.update(head='classify', num_classes=4)
   config.task.name = 'sequence_classification'
   config.task.kwargs = dict(num_classes=4)
-  config.optim.update(lr=1e-4 if args.init != 'none' else 1e-3, warmup_steps=50)
+  config.optim.update(lr=1e-3, warmup_steps=50)  # the same for both starts: a fair comparison
   config.num_steps = 20 if args.smoke else 600
   config.checkpoint_every = 10 if args.smoke else 300
   config.init_from = dict(checkpoint='' if args.init == 'none' else args.init,

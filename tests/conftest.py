@@ -9,6 +9,8 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TFDS_DATA_DIR', tempfile.mkdtemp(prefix='bigjax_tfds_'))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# MFU in tests uses a fixed CPU peak instead of measuring (and caching) one on a busy machine.
+os.environ.setdefault('BIGJAX_CPU_PEAK_FLOPS', '1e11')
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
