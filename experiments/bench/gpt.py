@@ -72,20 +72,11 @@ def batch_indices(n, steps):
 # ------------------------------------------------------------------------------------------------
 def run_matmul(n=2048, reps=10):
   """float32 n^3 jax matmul GFLOP/s: median over `reps` after 2 warm-ups (as matmul_peak.py)."""
-  import jax
-  import jax.numpy as jnp
-  mm = jax.jit(lambda a, b: a @ b)
-  rng = np.random.default_rng(0)
-  a, b = (jnp.asarray(rng.standard_normal((n, n), dtype=np.float32)) for _ in range(2))
-  for _ in range(2):
-    mm(a, b).block_until_ready()
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    mm(a, b).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return {'median_gflops': 2.0 * n**3 / np.median(times) / 1e9,
-          'best_gflops': 2.0 * n**3 / min(times) / 1e9}
+  sys.path.insert(0, ROOT)
+  from bigjax import flops
+  measured = flops.measure_matmul(n, reps)
+  return {'median_gflops': measured['median_flops'] / 1e9,
+          'best_gflops': measured['best_flops'] / 1e9}
 
 
 def run_bigjax(steps):
