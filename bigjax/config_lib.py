@@ -50,10 +50,12 @@ def base_config():
   # view: '' reads records as {'inputs', 'label'} arrays; text datasets take 'lm', 'classification'
   # or 'pairs' (see bigjax/data/text.py) with sequences of seq_len tokens, from the 'bytes' tokenizer
   # or a 'sentencepiece' one of vocab_size trained on the train split. eval_max_examples > 0:
-  # evaluate on the first N eval examples only.
+  # evaluate on the first N eval examples only. cv_folds K >= 2: K-fold cross-validation inside the
+  # train split (fixed fold assignment, stratified by label): train on K-1 folds, evaluate on fold
+  # cv_fold (0 <= cv_fold < K) instead of eval_split; 0 = off.
   c.data = dict(name='mnist5k', data_dir=config_dict.placeholder(str), train_split='train',
                 eval_split='test', standardize=False, view='', seq_len=128, tokenizer='bytes',
-                vocab_size=0, eval_max_examples=0)
+                vocab_size=0, eval_max_examples=0, cv_folds=0, cv_fold=0)
   c.augment = dict(enabled=False, crop_padding=0, flip=False, max_rotate_degrees=0.0, max_scale=0.0)
   c.model = dict(name='cnn', kwargs=ml_collections.ConfigDict())
   c.task = dict(name='classification', kwargs=ml_collections.ConfigDict())
@@ -84,6 +86,14 @@ def base_config():
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.nan_policy = 'raise'  # or 'skip'
+  # Early stopping on an eval metric (a scalar of the eval report, e.g. 'accuracy' or 'loss'; ''
+  # = off; needs eval_every > 0). The best state so far ('max' or 'min' mode, improving by more than
+  # min_delta) is kept in workdir/best/ (+ best.json); training stops after `patience` consecutive
+  # evals without improvement (0: never stop, only keep the best).
+  c.early_stopping = dict(metric='', mode='max', patience=0, min_delta=0.0)
+  c.log_grad_norms = False  # True: train metrics add grad_norm/<top-level module> (L2 norms)
+  # True: the final eval writes workdir/eval_predictions.npz (labels, scores) for classification.
+  c.save_eval_predictions = False
   # Fine-tuning: copy parameters matching `load` (comma-separated regexes) from a run's checkpoint.
   c.init_from = dict(checkpoint='', load='.*')
   return c

@@ -82,7 +82,7 @@ def apply_model(model, variables, batch, *, train, rngs=None, mutable=False, aug
 
 
 def make_train_step(model, task, tx, *, seed, augment_cfg=None, nan_policy='raise',
-                    grad_accum_steps=1):
+                    grad_accum_steps=1, log_grad_norms=False):
   """Returns train_step(state, batch) -> (state, metrics).
 
   batch: global arrays {'inputs': (B, ...), ...} holding what the task needs (e.g. 'label').
@@ -93,6 +93,8 @@ def make_train_step(model, task, tx, *, seed, augment_cfg=None, nan_policy='rais
   1/A of the activation memory. metrics: scalars 'loss', 'grad_norm', 'finite' (1.0 if loss and
   gradient norm are finite) plus the task's metrics. Under nan_policy='skip' a non-finite step
   leaves params, model and optimizer state unchanged (the step counter still advances).
+  log_grad_norms: metrics also hold 'grad_norm/<name>', the L2 norm of the gradients of each
+  top-level parameter module (e.g. hidden_0 ... output for the MLP).
   """
   def loss_and_grads(params, model_state, batch, k_augment, k_dropout):
     mutable = list(model_state) or False
@@ -149,6 +151,8 @@ def make_train_step(model, task, tx, *, seed, augment_cfg=None, nan_policy='rais
       kept = state.replace(step=state.step + 1)
       new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept)
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'finite': finite.astype(jnp.float32), **metrics}
+    if log_grad_norms:
+      metrics.update({f'grad_norm/{name}': optax.tree.norm(g) for name, g in grads.items()})
     return new, metrics
 
   return train_step

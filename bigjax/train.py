@@ -6,7 +6,9 @@
 Re-running the same command on the same workdir resumes from its newest good checkpoint. From a
 colab: `bigjax.train.train_and_evaluate(config, workdir)` returns the final results dict.
 
-The workdir receives config.json, checkpoints/, tensorboard/ and, at the end, results.json. Invalid
+The workdir receives config.json, checkpoints/, tensorboard/, history.jsonl (the learning curve,
+kept across restarts), with config.early_stopping best/ and best.json, and at the end results.json
+(and eval_predictions.npz with config.save_eval_predictions). Invalid
 input (unknown field, wrong type, bad mesh or batch size, unknown component, missing dataset) is
 reported on one line with exit status 2 before anything is written.
 """
@@ -32,6 +34,7 @@ from bigjax import reporting
 from bigjax import steps
 from bigjax.data import pipeline
 from bigjax.errors import NonFiniteError, UserError
+from bigjax.tasks import classification
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,23 +52,32 @@ def build_component(kind, cfg):
 
 
 def load_data(config, task):
-  """Train and eval splits as host arrays {'inputs', 'label'}, checked against the task."""
+  """Train and eval splits as host arrays {'inputs', 'label'}, checked against the task.
+
+  With config.data.cv_folds = K, both come from the train split: K-1 folds to train on and fold
+  config.data.cv_fold to evaluate on (pipeline.cv_split); config.data.eval_split is not read.
+  """
   d = config.data
+  splits = (d.train_split,) if d.cv_folds else (d.train_split, d.eval_split)
   if d.view:
     from bigjax.data import text
-    train, evals = (text.load_text_split(d.name, split, d.view, d.seq_len, d.data_dir, config.seed,
-                                         tokenizer=d.tokenizer, vocab_size=d.vocab_size,
-                                         train_split=d.train_split)
-                    for split in (d.train_split, d.eval_split))
+    loaded = [text.load_text_split(d.name, split, d.view, d.seq_len, d.data_dir, config.seed,
+                                   tokenizer=d.tokenizer, vocab_size=d.vocab_size,
+                                   train_split=d.train_split)
+              for split in splits]
   else:
-    train = pipeline.load_split(d.name, d.train_split, d.data_dir)
-    evals = pipeline.load_split(d.name, d.eval_split, d.data_dir)
+    loaded = [pipeline.load_split(d.name, split, d.data_dir) for split in splits]
+  if d.cv_folds:
+    train, evals = pipeline.cv_split(loaded[0], d.cv_folds, d.cv_fold)
+    eval_name = f'{d.train_split} (cv fold {d.cv_fold} of {d.cv_folds})'
+  else:
+    (train, evals), eval_name = loaded, d.eval_split
   if d.standardize:
     train, evals = pipeline.standardize(train, evals)
   if d.eval_max_examples:
     evals = {k: v[:d.eval_max_examples] for k, v in evals.items()}
   task.check_data(train, d.name, d.train_split)
-  task.check_data(evals, d.name, d.eval_split)
+  task.check_data(evals, d.name, eval_name)
   return train, evals
 
 
@@ -88,6 +100,22 @@ def check_config(config, mesh):
   if config.nan_policy not in steps.NAN_POLICIES:
     raise UserError(f'config.nan_policy={config.nan_policy!r} is unknown; use one of '
                     f'{", ".join(steps.NAN_POLICIES)}')
+  folds, fold = config.data.cv_folds, config.data.cv_fold
+  if folds and (folds < 2 or not 0 <= fold < folds):
+    raise UserError(f'config.data.cv_folds={folds}, cv_fold={fold}: need cv_folds >= 2 and '
+                    f'0 <= cv_fold < cv_folds (or cv_folds=0 for no cross-validation)')
+  if not folds and fold:
+    raise UserError(f'config.data.cv_fold={fold} needs config.data.cv_folds >= 2; set both')
+  es = config.early_stopping
+  if es.metric:
+    if config.eval_every <= 0:
+      raise UserError(f'config.early_stopping.metric={es.metric!r} needs periodic evals; set '
+                      'config.eval_every > 0')
+    if es.mode not in ('max', 'min'):
+      raise UserError(f"config.early_stopping.mode={es.mode!r} is unknown; use 'max' or 'min'")
+    if es.patience < 0 or es.min_delta < 0:
+      raise UserError(f'config.early_stopping.patience={es.patience} and min_delta={es.min_delta} '
+                      'must be >= 0')
 
 
 def check_output_size(model, task, boxed_state, sample):
@@ -170,8 +198,9 @@ def to_global(batch, sharding):
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def evaluate(eval_step, state, arrays, config, sharding, task):
-  """Runs the model over the whole eval split -> task.eval_report(outputs, labels) dict."""
+def evaluate(eval_step, state, arrays, config, sharding, task, return_outputs=False):
+  """Runs the model over the whole eval split -> task.eval_report(outputs, labels) dict, and with
+  return_outputs also the task's per-example eval outputs (N, ...) as host arrays."""
   outputs = []
   for batch in pipeline.eval_batches(arrays, config.eval_batch_size):
     out = eval_step(state, to_global(batch, sharding))
@@ -181,7 +210,17 @@ def evaluate(eval_step, state, arrays, config, sharding, task):
     outputs.append(jax.device_get(out))
   n = len(arrays['inputs'])
   outputs = jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *outputs)
-  return task.eval_report(outputs, arrays.get('label'))
+  report = task.eval_report(outputs, arrays.get('label'))
+  return (report, outputs) if return_outputs else report
+
+
+def save_eval_predictions(path, task, probs, labels):
+  """Writes `path` (.npz) with labels (N,) and scores: (N,) P(label=1) for a binary classification
+  task, else (N, K) class probabilities; probs is the task's eval output, (N, 1) or (N, K)."""
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    np.savez(f, labels=np.asarray(labels), scores=probs[:, 0] if task.binary else probs)
+  os.replace(tmp, path)
 
 
 def _mean_metrics(pending):
@@ -226,7 +265,8 @@ class Experiment:
     c = self.config
     return jax.jit(
         steps.make_train_step(self.model, self.task, self.tx, seed=c.seed, augment_cfg=c.augment,
-                              nan_policy=c.nan_policy, grad_accum_steps=c.grad_accum_steps),
+                              nan_policy=c.nan_policy, grad_accum_steps=c.grad_accum_steps,
+                              log_grad_norms=c.log_grad_norms),
         in_shardings=(self.shardings, self.batch_sharding),
         out_shardings=(self.shardings, mesh_lib.replicated(self.mesh)),
         donate_argnums=0).lower(self.abstract, batch).compile()
@@ -241,6 +281,9 @@ def build(config, devices=None):
   check_config(config, mesh)
   task = build_component('tasks', config.task)
   model = build_component('models', config.model)
+  if config.save_eval_predictions and not isinstance(task, classification.Task):
+    raise UserError(f'config.save_eval_predictions=True needs a classification task, not '
+                    f'config.task.name={config.task.name!r}; set it to False')
   train_arrays, eval_arrays = load_data(config, task)
   batches = pipeline.TrainBatches(train_arrays, config.batch_size, config.seed)
   total_steps = config.num_steps or config.num_epochs * batches.steps_per_epoch
@@ -258,7 +301,10 @@ def train_and_evaluate(config, workdir, devices=None):
   """Trains `config` in `workdir` (resuming if it holds checkpoints) and returns results.json's dict.
 
   devices: the devices to build the mesh over (default: all). results['history'] lists the train
-  metrics at every log step and the eval metrics at every eval, as {'step', 'split', ...} dicts.
+  metrics at every log step and the eval metrics at every eval, as {'step', 'split', ...} dicts,
+  over the whole run (kept in workdir/history.jsonl across restarts). With config.early_stopping,
+  results['best'] is best.json's {'step', 'metric', 'value', 'eval'} and results['stopped_early']
+  says whether patience ran out; re-running a run that stopped early only redoes the final results.
 
   Raises UserError for invalid input before anything is written, NonFiniteError when the loss or
   gradient norm becomes NaN/Inf under nan_policy='raise', Preempted after saving on SIGTERM/SIGINT.
@@ -305,11 +351,32 @@ def train_and_evaluate(config, workdir, devices=None):
                  f'{dict(mesh.shape)}, {mesh.size} {jax.devices()[0].platform} devices, '
                  f'{state_bytes / 2**20:.1f} MiB of train state per device (per-parameter sharding '
                  'in sharding.txt)' + (f', resuming at step {step}' if step else ''))
-  pending, train_metrics, skipped, history = [], {}, 0, []
+  history = checkpoint_lib.History(os.path.join(workdir, 'history.jsonl'), step)
+  early = checkpoint_lib.EarlyStopping(config.early_stopping, workdir, history.entries)
+  if early.stopped:
+    reporter.print(f'bigjax: this run stopped early at step {step}; redoing the final results')
+  pending, train_metrics, skipped, last_eval = [], {}, 0, (None, None)
   first_step, t_train = step, None
+
+  def log_train():
+    """Averages the pending per-step metrics into the history entry of `step`; raises
+    NonFiniteError on NaN/Inf under nan_policy='raise'."""
+    nonlocal pending, train_metrics, skipped
+    train_metrics, finite = _mean_metrics(pending)
+    pending = []
+    if config.nan_policy == 'raise' and not finite.all():
+      bad = step - len(finite) + int(np.argmin(finite)) + 1
+      where = f'step {last_saved} in {ckpt.directory}' if last_saved else 'none saved yet'
+      raise NonFiniteError(f'loss or gradient norm is NaN/Inf at step {bad}; last good '
+                           f'checkpoint: {where}. Lower config.optim.lr, set '
+                           'config.optim.clip_norm, or use config.nan_policy=skip')
+    skipped += int((1 - finite).sum())
+    reporter.scalars(step, 'train', dict(train_metrics, skipped_steps=skipped))
+    history.append({'step': step, 'split': 'train', **train_metrics})
+
   try:
     with _Preemption(config.log_every) as preemption:
-      while step < total_steps:
+      while step < total_steps and not early.stopped:
         state, metrics = train_step(state, to_global(batches.batch(step), batch_sharding))
         if t_train is None:  # throughput counts the steps after the first (warm-up) one
           jax.block_until_ready(metrics)
@@ -321,21 +388,20 @@ def train_and_evaluate(config, workdir, devices=None):
         stop = preemption.stop_requested(step)  # read once: a signal may arrive at any time
         save = done or step % config.checkpoint_every == 0 or bool(stop)
         if save or step % config.log_every == 0:
-          train_metrics, finite = _mean_metrics(pending)
-          pending = []
-          if config.nan_policy == 'raise' and not finite.all():
-            bad = step - len(finite) + int(np.argmin(finite)) + 1
-            where = f'step {last_saved} in {ckpt.directory}' if last_saved else 'none saved yet'
-            raise NonFiniteError(f'loss or gradient norm is NaN/Inf at step {bad}; last good '
-                                 f'checkpoint: {where}. Lower config.optim.lr, set '
-                                 'config.optim.clip_norm, or use config.nan_policy=skip')
-          skipped += int((1 - finite).sum())
-          reporter.scalars(step, 'train', dict(train_metrics, skipped_steps=skipped))
-          history.append({'step': step, 'split': 'train', **train_metrics})
+          log_train()
         if config.eval_every and step % config.eval_every == 0 and not done:
           report = evaluate(eval_step, state, eval_arrays, config, batch_sharding, task)
+          early.update(step, report, state)  # saves the best state
           reporter.scalars(step, 'eval', report)
           history.append({'step': step, 'split': 'eval', **_scalars(report)})
+          last_eval = (step, report)
+          if early.stopped:  # history, then the checkpoint, hold this step
+            reporter.print(f'early stopping at step {step}: {config.early_stopping.metric} has '
+                           f'not improved for {early.bad_evals} evals (best '
+                           f'{early.best_value:.4g} at step {early.best_step})')
+            if pending:
+              log_train()
+            save = True
         if save:
           ckpt.save(step, state)
           last_saved = step
@@ -346,10 +412,19 @@ def train_and_evaluate(config, workdir, devices=None):
     train_s = time.time() - t_train if t_train else 0.0
     timed_steps = step - first_timed_step if t_train else 0
 
-    # -- 5. Final evaluation and results.
-    eval_report = evaluate(eval_step, state, eval_arrays, config, batch_sharding, task)
-    reporter.scalars(step, 'eval', eval_report)
-    history.append({'step': step, 'split': 'eval', **_scalars(eval_report)})
+    # -- 5. Final evaluation and results (an eval already in the history is not counted twice).
+    if last_eval[0] == step and not config.save_eval_predictions:
+      eval_report = last_eval[1]
+    else:
+      eval_report, outputs = evaluate(eval_step, state, eval_arrays, config, batch_sharding, task,
+                                      return_outputs=True)
+      if config.save_eval_predictions and chief:
+        save_eval_predictions(os.path.join(workdir, 'eval_predictions.npz'), task, outputs,
+                              eval_arrays['label'])
+    if not history.has(step, 'eval'):
+      reporter.scalars(step, 'eval', eval_report)
+      history.append({'step': step, 'split': 'eval', **_scalars(eval_report)})
+      early.update(step, eval_report, state)
     reporter.print('final eval: ' + ', '.join(f'{k}={v:.4f}'
                                               for k, v in _scalars(eval_report).items()))
     throughput = flops.throughput_report(exp, train_step, train_s, timed_steps) if chief else None
@@ -360,6 +435,8 @@ def train_and_evaluate(config, workdir, devices=None):
                      f"MFU {throughput['mfu']:.1%} of {throughput['peak_source']}")
   finally:
     ckpt.close()  # waits for in-flight saves: nothing already written is lost
+    early.close()
+    history.close()
     reporter.close()
   results = {
       'step': step, 'eval': eval_report, 'train': train_metrics, 'skipped_steps': skipped,
@@ -367,7 +444,7 @@ def train_and_evaluate(config, workdir, devices=None):
       'train_examples_per_s': timed_steps * config.batch_size / train_s if train_s > 0 else None,
       'num_params': int(sum(np.prod(p.shape) for p in jax.tree.leaves(state.params))),
       'devices': mesh.size, 'platform': jax.devices()[0].platform, 'throughput': throughput,
-      'history': history,
+      'history': history.entries, 'best': early.best(), 'stopped_early': early.stopped,
   }
   if chief:
     reporting.write_json_atomic(os.path.join(workdir, 'results.json'), results)

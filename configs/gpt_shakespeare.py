@@ -31,7 +31,8 @@ def get_config(arg=None):
   vocab_size = vocab_sizes[args.tokenizer]
   config.data.update(tokenizer=args.tokenizer, vocab_size=vocab_size)
   config.model.name = 'gpt'
-  config.model.kwargs = dict(vocab_size=vocab_size, positions='learned', scan=False,
+  config.model.kwargs = dict(vocab_size=vocab_size, positions='learned', pre_ln=True,
+                             scan=False,
                              remat='none', attention='xla', dtype='float32',
                              param_dtype='float32', **shape)
   config.task.name = 'causal_lm'

@@ -116,6 +116,38 @@ def check_tokens(arrays, vocab_size, name, split):
                     'config.task.kwargs.vocab_size and config.model.kwargs.vocab_size')
 
 
+CV_SEED = 0  # fold assignment seed: fixed, so every config.seed sees the same folds
+
+
+def cv_fold_ids(labels, num_folds):
+  """Fold of every example of a split: labels (N,) int -> (N,) int in [0, num_folds).
+
+  Deterministic (CV_SEED) and stratified: the examples are shuffled, grouped by label, and dealt
+  round-robin, so every fold holds each class in proportion and fold sizes differ by at most one.
+  """
+  n = len(labels)
+  if not 2 <= num_folds <= n:
+    raise DataError(f'config.data.cv_folds={num_folds} must lie in [2, {n}] (the training split '
+                    f'holds {n} examples)')
+  perm = np.random.default_rng(CV_SEED).permutation(n)
+  order = perm[np.argsort(labels[perm], kind='stable')]
+  folds = np.empty(n, np.int64)
+  folds[order] = np.arange(n) % num_folds
+  return folds
+
+
+def cv_split(arrays, num_folds, fold):
+  """(train folds, held-out fold) of a split {'inputs': (N, ...), optional 'label': (N,)}, each in
+  the split's original order; the held-out one is fold `fold` of cv_fold_ids (stratified when
+  there are (N,) labels)."""
+  labels = arrays.get('label')
+  n = len(arrays['inputs'])
+  labels = labels if labels is not None and labels.shape == (n,) else np.zeros(n, np.int32)
+  held_out = cv_fold_ids(labels, num_folds) == fold
+  return ({k: v[~held_out] for k, v in arrays.items()},
+          {k: v[held_out] for k, v in arrays.items()})
+
+
 def standardize(train, *others):
   """Scales float 'inputs' to zero mean, unit variance using the training split's statistics."""
   mean = train['inputs'].mean(0)

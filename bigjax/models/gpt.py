@@ -22,7 +22,9 @@ class Model(nn.Module):
 
   positions: 'learned' (GPT-2), 'sinusoidal' or 'rotary'. mlp_dim 0 means 4 * embed_dim. Dropout
   after the embeddings and in every block. scan/remat: see transformer.Stack. attention: 'xla' |
-  'cudnn' | 'chunked'. max_len bounds T (and the KV cache when decoding).
+  'cudnn' | 'chunked'. max_len bounds T (and the KV cache when decoding). pre_ln: True (GPT-2)
+  normalises each sublayer's input and the stack's output before the head; False is the original
+  Transformer's post-LN, LayerNorm(x + sublayer(x)) after every residual add and no final norm.
   """
   vocab_size: int = 260
   num_layers: int = 6
@@ -37,6 +39,7 @@ class Model(nn.Module):
   norm_eps: float = 1e-5
   activation: str = 'gelu'
   use_bias: bool = True
+  pre_ln: bool = True
   scan: bool = False
   remat: str = 'none'
   attention: str = 'xla'
@@ -82,7 +85,7 @@ class Model(nn.Module):
                    mlp_dim=self.mlp_dim or 4 * self.embed_dim, num_kv_heads=self.num_kv_heads,
                    activation=self.activation, dropout_rate=self.dropout,
                    attention_dropout_rate=self.dropout, norm=self.norm, norm_eps=self.norm_eps,
-                   pre_ln=True, causal=True, rotary=self.positions == 'rotary',
+                   pre_ln=self.pre_ln, causal=True, rotary=self.positions == 'rotary',
                    attention=self.attention, use_bias=self.use_bias,
                    max_decode_length=self.max_len, dtype=dtype, param_dtype=param_dtype),
     )(x, None, positions, train=train, decode=decode)
@@ -210,7 +213,7 @@ def params_from_hf(state_dict, config):
   what = 'gpt.params_from_hf'
   model = hf_convert.build(Model, hf_convert.model_kwargs(config, what), what)
   hf_convert.require(model, dict(positions='learned', norm='layernorm', activation='gelu',
-                                 use_bias=True), what)
+                                 use_bias=True, pre_ln=True), what)
   if model.num_kv_heads not in (None, model.num_heads):
     raise UserError(f'{what}: config field num_kv_heads={model.num_kv_heads} does not match GPT-2 '
                     'weights, which need num_kv_heads=None; start from config_from_hf(...)')
