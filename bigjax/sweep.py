@@ -121,14 +121,26 @@ def _check_grids(grids, name):
 class Sweep:
   """A declared sweep (see the module docstring). Each setting of `settings` runs once per seed,
   or, with folds=K > 0, once per fold i of K (config.data.cv_folds=K, config.data.cv_fold=i) with
-  the single seed of `seeds`. plot(runs, outdir), if given, draws experiment-specific figures."""
+  the single seed of `seeds`. plot(runs, outdir), if given, draws experiment-specific figures.
+
+  metrics: names read from each run's results.json: 'accuracy' is results['eval']['accuracy'] (the
+  final eval), 'train/accuracy' results['train']['accuracy'] (the train metrics of the last log
+  interval), 'best/accuracy' results['best']['eval']['accuracy'] (early stopping's best state).
+  derived: {name: fn(metrics dict) -> float}, computed per run after `metrics` and reported like
+  them, e.g. {'gap': lambda m: m['train/accuracy'] - m['accuracy']}."""
   config: str
   overrides: dict = dataclasses.field(default_factory=dict)
   settings: Optional[Grid] = None
   seeds: Sequence[int] = (0,)
   folds: int = 0
   metrics: Sequence[str] = ('loss',)
+  derived: dict = dataclasses.field(default_factory=dict)
   plot: Optional[Callable] = None
+
+  @property
+  def reported(self):
+    """The metric names in the tables: `metrics`, then `derived`."""
+    return [*self.metrics, *self.derived]
 
 
 @dataclasses.dataclass
@@ -369,12 +381,21 @@ def unfinished_reason(run):
   return None
 
 
-def _load_results(run, metrics):
+def metric_value(results, name):
+  """A metric of a results.json dict by name (see Sweep.metrics); NaN when absent."""
+  section, _, key = name.rpartition('/')
+  report = {'': results.get('eval'), 'train': results.get('train'),
+            'best': (results.get('best') or {}).get('eval')}.get(section) or {}
+  value = report.get(key)
+  return float(value) if value is not None and np.ndim(value) == 0 else math.nan
+
+
+def _load_results(run, sw):
   with open(os.path.join(run.workdir, 'results.json')) as f:
     run.results = json.load(f)
-  report = run.results.get('eval', {})
-  run.metrics = {m: float(report[m]) if np.ndim(report.get(m)) == 0 and report.get(m) is not None
-                 else math.nan for m in metrics}
+  run.metrics = {m: metric_value(run.results, m) for m in sw.metrics}
+  for name, fn in sw.derived.items():
+    run.metrics[name] = float(fn(dict(run.metrics)))
 
 
 def _log_tail(run, n=LOG_TAIL_LINES):
@@ -431,7 +452,7 @@ def run_sweep(sweep_path, workdir, jobs=1):
   for run in runs:
     if is_finished(run):
       run.status = 'skipped'
-      _load_results(run, sw.metrics)
+      _load_results(run, sw)
   pending = [r for r in runs if r.status == 'pending']
   if pending and jobs > 1:
     _prepare_datasets(pending)
@@ -449,7 +470,7 @@ def run_sweep(sweep_path, workdir, jobs=1):
       for launch in [l for l in running if l.proc.poll() is not None]:
         running.remove(launch)
         launch.close()
-        _settle(launch, sw.metrics)
+        _settle(launch, sw)
         bar.update(1)
         bar.write(_describe(launch.run, time.time() - launch.start), file=sys.stderr)
     _postfix(bar, runs, 0, 0)
@@ -474,12 +495,12 @@ def _postfix(bar, runs, running, left):
     bar.set_postfix(postfix)
 
 
-def _settle(launch, metrics):
+def _settle(launch, sw):
   run, code = launch.run, launch.proc.returncode
   reason = unfinished_reason(run)
   if code == 0 and reason is None:
     run.status = 'done'
-    _load_results(run, metrics)
+    _load_results(run, sw)
   else:
     run.status = 'failed'
     why = f'exit status {code}' if code else f'exited 0 but {reason}'
@@ -519,7 +540,7 @@ def write_reports(sw, runs, outdir, sweep_path=''):
   """results.csv, results.md and the plots in `outdir`, then the sweep's plot(runs, outdir)."""
   grid = sw.settings or Grid((), ({},), ())
   names = short_names(grid.axes)
-  metrics = list(sw.metrics)
+  metrics = sw.reported
   stats = setting_stats(runs, metrics)
   replica = 'fold' if sw.folds else 'seed'
   with open(os.path.join(outdir, 'results.csv'), 'w', newline='') as f:

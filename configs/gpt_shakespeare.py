@@ -36,7 +36,7 @@ def get_config(arg=None):
                              remat='none', attention='xla', dtype='float32',
                              param_dtype='float32', **shape)
   config.task.name = 'causal_lm'
-  config.task.kwargs = dict(vocab_size=vocab_size)
+  config.task.kwargs = dict(vocab_size=vocab_size, label_smoothing=0.0)
   config.optim.update(name='adamw', lr=1e-3, b2=0.99, weight_decay=0.1, clip_norm=1.0,
                       schedule='warmup_cosine', warmup_steps=100, end_lr_fraction=0.1)
   config.batch_size = 64 if args.size == 'nano' else 32

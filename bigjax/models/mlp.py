@@ -13,8 +13,8 @@ class Model(nn.Module):
 
   hidden: widths of the hidden layers. activation: relu | sigmoid | tanh | gelu | silu.
   output_activation: applied to the output (None = logits; leave None for classification, the task
-  applies softmax/sigmoid inside its loss). kernel_init: kernel initializer (see layers.INITIALIZERS). norm: None or 'layernorm' after each hidden
-  Dense. dropout: rate after each hidden activation.
+  applies softmax/sigmoid inside its loss). kernel_init: kernel initializer (see
+  layers.INITIALIZERS). norm: 'none' (or None) or 'layernorm' after each hidden Dense. dropout: rate after each hidden activation.
   """
   hidden: Sequence[int] = (128,)
   num_outputs: int = 10
@@ -29,6 +29,9 @@ class Model(nn.Module):
   @nn.compact
   def __call__(self, x, *, train=False):
     chex.assert_rank(x, {2, 3, 4})
+    if self.norm not in (None, '', 'none', 'layernorm'):
+      from bigjax.errors import UserError
+      raise UserError(f"config.model.kwargs.norm={self.norm!r} is unknown; use 'none' or 'layernorm'")
     act = layers.activation(self.activation)
     kw = dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
               kernel_init=layers.initializer(self.kernel_init))

@@ -1,33 +1,56 @@
 """GPU kernel time by kernel and by kind (matmul, attention, fusion) from a jax.profiler perfetto trace.
 
-  python experiments/bench/trace_summary.py TRACE.json.gz   (written by gpu.py --profile DIR)
+  python experiments/bench/trace_summary.py TRACE.json.gz [--top 40]
+
+gpu.py --profile DIR writes DIR/<model>/plugins/profile/<time>/perfetto_trace.json.gz. Only events on
+the GPU's stream threads count; the kinds are matched from kernel names (cuBLAS/nvjet/cutlass
+matmuls, cuDNN attention, XLA fusions).
 """
-import gzip, json, sys, collections, re
-path = sys.argv[1]
-d = json.load(gzip.open(path) if path.endswith('.gz') else open(path))
-ev = d['traceEvents'] if isinstance(d, dict) else d
-pname = {e['pid']: e['args']['name'] for e in ev if e.get('ph') == 'M' and e.get('name') == 'process_name'}
-tname = {(e['pid'], e['tid']): e['args']['name'] for e in ev if e.get('ph') == 'M' and e.get('name') == 'thread_name'}
-gpu = {p for p, n in pname.items() if 'GPU' in n or 'gpu' in n}
-print('gpu pids', {p: pname[p] for p in gpu})
-tot = collections.Counter(); cnt = collections.Counter(); threads = collections.Counter()
-for e in ev:
-  if e.get('ph') == 'X' and e['pid'] in gpu:
-    threads[tname.get((e['pid'], e['tid']), e['tid'])] += e.get('dur', 0)
-for t, v in threads.most_common(10): print('thread', t, v / 1e3, 'ms')
-for e in ev:
-  if e.get('ph') == 'X' and e['pid'] in gpu:
-    tn = str(tname.get((e['pid'], e['tid']), ''))
-    if 'Stream' not in tn and 'stream' not in tn: continue
-    n = e['name']
-    tot[n] += e.get('dur', 0); cnt[n] += 1
-all_us = sum(tot.values())
-print(f'total kernel time {all_us/1e3:.1f} ms over 3 steps')
-cat = collections.Counter()
-for n, v in tot.items():
-  k = ('gemm' if re.search('gemm|sm90_xmma|cutlass|nvjet|cublas', n, re.I) else
-       'attn' if re.search('fmha|flash|cudnn|attention', n, re.I) else
-       'fusion' if 'fusion' in n or 'loop_' in n or 'input_' in n else 'other')
-  cat[k] += v
-for k, v in cat.most_common(): print(f'{k:8s} {v/1e3:9.1f} ms {v/all_us:6.1%}')
-for n, v in tot.most_common(40): print(f'{v/1e3:8.2f} ms {cnt[n]:5d}x  {n[:110]}')
+import argparse
+import collections
+import gzip
+import json
+import re
+
+KINDS = (('matmul', r'gemm|xmma|cutlass|nvjet|cublas'), ('attention', r'fmha|flash|sdpa|cudnn'),
+         ('fusion', r'fusion|^loop_|^input_'))
+
+
+def kernel_times(path):
+  """-> Counter {kernel name: total microseconds}, Counter {kernel name: launches}."""
+  with (gzip.open(path) if path.endswith('.gz') else open(path)) as f:
+    trace = json.load(f)
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  meta = lambda kind: {(e['pid'], e.get('tid')) if kind == 'thread_name' else e['pid']:
+                       e['args']['name'] for e in events
+                       if e.get('ph') == 'M' and e.get('name') == kind}
+  processes, threads = meta('process_name'), meta('thread_name')
+  gpus = {pid for pid, name in processes.items() if 'GPU' in name}
+  total, count = collections.Counter(), collections.Counter()
+  for e in events:
+    if (e.get('ph') == 'X' and e['pid'] in gpus and
+        'stream' in str(threads.get((e['pid'], e['tid']), '')).lower()):
+      total[e['name']] += e.get('dur', 0)
+      count[e['name']] += 1
+  return total, count
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('trace')
+  parser.add_argument('--top', type=int, default=40)
+  args = parser.parse_args()
+  total, count = kernel_times(args.trace)
+  all_us = sum(total.values()) or 1
+  print(f'GPU kernel time {all_us / 1e3:.1f} ms')
+  kinds = collections.Counter()
+  for name, us in total.items():
+    kinds[next((k for k, pattern in KINDS if re.search(pattern, name, re.I)), 'other')] += us
+  for kind, us in kinds.most_common():
+    print(f'{kind:10s} {us / 1e3:9.1f} ms {us / all_us:6.1%}')
+  for name, us in total.most_common(args.top):
+    print(f'{us / 1e3:8.2f} ms {count[name]:5d}x  {name[:110]}')
+
+
+if __name__ == '__main__':
+  main()
