@@ -62,7 +62,10 @@ def base_config():
   c.optim = dict(name='adam', lr=1e-3, schedule='constant', warmup_steps=0, end_lr_fraction=0.0,
                  step_boundaries=(0.5, 0.75), step_decay=0.1, momentum=0.9, b1=0.9, b2=0.999,
                  eps=1e-8, weight_decay=0.0, clip_norm=0.0)
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # Mesh axis sizes (-1 = the rest). On several nodes/slices, axis A has size A * dcn_A: dcn_A ways
+  # across slices (multi-slice TPU) or processes (elsewhere), A ways within each; the dcn_* sizes
+  # multiply to the number of slices/processes (bigjax/mesh.py). All dcn_* = 1: one flat mesh.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
   # Multi-process runs: set coordinator_address/num_processes/process_id (one command per process,
   # differing in process_id), or auto=True on TPU pods / SLURM (see mesh.initialize_distributed).
   c.distributed = dict(coordinator_address='', num_processes=1, process_id=0, auto=False,

@@ -1,10 +1,12 @@
 """Device mesh and shardings from the config.
 
 The mesh has axes ('data', 'fsdp', 'tensor'); `config.mesh.<axis>` gives each size, -1 meaning
-"all remaining devices". Parameters carry logical axis names (see `bigjax.models.layers`);
-`config.sharding_rules` maps each logical name to mesh axes, e.g. ('mlp', 'tensor'). A logical axis
-whose size the mapped mesh axes do not divide is left unsharded on that dimension (a 3-channel conv
-input cannot be split in two), so one rule table serves every model size.
+"all remaining devices". For several nodes / slices, `config.mesh.dcn_<axis>` splits an axis across
+them too (size <axis> x dcn_<axis>, a hybrid ICI x DCN mesh; see `mesh_shapes`, `device_grid`).
+Parameters carry logical axis names (see `bigjax.models.layers`); `config.sharding_rules` maps
+each logical name to mesh axes, e.g. ('mlp', 'tensor'). A logical axis whose size the mapped mesh
+axes do not divide is left unsharded on that dimension (a 3-channel conv input cannot be split in
+two), so one rule table serves every model size.
 """
 import math
 
@@ -38,9 +40,10 @@ def initialize_distributed(cfg):
     jax.distributed.initialize(initialization_timeout=cfg.get('timeout_s', 300))
 
 
-def mesh_shape(cfg, num_devices):
-  """Resolves config.mesh sizes (-1 = the rest) against `num_devices` -> tuple of 3 ints."""
-  sizes = {a: int(cfg.get(a, 1)) for a in AXES}
+def _resolve(sizes, num_devices, devices_text):
+  """Resolves {axis: size} (-1 = the rest) against `num_devices` -> tuple of 3 ints.
+
+  devices_text names the devices in messages ('8 devices', 'the 4 devices per process')."""
   rest = [a for a, s in sizes.items() if s == -1]
   if len(rest) > 1:
     raise UserError(f'config.mesh: only one axis may be -1, got {", ".join(rest)}')
@@ -52,25 +55,123 @@ def mesh_shape(cfg, num_devices):
     bad = [a for a in AXES if sizes[a] > 1 and num_devices % sizes[a]]
     what = f'config.mesh.{bad[0]}={sizes[bad[0]]}' if bad else \
         'config.mesh ' + ' x '.join(f'{a}={sizes[a]}' for a in AXES if sizes[a] != -1)
-    raise UserError(f'{what} does not divide {num_devices} devices; choose mesh sizes whose '
+    raise UserError(f'{what} does not divide {devices_text}; choose mesh sizes whose '
                     f'product divides {num_devices}')
   if rest:
     sizes[rest[0]] = num_devices // known
   elif known != num_devices:
-    raise UserError(f'config.mesh sizes {sizes} use {known} of {num_devices} devices; set one axis '
+    raise UserError(f'config.mesh sizes {sizes} use {known} of {devices_text}; set one axis '
                     'to -1 to use the rest')
   return tuple(sizes[a] for a in AXES)
 
 
-def make_mesh(cfg, devices=None):
-  """Mesh over `devices` (default: all) with axes AXES shaped by config.mesh."""
-  devices = jax.devices() if devices is None else devices
-  shape = mesh_shape(cfg, len(devices))
+def _plural(granule):
+  return {'process': 'processes', 'slice': 'slices'}.get(granule, granule + 's')
+
+
+def mesh_shapes(cfg, num_devices, num_granules=1, granule='process'):
+  """Resolves config.mesh against `num_devices` spread over `num_granules` equal granules
+  (processes, or slices on multi-slice TPU) -> (ici_shape, dcn_shape), 3-tuples in AXES order.
+
+  The mesh axis sizes are ici * dcn. With every dcn_* size 1 the mesh is one flat grid over all
+  devices (ici_shape resolved against num_devices, whatever the number of granules); otherwise
+  the dcn_* sizes must multiply to num_granules and the intra sizes (-1 = the rest) are resolved
+  against the devices per granule.
+  """
+  sizes = {a: int(cfg.get(a, 1)) for a in AXES}
+  dcn = {a: int(cfg.get(f'dcn_{a}', 1)) for a in AXES}
+  for a, s in dcn.items():
+    if s < 1:
+      raise UserError(f'config.mesh.dcn_{a}={s} must be a positive number of {_plural(granule)} '
+                      f'(1 = not split across {_plural(granule)})')
+  num_dcn = math.prod(dcn.values())
+  if num_dcn == 1:
+    return _resolve(sizes, num_devices, f'{num_devices} devices'), (1,) * len(AXES)
+  if num_dcn != num_granules:
+    product = ' x '.join(f'dcn_{a}={dcn[a]}' for a in AXES)
+    raise UserError(f'config.mesh {product} = {num_dcn} must equal the number of '
+                    f'{_plural(granule)} ({num_granules}); set the dcn_* sizes to multiply to '
+                    f'{num_granules}, or all to 1 for one flat mesh')
+  if num_devices % num_granules:
+    raise UserError(f'config.mesh.dcn_*: {num_devices} devices do not split evenly over '
+                    f'{num_granules} {_plural(granule)}; set all dcn_* sizes to 1 for one flat '
+                    'mesh')
+  per = num_devices // num_granules
+  return _resolve(sizes, per, f'the {per} devices per {granule}'), tuple(dcn[a] for a in AXES)
+
+
+def mesh_shape(cfg, num_devices, num_granules=1, granule='process'):
+  """Resolves config.mesh (see mesh_shapes) -> the mesh's tuple of 3 axis sizes (ici x dcn)."""
+  ici, dcn = mesh_shapes(cfg, num_devices, num_granules, granule)
+  return tuple(i * d for i, d in zip(ici, dcn))
+
+
+def granules(devices):
+  """-> (kind, groups): the devices grouped by slice ('slice', when the devices have slice_index
+  attributes naming more than one slice: multi-slice TPU) or else by process ('process'; jax 0.10.2
+  also gives CPU devices of a multi-process run slice_index 0), groups ordered by index."""
+  slices = {getattr(d, 'slice_index', None) for d in devices}
+  kind = 'slice' if None not in slices and len(slices) > 1 else 'process'
+  key = 'slice_index' if kind == 'slice' else 'process_index'
+  groups = {}
+  for d in devices:
+    groups.setdefault(getattr(d, key), []).append(d)
+  return kind, [groups[k] for k in sorted(groups)]
+
+
+def device_grid(cfg, devices):
+  """np.ndarray of `devices` shaped by config.mesh (axes AXES).
+
+  All dcn_* sizes 1: `create_device_mesh` over all devices. Otherwise a hybrid mesh
+  (`create_hybrid_device_mesh`): along each axis the dcn factor is the outer one, so every slice /
+  process holds a contiguous block of ici_shape devices, and only dcn-split axes communicate
+  across slices / processes.
+  """
+  kind, groups = granules(devices)
+  ici, dcn = mesh_shapes(cfg, len(devices), len(groups), kind)
+  if math.prod(dcn) == 1:
+    try:
+      return jax.experimental.mesh_utils.create_device_mesh(ici, devices)
+    except Exception:  # pylint: disable=broad-except  (odd topologies: fall back to device order)
+      return np.asarray(devices).reshape(ici)
+  counts = sorted({len(g) for g in groups})
+  if len(counts) > 1:
+    raise UserError(f'config.mesh.dcn_*: the {_plural(kind)} hold different numbers of devices '
+                    f'({", ".join(map(str, counts))}); set all dcn_* sizes to 1 for one flat mesh')
   try:
-    device_grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
-  except Exception:  # pylint: disable=broad-except  (odd topologies: fall back to device order)
-    device_grid = np.asarray(devices).reshape(shape)
-  return Mesh(device_grid, AXES)
+    return jax.experimental.mesh_utils.create_hybrid_device_mesh(
+        ici, dcn, devices, process_is_granule=kind == 'process')
+  except Exception:  # pylint: disable=broad-except  (odd topologies: each granule in device order)
+    blocks = np.empty(dcn, dtype=object)
+    for i, g in enumerate(groups):
+      blocks.flat[i] = np.asarray(g).reshape(ici)
+    return np.block(blocks.tolist())
+
+
+def make_mesh(cfg, devices=None):
+  """Mesh over `devices` (default: all) with axes AXES shaped by config.mesh (see device_grid)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(device_grid(cfg, devices), AXES)
+
+
+def layout(mesh):
+  """One line naming each axis size and how it spans slices / processes, e.g.
+  'data=8 (4 per process x 2 processes), fsdp=1, tensor=1'."""
+  grid = mesh.devices
+  kind, groups = granules(list(grid.flat))
+  key = 'slice_index' if kind == 'slice' else 'process_index'
+  ids = np.vectorize(lambda d: getattr(d, key), otypes=[int])(grid)
+  parts = []
+  for k, a in enumerate(mesh.axis_names):
+    size = grid.shape[k]
+    across = len(set(np.moveaxis(ids, k, 0).reshape(size, -1)[:, 0].tolist()))
+    if len(groups) == 1 or across == 1:
+      parts.append(f'{a}={size}')
+    elif across == size:
+      parts.append(f'{a}={size} (across {across} {_plural(kind)})')
+    else:
+      parts.append(f'{a}={size} ({size // across} per {kind} x {across} {_plural(kind)})')
+  return ', '.join(parts)
 
 
 def data_parallel_size(mesh):
@@ -131,8 +232,9 @@ def tree_shardings(boxed_tree, mesh, rules):
 
 
 def describe(abstract_state, shardings):
-  """Sharding report of a train state: one line per parameter (path, shape, PartitionSpec, bytes
-  per device), then the per-device bytes of the parameters and of the whole state.
+  """Sharding report of a train state: the mesh layout ('mesh: ...', see `layout`), one line per
+  parameter (path, shape, PartitionSpec, bytes per device), then the per-device bytes of the
+  parameters and of the whole state.
 
   abstract_state/shardings: matching trees (ShapeDtypeStructs or arrays, and NamedShardings).
   Returns (lines, state_bytes_per_device).
@@ -140,7 +242,8 @@ def describe(abstract_state, shardings):
   def per_device(x, s):
     return math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
 
-  lines = []
+  meshes = [s.mesh for s in jax.tree.leaves(shardings) if isinstance(s, NamedSharding)]
+  lines = [f'mesh: {layout(meshes[0])}'] if meshes else []
   flat = jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]
   for (path, x), s in zip(flat, jax.tree.leaves(shardings.params)):
     lines.append(f'{jax.tree_util.keystr(path):64s} {str(x.shape):20s} {str(s.spec):36s} '

@@ -348,7 +348,7 @@ def train_and_evaluate(config, workdir, devices=None):
   # -- 4. Train.
   reporter = reporting.Reporter(workdir, step, total_steps)
   reporter.print(f'bigjax: {config.model.name} on {config.data.name}, {total_steps} steps, mesh '
-                 f'{dict(mesh.shape)}, {mesh.size} {jax.devices()[0].platform} devices, '
+                 f'({mesh_lib.layout(mesh)}), {mesh.size} {jax.devices()[0].platform} devices, '
                  f'{state_bytes / 2**20:.1f} MiB of train state per device (per-parameter sharding '
                  'in sharding.txt)' + (f', resuming at step {step}' if step else ''))
   history = checkpoint_lib.History(os.path.join(workdir, 'history.jsonl'), step)

@@ -1,4 +1,5 @@
-"""Two processes x 4 CPU devices (gloo collectives, coordinator on 127.0.0.1) equal 1 process x 8.
+"""Two processes x 4 CPU devices (gloo collectives, coordinator on 127.0.0.1) equal 1 process x 8,
+on a flat mesh and on a hybrid one (config.mesh.dcn_fsdp=2: fsdp split across the processes).
 
 Every process is a subprocess with a timeout, so a peer that never arrives fails the test instead
 of hanging it.
@@ -13,6 +14,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from bigjax import checkpoint
 from conftest import REPO
@@ -64,14 +66,31 @@ def _train_losses(workdir):
   return np.array([h['loss'] for h in results['history'] if h['split'] == 'train'])
 
 
-def test_two_processes_equal_one_process(tmp_path):
-  codes, errs = _wait(_start(tmp_path / 'one', [], 1, 8))
+@pytest.fixture(scope='module')
+def one_process_run(tmp_path_factory):
+  """The 1 process x 8 devices reference run (mesh data=2, fsdp=2, tensor=2)."""
+  workdir = tmp_path_factory.mktemp('one')
+  codes, errs = _wait(_start(workdir, [], 1, 8))
   assert codes == [0], errs
-  codes, errs = _wait(_start(tmp_path / 'two', [], 2, 4))
+  assert open(workdir / 'sharding.txt').readline().strip() == 'mesh: data=2, fsdp=2, tensor=2'
+  return workdir
+
+
+# flat: config.mesh as in the reference (data spans the processes, device order); hybrid:
+# dcn_fsdp=2 lays the same 2 x 2 x 2 mesh out with each process holding one fsdp column (so each
+# process's batch shards are not contiguous) -- same losses either way.
+@pytest.mark.parametrize('extra, layout', [
+    ([], 'mesh: data=2 (across 2 processes), fsdp=2, tensor=2'),
+    (['--config.mesh.fsdp=1', '--config.mesh.dcn_fsdp=2'],
+     'mesh: data=2, fsdp=2 (across 2 processes), tensor=2'),
+], ids=['flat', 'hybrid'])
+def test_two_processes_equal_one_process(tmp_path, one_process_run, extra, layout):
+  codes, errs = _wait(_start(tmp_path / 'two', extra, 2, 4))
   assert codes == [0, 0], errs
-  np.testing.assert_allclose(_train_losses(tmp_path / 'two'), _train_losses(tmp_path / 'one'),
+  assert open(tmp_path / 'two' / 'sharding.txt').readline().strip() == layout
+  np.testing.assert_allclose(_train_losses(tmp_path / 'two'), _train_losses(one_process_run),
                              rtol=1e-5)
-  _, a = checkpoint.load_latest(tmp_path / 'one' / 'checkpoints')
+  _, a = checkpoint.load_latest(one_process_run / 'checkpoints')
   _, b = checkpoint.load_latest(tmp_path / 'two' / 'checkpoints')
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5),
                a['params'], b['params'])
