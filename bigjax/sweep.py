@@ -366,9 +366,9 @@ def unfinished_reason(run):
 
   bigjax.train writes config.json at the start of every launch and results.json (atomically) only
   when a launch completes. So a run is finished when results.json exists, is newer than config.json
-  (no launch started since — e.g. one killed while resuming — is pending), and config.json is the
-  config this sweep asks for (a sweep edited since, e.g. to more epochs, re-launches the run, which
-  then resumes from its checkpoints)."""
+  (no launch started since — e.g. one killed while resuming — is pending), and config.json agrees
+  with the config this sweep asks for on every field both have (a sweep edited since, e.g. to more
+  epochs, re-launches the run, which then resumes from its checkpoints)."""
   results = os.path.join(run.workdir, 'results.json')
   config = os.path.join(run.workdir, 'config.json')
   if not (os.path.exists(results) and os.path.exists(config)):
@@ -376,9 +376,23 @@ def unfinished_reason(run):
   if os.stat(results).st_mtime_ns <= os.stat(config).st_mtime_ns:
     return 'its results.json is older than its config.json'
   with open(config) as f:
-    if json.load(f) != run.config:
-      return "its config.json is not the config the sweep asked bigjax.train for"
+    saved, wanted = _flatten(json.load(f)), _flatten(run.config)
+  changed = sorted(k for k in saved.keys() & wanted.keys() if saved[k] != wanted[k])
+  if changed:
+    return (f"its config.json differs from the config the sweep asks for in {', '.join(changed)}")
   return None
+
+
+def _flatten(tree, prefix=''):
+  """{'a': {'b': 1}} -> {'a.b': 1}. Fields present on one side only (a field bigjax added or
+  removed since the run) do not make a run unfinished; differing values of a field do."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
 
 
 def metric_value(results, name):

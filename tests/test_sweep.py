@@ -261,3 +261,18 @@ def test_folds_set_cv_fields(tmp_path):
   runs = sweep.plan(sweep.load_sweep(path), str(tmp_path))
   assert [(r.name, r.seed, r.config['data']['cv_fold'], r.config['data']['cv_folds'])
           for r in runs] == [(f'base/fold_{i}', 7, i, 3) for i in range(3)]
+
+
+def test_finished_run_survives_new_config_fields_but_not_changed_values(tmp_path):
+  """A field bigjax added since a run (absent from its config.json) keeps it finished; a field the
+  sweep now sets differently makes it unfinished."""
+  wanted = {'seed': 0, 'num_epochs': 5, 'mesh': {'data': -1, 'dcn_data': 1}}
+  run = sweep.Run(setting='s', values={}, seed=0, fold=None, workdir=str(tmp_path), args=[],
+                  config=wanted)
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump({'seed': 0, 'num_epochs': 5, 'mesh': {'data': -1}}, f)
+  time.sleep(0.01)
+  (tmp_path / 'results.json').write_text('{}')
+  assert sweep.unfinished_reason(run) is None
+  run.config = dict(wanted, num_epochs=10)
+  assert 'num_epochs' in sweep.unfinished_reason(run)

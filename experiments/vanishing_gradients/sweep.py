@@ -5,7 +5,7 @@
 configs/mlp_mnist.py (64-unit hidden layers, SGD + momentum 0.9, lr 0.05, batch 64, 5 epochs = 310
 steps, one seed). Axes: 2 / 6 / 12 hidden layers; sigmoid / tanh / ReLU; and the initialization
 variant, zipped from kernel_init and norm: plain N(0, 0.01^2) ('normal'), Glorot (fan-avg),
-He (fan-in x 2), and plain N(0, 0.01^2) followed by LayerNorm after every hidden layer.
+He (fan-in x 2), and plain N(0, 0.01^2) or Glorot followed by LayerNorm after every hidden layer.
 Gradient norms per layer come from the first logged step (the mean over steps 1-10). Besides the
 runner's table it draws grad_norms.png (gradient norm against layer, 12-layer nets) and writes
 grad_norms.md (first-layer / output-layer gradient-norm ratio per setting).
@@ -16,8 +16,8 @@ import numpy as np
 
 from bigjax import sweep
 
-VARIANTS = ['normal', 'glorot', 'he', 'normal']
-NORMS = ['none', 'none', 'none', 'layernorm']
+VARIANTS = ['normal', 'glorot', 'he', 'normal', 'glorot']
+NORMS = ['none', 'none', 'none', 'layernorm', 'layernorm']
 
 
 def _variant(run):
