@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +10,7 @@ import tensorflow_datasets as tfds
 
 from bigjax.data import augment, pipeline
 from bigjax.errors import DataError
+from conftest import REPO
 
 
 def test_mnist5k_is_the_fixed_real_split():
@@ -98,3 +103,16 @@ def test_each_augmentation_does_what_it_says():
     padded = np.pad(x[i, :, :, 0], 1)
     assert any(np.array_equal(crop[i, :, :, 0], padded[r:r + 5, c:c + 5])
                for r in range(3) for c in range(3))
+
+
+def test_processes_preparing_one_offline_dataset_at_once_all_succeed(tmp_path):
+  """Parallel sweep runs or the processes of one host may prepare the same dataset together: the
+  losers of the final rename use the winner's copy instead of failing with FileExistsError."""
+  code = ('from bigjax.data import pipeline; '
+          "print(len(pipeline.load_split('breast_cancer', 'train')['label']))")
+  env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path), JAX_PLATFORMS='cpu')
+  procs = [subprocess.Popen([sys.executable, '-c', code], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [0] * 4, [err[-800:] for _, err in outs]
+  assert [out.split()[-1] for out, _ in outs] == ['455'] * 4

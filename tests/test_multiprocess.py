@@ -31,7 +31,8 @@ def _free_port():
 
 def _env(devices):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  return dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', PYTHONPATH=REPO)
+  return dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+              PYTHONPATH=os.pathsep.join(filter(None, [REPO, env.get('PYTHONPATH')])))
 
 
 def _start(workdir, extra, num_processes, devices):

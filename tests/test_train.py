@@ -84,7 +84,7 @@ def _cli(config, workdir, overrides):
   cmd = [sys.executable, '-m', 'bigjax.train', f'--config=configs/{name}.py' + (f':{arg}' if arg
                                                                                else ''),
          f'--workdir={workdir}', '--config.log_every=10', *overrides]
-  return cmd, dict(env, PYTHONPATH=REPO)
+  return cmd, dict(env, PYTHONPATH=os.pathsep.join(filter(None, [REPO, env.get('PYTHONPATH')])))
 
 
 def _kill_after_checkpoint(cmd, env, ckpts, step):

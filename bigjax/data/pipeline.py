@@ -46,7 +46,12 @@ def _open(name, split, data_dir):
   builder = _builder(name, data_dir)
   if name in offline.NAMES and not builder.is_prepared():
     tfds.disable_progress_bar()
-    builder.download_and_prepare(file_format='array_record')
+    try:
+      builder.download_and_prepare(file_format='array_record')
+    except FileExistsError:  # another process (a sweep's parallel runs, a second host process)
+      builder = _builder(name, data_dir)  # finished preparing the same version first
+      if not builder.is_prepared():
+        raise
   try:
     return tfds.data_source(name, split=split, data_dir=_data_dir(data_dir), download=False)
   except (AssertionError, FileNotFoundError, OSError, NotImplementedError) as e:
