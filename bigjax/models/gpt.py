@@ -20,7 +20,8 @@ from bigjax.models import attention, layers, transformer
 class Model(nn.Module):
   """GPT: tokens (B, T) int -> next-token logits (B, T, vocab_size) float32.
 
-  positions: 'learned' (GPT-2), 'sinusoidal' or 'rotary'. mlp_dim 0 means 4 * embed_dim. Dropout
+  positions: 'learned' (GPT-2), 'sinusoidal' (token embeddings scaled by sqrt(embed_dim), as in
+  the original Transformer) or 'rotary'. mlp_dim 0 means 4 * embed_dim. Dropout
   after the embeddings and in every block. scan/remat: see transformer.Stack. attention: 'xla' |
   'cudnn' | 'chunked'. max_len bounds T (and the KV cache when decoding). pre_ln: True (GPT-2)
   normalises each sublayer's input and the stack's output before the head; False is the original
@@ -76,7 +77,11 @@ class Model(nn.Module):
       x = x + attention.LearnedPositions(self.max_len, self.embed_dim, self.dtype, self.param_dtype,
                                          name='position_embed')(positions)
     elif self.positions == 'sinusoidal':
+      # As in Vaswani et al. (2017, sec. 3.4): token embeddings times sqrt(d) before adding the
+      # fixed sinusoids (entries of size ~1); unscaled N(0, 0.02) tokens are drowned by them and the
+      # model sits at the unigram loss for hundreds of steps.
       table = attention.sinusoidal_positions(self.max_len, self.embed_dim)
+      x = x * jnp.sqrt(self.embed_dim).astype(x.dtype)
       x = x + jnp.take(table, positions, axis=0).astype(x.dtype)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     x = transformer.Stack(
