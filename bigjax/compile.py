@@ -1,15 +1,14 @@
 """Compile a config's train step for N (fake CPU) devices and report memory and FLOPs per device.
 
-  python -m bigjax.compile --config=configs/<name>.py[:args] --devices=N [--config.x=v ...] \
-      [--memory_limit_gb=G]
+  bigjax-compile --config=NAME[:args] --devices=N [--config.x=v ...] [--memory_limit_gb=G]
 
 Checks that a config and mesh fit before a run, without the hardware: builds the Experiment as
-`bigjax.train` does (config flags parsed by `train.parse_flags`, so every override and error is
-the same), AOT-compiles its train step on N CPU devices (XLA_FLAGS
+`bigjax-train` does (the same flags and config parsing, so every override and error is the
+same), AOT-compiles its train step on N CPU devices (XLA_FLAGS
 --xla_force_host_platform_device_count=N, JAX_PLATFORMS=cpu) and prints the mesh, XLA's
 per-device memory of the compiled step (arguments, outputs, aliased by donation, temporaries,
 generated code, total), the train state's bytes per device (bigjax.mesh.describe) and the FLOPs
-of one step (analytic and XLA's; see bigjax/flops.py for what each counts).
+of one step (analytic and XLA's; see bigjax/flops/ for what each counts).
 
 Memory is XLA:CPU's buffer assignment: a GPU/TPU compile fuses differently, so its temporaries
 differ (mostly fewer); arguments and outputs (the sharded train state and batch) are the same.
@@ -21,22 +20,19 @@ import os
 import re
 import sys
 import time
+from typing import Any, Sequence
 
+from bigjax import cli
 from bigjax.errors import UserError
 
-USAGE = ('usage: python -m bigjax.compile --config=configs/<name>.py[:args] --devices=N '
-         '[--config.x=v ...] [--memory_limit_gb=G]')
-_DUMMY_WORKDIR = '/nonexistent/bigjax-compile-writes-no-workdir'
 
-
-def _take_own_flags(argv):
-  """Splits argv into (--devices, --memory_limit_gb, the rest for train.parse_flags)."""
-  devices, limit, rest = 1, None, [argv[0] if argv else 'bigjax.compile']
+def _devices_from_argv(argv: Sequence[str]) -> int:
+  """The --devices=N value, read before jax is imported (it fixes the CPU device count)."""
   for arg in argv[1:]:
-    name, eq, value = arg.partition('=')
-    if name in ('--devices', '--memory_limit_gb') and not eq:
-      raise UserError(f'{name} needs a value: {name}=...; {USAGE}')
-    if name == '--devices':
+    if arg == '--devices':
+      raise UserError('--devices needs a value: --devices=N')
+    if arg.startswith('--devices='):
+      value = arg.split('=', 1)[1]
       try:
         devices = int(value)
       except ValueError:
@@ -44,34 +40,24 @@ def _take_own_flags(argv):
       if devices < 1:
         raise UserError(f'--devices={value} must be a positive integer (the number of CPU devices '
                         'to compile for)')
-    elif name == '--memory_limit_gb':
-      try:
-        limit = float(value)
-      except ValueError:
-        limit = -1.0
-      if not limit > 0:
-        raise UserError(f'--memory_limit_gb={value} must be a positive number of GiB (2**30 bytes)')
-    elif name == '--workdir':
-      raise UserError('--workdir: bigjax.compile writes nothing and takes no workdir; drop it')
-    else:
-      rest.append(arg)
-  return devices, limit, rest
+      return devices
+  return 1
 
 
-def _set_cpu_devices(n):
+def _set_cpu_devices(n: int) -> None:
   """Makes jax (not imported yet) see n CPU devices and no accelerator."""
   flags = re.sub(r'--xla_force_host_platform_device_count=\S*', '', os.environ.get('XLA_FLAGS', ''))
   os.environ['XLA_FLAGS'] = f'{flags.strip()} --xla_force_host_platform_device_count={n}'.strip()
   os.environ['JAX_PLATFORMS'] = 'cpu'
 
 
-def memory_report(compiled):
+def memory_report(compiled: Any) -> dict[str, int] | None:
   """Per-device bytes of a compiled step -> dict: argument, output, alias (outputs that reuse a
   donated argument's buffer), temp, generated_code and total = argument + output - alias + temp +
   generated_code (what the device holds while the step runs). None if XLA gives no analysis."""
   try:
     m = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
+  except Exception:  # pylint: disable=broad-except  (backends without the analysis raise)
     return None
   if m is None:
     return None
@@ -84,28 +70,50 @@ def memory_report(compiled):
   return out
 
 
-def _mib(b):
+def _mib(b: int) -> str:
   return f'{b:>15,d} B  {b / 2**20:10.2f} MiB'
 
 
-def run(argv):
+def print_memory(compiled: Any) -> dict[str, int] | None:
+  """Prints the per-device memory table of a compiled step; returns memory_report(compiled)."""
+  memory = memory_report(compiled)
+  if memory is None:
+    print('per-device memory: XLA gives no memory analysis for this backend')
+    return None
+  print('per-device memory of the train step (XLA memory_analysis):')
+  for key, label in (('argument', 'arguments'), ('output', 'outputs'),
+                     ('alias', '- aliased (donated)'), ('temp', 'temporaries'),
+                     ('generated_code', 'generated code'), ('total', 'total')):
+    print(f'  {label:20s} {_mib(memory[key])}')
+  return memory
+
+
+def _main(argv: Sequence[str]) -> int:
   """Parses argv, compiles, prints the report; returns the exit status (0 or 1)."""
-  devices, limit, rest = _take_own_flags(argv)
+  devices = _devices_from_argv(argv)
   _set_cpu_devices(devices)
-  from bigjax import flops as flops_lib  # jax is imported from here on
-  from bigjax import mesh as mesh_lib
-  from bigjax import train
-  config, _ = train.parse_flags(rest + [f'--workdir={_DUMMY_WORKDIR}'])
+  parser = cli.Parser('bigjax-compile', __doc__, with_config=True)
+  parser.integer('devices', 1, 'Number of (fake) CPU devices to compile for.')
+  parser.float('memory_limit_gb', None, 'Exit 1 when the per-device total exceeds this many GiB.')
+  if any(a.startswith('--workdir') for a in argv[1:]):
+    raise UserError('--workdir: bigjax-compile writes nothing and takes no workdir; drop it')
+  fv = parser.parse(argv)
+  limit, config = fv.memory_limit_gb, fv.config
+  if limit is not None and not limit > 0:
+    raise UserError(f'--memory_limit_gb={limit} must be a positive number of GiB (2**30 bytes)')
   import jax
+
+  from bigjax import experiment
+  from bigjax import flops as flops_lib
+  from bigjax import mesh as mesh_lib
   if len(jax.devices()) != devices:
     raise UserError(f'--devices={devices}: jax sees {len(jax.devices())} devices (jax was imported '
-                    'before XLA_FLAGS was set); run python -m bigjax.compile in a fresh process')
-  exp = train.build(config)
+                    'before XLA_FLAGS was set); run bigjax-compile in a fresh process')
+  exp = experiment.build(config)
   t0 = time.time()
   compiled = exp.compile_train_step()
   compile_s = time.time() - t0
   _, state_bytes = mesh_lib.describe(exp.abstract, exp.shardings)
-  memory = memory_report(compiled)
   analytic = flops_lib.analytic_train_flops(exp)
   per_device = flops_lib.xla_flops(compiled)
 
@@ -114,14 +122,7 @@ def run(argv):
         f'{compile_s:.1f} s')
   print(f'train state per device (bigjax.mesh.describe): {state_bytes:,d} B '
         f'({state_bytes / 2**20:.2f} MiB)')
-  if memory is None:
-    print('per-device memory: XLA gives no memory analysis for this backend')
-  else:
-    print('per-device memory of the train step (XLA memory_analysis):')
-    for key, label in (('argument', 'arguments'), ('output', 'outputs'),
-                       ('alias', '- aliased (donated)'), ('temp', 'temporaries'),
-                       ('generated_code', 'generated code'), ('total', 'total')):
-      print(f'  {label:20s} {_mib(memory[key])}')
+  memory = print_memory(compiled)
   shape = flops_lib.transformer_shape(exp)
   what = (f'6*N*tokens + 12*L*T*d*tokens, L={shape[1]} T={shape[2]} d={shape[3]}' if shape else
           'none for this model')
@@ -143,14 +144,9 @@ def run(argv):
   return 0
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> None:
   """CLI entry: user errors print one line and exit 2; over the memory limit exits 1."""
-  try:
-    status = run(sys.argv if argv is None else argv)
-  except UserError as e:
-    print(f'bigjax: error: {" ".join(str(e).split())}', file=sys.stderr)
-    sys.exit(2)
-  sys.exit(status)
+  cli.run(_main, argv)
 
 
 if __name__ == '__main__':

@@ -10,6 +10,9 @@ from ml_collections import config_dict
 
 from bigjax.errors import UserError
 
+# config.nan_policy: 'raise' stops at a NaN/Inf loss or gradient norm; 'skip' drops that update.
+NAN_POLICIES = ('raise', 'skip')
+
 
 def _cast(key, text, default):
   if isinstance(default, bool):
@@ -88,7 +91,7 @@ def base_config():
   c.eval_every = 0  # 0: evaluate at the end only
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
-  c.nan_policy = 'raise'  # or 'skip'
+  c.nan_policy = 'raise'  # one of NAN_POLICIES
   # Early stopping on an eval metric (a scalar of the eval report, e.g. 'accuracy' or 'loss'; ''
   # = off; needs eval_every > 0). The best state so far ('max' or 'min' mode, improving by more than
   # min_delta) is kept in workdir/best/ (+ best.json); training stops after `patience` consecutive
@@ -103,13 +106,53 @@ def base_config():
 
 
 def load_config_file(spec):
-  """'configs/name.py[:arg]' -> the ConfigDict its get_config(arg) returns (as --config loads it)."""
+  """'NAME[:arg]' or 'path/to/name.py[:arg]' -> the ConfigDict its get_config(arg) returns (as
+  --config loads it; bare names are the shipped configs, see bigjax.cli.resolve_config)."""
   import importlib.util
   import os
-  path, _, arg = spec.partition(':')
-  if not os.path.exists(path):
-    raise UserError(f'--config={path}: no such config file; configs live in configs/<name>.py')
+
+  from bigjax import cli
+  path, _, arg = cli.resolve_config(spec).partition(':')
   module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg or None)
+
+
+def check_config(config, data_parallel: int, processes: int) -> None:
+  """Validates the base fields that no component checks by itself (UserError naming the field).
+
+  data_parallel: the mesh's data x fsdp size; processes: jax.process_count()."""
+  for field in ('batch_size', 'eval_batch_size'):
+    value = config[field]
+    if value <= 0 or value % data_parallel or value % processes:
+      raise UserError(f'config.{field}={value} is not divisible by the data-parallel size '
+                      f'{data_parallel} (mesh data x fsdp) and {processes} processes; use a '
+                      'multiple')
+  accum = config.grad_accum_steps
+  if accum < 1 or config.batch_size % accum or (config.batch_size // accum) % data_parallel:
+    raise UserError(f'config.grad_accum_steps={accum} must divide config.batch_size='
+                    f'{config.batch_size} into micro-batches divisible by the data-parallel size '
+                    f'{data_parallel}')
+  for field in ('log_every', 'checkpoint_every'):
+    if config[field] <= 0:
+      raise UserError(f'config.{field}={config[field]} must be positive')
+  if config.nan_policy not in NAN_POLICIES:
+    raise UserError(f'config.nan_policy={config.nan_policy!r} is unknown; use one of '
+                    f'{", ".join(NAN_POLICIES)}')
+  folds, fold = config.data.cv_folds, config.data.cv_fold
+  if folds and (folds < 2 or not 0 <= fold < folds):
+    raise UserError(f'config.data.cv_folds={folds}, cv_fold={fold}: need cv_folds >= 2 and '
+                    f'0 <= cv_fold < cv_folds (or cv_folds=0 for no cross-validation)')
+  if not folds and fold:
+    raise UserError(f'config.data.cv_fold={fold} needs config.data.cv_folds >= 2; set both')
+  es = config.early_stopping
+  if es.metric:
+    if config.eval_every <= 0:
+      raise UserError(f'config.early_stopping.metric={es.metric!r} needs periodic evals; set '
+                      'config.eval_every > 0')
+    if es.mode not in ('max', 'min'):
+      raise UserError(f"config.early_stopping.mode={es.mode!r} is unknown; use 'max' or 'min'")
+    if es.patience < 0 or es.min_delta < 0:
+      raise UserError(f'config.early_stopping.patience={es.patience} and min_delta={es.min_delta} '
+                      'must be >= 0')

@@ -15,3 +15,7 @@ class DataError(UserError):
 
 class NonFiniteError(RuntimeError):
   """The loss or gradient norm became NaN/Inf under `config.nan_policy='raise'`."""
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM/SIGINT after saving a checkpoint."""

@@ -9,32 +9,47 @@ clip_norm (global-norm clipping; 0 = off). Weight decay never touches biases or 
 import jax
 import optax
 
-from bigjax.errors import UserError
+from bigjax import registry
 
-SCHEDULES = ('constant', 'warmup_cosine', 'warmup_linear', 'step')
+SCHEDULES = registry.Registry('schedules', 'config.optim.schedule')
+OPTIMIZERS = registry.Registry('optimizers', 'config.optim.name')
 
 
-def learning_rate_schedule(cfg, total_steps):
+def _warmup_then(lr, warmup, after):
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+@SCHEDULES.register('constant')
+def _constant(cfg, total_steps):
+  del total_steps
+  if not cfg.warmup_steps:
+    return optax.constant_schedule(cfg.lr)
+  return _warmup_then(cfg.lr, cfg.warmup_steps, optax.constant_schedule(cfg.lr))
+
+
+@SCHEDULES.register('warmup_cosine')
+def _warmup_cosine(cfg, total_steps):
+  warmup = cfg.warmup_steps
+  return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_steps, warmup + 1),
+                                            cfg.lr * cfg.end_lr_fraction)
+
+
+@SCHEDULES.register('warmup_linear')
+def _warmup_linear(cfg, total_steps):
+  warmup = cfg.warmup_steps
+  return _warmup_then(cfg.lr, warmup, optax.linear_schedule(
+      cfg.lr, cfg.lr * cfg.end_lr_fraction, max(total_steps - warmup, 1)))
+
+
+@SCHEDULES.register('step')
+def _step(cfg, total_steps):
+  boundaries = {int(f * total_steps): cfg.step_decay for f in cfg.step_boundaries}
+  return optax.piecewise_constant_schedule(cfg.lr, boundaries)
+
+
+def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
   """Returns an optax schedule step -> learning rate for `total_steps` of training."""
-  lr, warmup = cfg.lr, int(cfg.get('warmup_steps', 0))
-  end = lr * cfg.get('end_lr_fraction', 0.0)
-  name = cfg.get('schedule', 'constant')
-  if name == 'constant':
-    if not warmup:
-      return optax.constant_schedule(lr)
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
-                                 optax.constant_schedule(lr)], [warmup])
-  if name == 'warmup_cosine':
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1), end)
-  if name == 'warmup_linear':
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
-                                 optax.linear_schedule(lr, end, max(total_steps - warmup, 1))],
-                                [warmup])
-  if name == 'step':
-    boundaries = {int(f * total_steps): cfg.get('step_decay', 0.1)
-                  for f in cfg.get('step_boundaries', (0.5, 0.75))}
-    return optax.piecewise_constant_schedule(lr, boundaries)
-  raise UserError(f'config.optim.schedule={name!r} is unknown; known: {", ".join(SCHEDULES)}')
+  return SCHEDULES.get(cfg.schedule)(cfg, total_steps)
 
 
 def decay_mask(params):
@@ -42,37 +57,27 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def _base(cfg, lr):
-  name = cfg.name
-  wd = cfg.get('weight_decay', 0.0)
-  if name == 'sgd':
-    return optax.sgd(lr)
-  if name in ('momentum', 'nesterov'):
-    return optax.sgd(lr, momentum=cfg.get('momentum', 0.9), nesterov=name == 'nesterov')
-  if name == 'adam':
-    return optax.adam(lr, b1=cfg.get('b1', 0.9), b2=cfg.get('b2', 0.999), eps=cfg.get('eps', 1e-8))
-  if name == 'adamw':
-    return optax.adamw(lr, b1=cfg.get('b1', 0.9), b2=cfg.get('b2', 0.999),
-                       eps=cfg.get('eps', 1e-8), weight_decay=wd, mask=decay_mask)
-  raise AssertionError(name)  # make_optimizer checked the name
+OPTIMIZERS.add('sgd', lambda cfg, lr: optax.sgd(lr))
+OPTIMIZERS.add('momentum', lambda cfg, lr: optax.sgd(lr, momentum=cfg.momentum))
+OPTIMIZERS.add('nesterov', lambda cfg, lr: optax.sgd(lr, momentum=cfg.momentum, nesterov=True))
+OPTIMIZERS.add('adam', lambda cfg, lr: optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+OPTIMIZERS.add('adamw', lambda cfg, lr: optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                                    weight_decay=cfg.weight_decay,
+                                                    mask=decay_mask))
 
 
-OPTIMIZERS = ('sgd', 'momentum', 'nesterov', 'adam', 'adamw')
-
-
-def make_optimizer(cfg, total_steps):
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
   """optax.GradientTransformation for config.optim over `total_steps` steps.
 
   Chain: [global-norm clip] -> [L2-style decoupled weight decay for non-adamw] -> optimizer with
   its schedule. For adamw the decay is the optimizer's own (decoupled, scaled by the schedule).
   """
-  if cfg.name not in OPTIMIZERS:
-    raise UserError(f'config.optim.name={cfg.name!r} is unknown; known: {", ".join(OPTIMIZERS)}')
+  base = OPTIMIZERS.get(cfg.name)
   lr = learning_rate_schedule(cfg, total_steps)
   parts = []
-  if cfg.get('clip_norm', 0.0):
+  if cfg.clip_norm:
     parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-  if cfg.get('weight_decay', 0.0) and cfg.name != 'adamw':
+  if cfg.weight_decay and cfg.name != 'adamw':
     parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask))
-  parts.append(_base(cfg, lr))
+  parts.append(base(cfg, lr))
   return optax.chain(*parts)

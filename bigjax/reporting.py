@@ -2,9 +2,12 @@
 
 Only process 0 writes. TensorBoard events go through tensorboardX (no TensorFlow needed).
 """
+from __future__ import annotations
+
 import json
 import os
 import tempfile
+from typing import Any
 
 import jax
 import numpy as np
@@ -12,13 +15,24 @@ import tqdm
 from tensorboardX import SummaryWriter
 
 
-def write_json_atomic(path, obj):
-  """Writes `obj` as JSON to `path` via a temporary file and rename (never a half-written file)."""
+def write_atomic(path: str, data: str | bytes) -> None:
+  """Writes `data` (text or bytes) to `path` via a temporary file in the same directory and a
+  rename, so readers and a crash never see a half-written file."""
   directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp_', suffix='.json')
-  with os.fdopen(fd, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=_to_builtin)
-  os.replace(tmp, path)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp_')
+  try:
+    with os.fdopen(fd, 'wb' if isinstance(data, bytes) else 'w') as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Writes `obj` as JSON (numpy values as lists) to `path` atomically (see write_atomic)."""
+  write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_to_builtin))
 
 
 def _to_builtin(x):

@@ -1,36 +1,30 @@
 """Generate text from a trained GPT run.
 
-  python -m bigjax.sample --workdir=runs/gpt_shakespeare --prompt="ROMEO." --max_new_tokens=300 \
+  bigjax-sample --workdir=runs/gpt_shakespeare --prompt="ROMEO." --max_new_tokens=300 \
       [--temperature=0.8 --top_k=40 --top_p=1.0 --seed=0]
 
-Reads the run's config.json and newest checkpoint, encodes the prompt with the byte tokenizer and
-prints the prompt followed by the sampled continuation.
+Reads the run's config.json and newest checkpoint, builds the same model (its data-derived fields
+from the run's tokenizer, as bigjax-train does), encodes the prompt with that tokenizer and prints
+the prompt followed by the sampled continuation.
 """
+from __future__ import annotations
+
 import json
 import os
-import sys
+from typing import Sequence
 
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
 
-from bigjax import checkpoint, registry
-from bigjax.data import text
+from bigjax import checkpoint, cli, experiment
 from bigjax.errors import UserError
-from bigjax.models import gpt
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Workdir of a finished or running GPT run.')
-flags.DEFINE_string('prompt', '\n', 'Text to continue.')
-flags.DEFINE_integer('max_new_tokens', 300, 'Bytes to generate.')
-flags.DEFINE_float('temperature', 0.8, '0 = greedy.')
-flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens (0 = all).')
-flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling threshold (1 = off).')
-flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 
 
-def sample(workdir, prompt, **kwargs):
-  """Returns prompt + generated text from the newest checkpoint in `workdir` (a GPT run)."""
+def sample(workdir: str, prompt: str, **kwargs) -> str:
+  """Returns prompt + generated text from the newest checkpoint in `workdir` (a GPT run).
+
+  kwargs: gpt.generate's max_new_tokens, temperature, top_k, top_p, seed."""
+  from bigjax.models import gpt
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise UserError(f'--workdir={workdir} holds no config.json; give the workdir of a GPT run')
@@ -38,27 +32,39 @@ def sample(workdir, prompt, **kwargs):
     config = ml_collections.ConfigDict(json.load(f))
   if config.model.name != 'gpt':
     raise UserError(f'{workdir} is a {config.model.name!r} run; sampling needs a gpt run')
-  model = registry.load('models', 'gpt')(**config.model.kwargs)
+  tokenizer = experiment.tokenizer_for(config)
+  data = experiment.data_info(config, tokenizer)
+  task = experiment.make_task(config.task, data)
+  model = experiment.make_model(config.model, data, task)
   _, state = checkpoint.load_latest(os.path.join(workdir, 'checkpoints'))
-  d = config.data
-  tokenizer = text.dataset_tokenizer(d.name, d.get('tokenizer', 'bytes'), d.get('vocab_size', 0),
-                                     d.get('data_dir'), d.train_split)
-  out = gpt.generate(model, state['params'], tokenizer.encode(prompt)[None], **kwargs)
+  try:
+    out = gpt.generate(model, state['params'], tokenizer.encode(prompt)[None], **kwargs)
+  except ValueError as e:
+    raise UserError(f'{e}; change --prompt or --max_new_tokens') from None
   return prompt + tokenizer.decode(np.asarray(out)[0])
 
 
-def main(argv):
-  del argv
+def _main(argv: Sequence[str]) -> int:
+  from absl import logging
+  parser = cli.Parser('bigjax-sample', __doc__)
+  parser.string('workdir', None, 'Workdir of a finished or running GPT run.', required=True)
+  parser.string('prompt', '\n', 'Text to continue.')
+  parser.integer('max_new_tokens', 300, 'Tokens to generate.')
+  parser.float('temperature', 0.8, '0 = greedy.')
+  parser.integer('top_k', 0, 'Keep the k most likely tokens (0 = all).')
+  parser.float('top_p', 1.0, 'Nucleus sampling threshold (1 = off).')
+  parser.integer('seed', 0, 'Sampling seed.')
+  fv = parser.parse(argv)
   logging.set_verbosity(logging.WARNING)
-  try:
-    print(sample(FLAGS.workdir, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
-                 temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-                 seed=FLAGS.seed))
-  except UserError as e:
-    print(f'bigjax: error: {e}', file=sys.stderr)
-    sys.exit(2)
+  print(sample(fv.workdir, fv.prompt, max_new_tokens=fv.max_new_tokens,
+               temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p, seed=fv.seed))
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """CLI entry: user errors print one line and exit 2."""
+  cli.run(_main, argv)
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('workdir')
-  app.run(main)
+  main()

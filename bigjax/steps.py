@@ -15,9 +15,6 @@ import optax
 
 from bigjax.data import augment as augment_lib
 
-NAN_POLICIES = ('raise', 'skip')
-
-
 @flax.struct.dataclass
 class TrainState:
   """step: () int32; params; model_state: non-trainable collections (e.g. batch_stats); opt_state."""
@@ -30,7 +27,7 @@ class TrainState:
 def sample_batch(task, arrays):
   """The first example of a host split as a batch of one, prepared as the task feeds the model."""
   batch = {k: jnp.asarray(v[:1]) for k, v in arrays.items()}
-  return task.prepare(batch, jax.random.key(0)) if hasattr(task, 'prepare') else batch
+  return task.prepare(batch, jax.random.key(0))
 
 
 def _init_state(model, tx, sample, rng):
@@ -58,11 +55,10 @@ def prepare_inputs(inputs, rng, augment_cfg):
   """Batch inputs -> model inputs: uint8 images to float [0, 1] then augmentation if enabled; token
   ids (other integer types) and float features pass through."""
   x = augment_lib.to_float(inputs) if inputs.dtype == jnp.uint8 else inputs
-  if rng is not None and augment_cfg is not None and augment_cfg.get('enabled', False):
-    x = augment_lib.augment(rng, x, crop_padding=augment_cfg.get('crop_padding', 0),
-                            flip=augment_cfg.get('flip', False),
-                            max_rotate_degrees=augment_cfg.get('max_rotate_degrees', 0.0),
-                            max_scale=augment_cfg.get('max_scale', 0.0))
+  if rng is not None and augment_cfg is not None and augment_cfg.enabled:
+    x = augment_lib.augment(rng, x, crop_padding=augment_cfg.crop_padding, flip=augment_cfg.flip,
+                            max_rotate_degrees=augment_cfg.max_rotate_degrees,
+                            max_scale=augment_cfg.max_scale)
   return x
 
 
@@ -86,8 +82,8 @@ def make_train_step(model, task, tx, *, seed, augment_cfg=None, nan_policy='rais
   """Returns train_step(state, batch) -> (state, metrics).
 
   batch: global arrays {'inputs': (B, ...), ...} holding what the task needs (e.g. 'label').
-  Tasks with a `prepare(batch, rng)` method (language modelling: targets, masking) transform the
-  batch on device first. grad_accum_steps A > 1 splits the batch into A micro-batches of B/A
+  The task's `prepare(batch, rng)` (language modelling: targets, masking) transforms the batch on
+  device first. grad_accum_steps A > 1 splits the batch into A micro-batches of B/A
   (rows i, i+A, i+2A, ... so each stays split over the data axes), runs them one after another
   under lax.scan and applies one update with the mean gradient: the same step as the whole batch at
   1/A of the activation memory. metrics: scalars 'loss', 'grad_norm', 'finite' (1.0 if loss and
@@ -136,8 +132,7 @@ def make_train_step(model, task, tx, *, seed, augment_cfg=None, nan_policy='rais
     chex.assert_equal_shape_prefix(list(batch.values()), 1)
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     k_augment, k_dropout, k_task = jax.random.split(rng, 3)
-    if hasattr(task, 'prepare'):
-      batch = task.prepare(batch, k_task)
+    batch = task.prepare(batch, k_task)
     compute = loss_and_grads if grad_accum_steps == 1 else accumulated
     grads, model_state, metrics = compute(state.params, state.model_state, batch, k_augment,
                                           k_dropout)
@@ -162,8 +157,7 @@ def make_eval_step(model, task, seed=0):
   """Returns eval_step(state, batch) -> task.eval_outputs(model outputs, batch): per-example arrays
   (B, ...), or a dict of them. Task preparation (e.g. MLM masking) uses a fixed rng."""
   def eval_step(state, batch):
-    if hasattr(task, 'prepare'):
-      batch = task.prepare(batch, jax.random.key(seed))
+    batch = task.prepare(batch, jax.random.key(seed))
     outputs = apply_model(model, {'params': state.params, **state.model_state}, batch, train=False)
     return task.eval_outputs(outputs, batch)
   return eval_step

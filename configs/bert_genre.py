@@ -9,6 +9,8 @@ the same model from scratch; smoke. Splits are by play, so test passages come fr
 """
 import os
 
+import ml_collections
+
 from bigjax import config_lib
 
 PRETRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'bert_shakespeare_mlm.py')
@@ -19,9 +21,9 @@ def get_config(arg=None):
   # The pretraining run's config, so the model shapes agree.
   config = config_lib.load_config_file(PRETRAIN + (':smoke' if args.smoke else ''))
   config.data.update(view='classification', eval_split='test', eval_max_examples=0)
-  config.model.kwargs.update(head='classify', num_classes=4)
+  config.model.kwargs.head = 'classify'  # 4 genres: build() takes the class count from the data
   config.task.name = 'sequence_classification'
-  config.task.kwargs = dict(num_classes=4)
+  config.task.kwargs = ml_collections.ConfigDict()
   config.optim.update(lr=1e-3, warmup_steps=50)  # the same for both starts: a fair comparison
   config.num_steps = 20 if args.smoke else 600
   config.checkpoint_every = 10 if args.smoke else 300

@@ -6,9 +6,8 @@ Args: smoke. 4 post-LN layers, 4 heads, 128 wide, sequences of 128 bytes; AdamW 
 linear decay. Its workdir is what configs/bert_genre.py fine-tunes from.
 """
 from bigjax import config_lib
-from bigjax.data import text
 
-MODEL = dict(vocab_size=text.VOCAB_SIZE, num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512,
+MODEL = dict(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512,
              max_len=128, dropout=0.1)
 
 
@@ -21,7 +20,7 @@ def get_config(arg=None):
   config.model.kwargs = dict(MODEL, head='pretrain', scan=False, remat='none', attention='xla',
                              dtype='float32', param_dtype='float32')
   config.task.name = 'masked_lm'
-  config.task.kwargs = dict(vocab_size=text.VOCAB_SIZE, mask_rate=0.15, next_sentence=True)
+  config.task.kwargs = dict(mask_rate=0.15, next_sentence=True)
   config.optim.update(name='adamw', lr=1e-3, weight_decay=0.01, clip_norm=1.0,
                       schedule='warmup_linear', warmup_steps=100)
   config.batch_size = 32

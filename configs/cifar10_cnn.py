@@ -17,10 +17,8 @@ def get_config(arg=None):
   config.augment = dict(enabled=True, crop_padding=4, flip=True, max_rotate_degrees=10.0,
                         max_scale=0.1)
   config.model.name = 'cnn'
-  config.model.kwargs = dict(conv_features=(32, 64), pool_after=(True, True), dense_features=(64,),
-                             num_classes=10)
+  config.model.kwargs = dict(conv_features=(32, 64), pool_after=(True, True), dense_features=(64,))
   config.task.name = 'classification'
-  config.task.kwargs = dict(num_classes=10)
   config.optim.name = 'adam'
   config.optim.lr = 1e-3
   config.batch_size = 128

@@ -16,9 +16,9 @@ def get_config(arg=None):
   config.augment = dict(enabled=True, crop_padding=4, flip=True, max_rotate_degrees=0.0,
                         max_scale=0.0)
   config.model.name = 'resnet'
-  config.model.kwargs = dict(depth=args.depth, stem='cifar', num_classes=10, width=64)
+  config.model.kwargs = dict(depth=args.depth, stem='cifar', width=64)
   config.task.name = 'classification'
-  config.task.kwargs = dict(num_classes=10, label_smoothing=0.0)
+  config.task.kwargs = dict(label_smoothing=0.0)
   config.optim = dict(config.optim.to_dict(), name='nesterov', lr=0.1, momentum=0.9,
                       schedule='warmup_cosine', warmup_steps=390, weight_decay=5e-4)
   config.batch_size = 128

@@ -10,7 +10,7 @@ global-norm clipping 1.0. Train/validation/test are split by play. Reports valid
 bits per byte; see README for the CPU run and a generated sample.
 """
 from bigjax import config_lib
-from bigjax.data import text
+from bigjax.errors import UserError
 
 
 def get_config(arg=None):
@@ -20,23 +20,22 @@ def get_config(arg=None):
   shapes = {'nano': dict(num_layers=6, num_heads=6, embed_dim=384, max_len=256, dropout=0.2),
             'small': dict(num_layers=4, num_heads=4, embed_dim=128, max_len=128, dropout=0.0)}
   if args.size not in shapes:
-    from bigjax.errors import UserError
     raise UserError(f'config arg size={args.size!r} is unknown; use one of {", ".join(shapes)}')
-  shape = shapes[args.size]
-  config.data.seq_len = shape['max_len']
-  vocab_sizes = {'bytes': text.VOCAB_SIZE, 'sentencepiece': 1024}
-  if args.tokenizer not in vocab_sizes:
-    from bigjax.errors import UserError
+  shape = dict(shapes[args.size])
+  # The context length is one fact: the model's max_len is tied to the data's windows.
+  config.data.seq_len = shape.pop('max_len')
+  # SentencePiece: a 1,024-piece model trained on the train split; bytes: the 260 byte ids. The
+  # model's and task's vocabulary size come from the tokenizer (build() derives them).
+  sp_sizes = {'bytes': 0, 'sentencepiece': 1024}
+  if args.tokenizer not in sp_sizes:
     raise UserError(f'config arg tokenizer={args.tokenizer!r} is unknown; use bytes or sentencepiece')
-  vocab_size = vocab_sizes[args.tokenizer]
-  config.data.update(tokenizer=args.tokenizer, vocab_size=vocab_size)
+  config.data.update(tokenizer=args.tokenizer, vocab_size=sp_sizes[args.tokenizer])
   config.model.name = 'gpt'
-  config.model.kwargs = dict(vocab_size=vocab_size, positions='learned', pre_ln=True,
-                             scan=False,
-                             remat='none', attention='xla', dtype='float32',
-                             param_dtype='float32', **shape)
+  config.model.kwargs = dict(positions='learned', pre_ln=True, scan=False, remat='none',
+                             attention='xla', dtype='float32', param_dtype='float32',
+                             max_len=config.data.get_ref('seq_len'), **shape)
   config.task.name = 'causal_lm'
-  config.task.kwargs = dict(vocab_size=vocab_size, label_smoothing=0.0)
+  config.task.kwargs = dict(label_smoothing=0.0)
   config.optim.update(name='adamw', lr=1e-3, b2=0.99, weight_decay=0.1, clip_norm=1.0,
                       schedule='warmup_cosine', warmup_steps=100, end_lr_fraction=0.1)
   config.batch_size = 64 if args.size == 'nano' else 32
@@ -47,8 +46,8 @@ def get_config(arg=None):
   config.eval_every = 500
   config.checkpoint_every = 500
   if args.smoke:
-    config.model.kwargs.update(num_layers=2, num_heads=2, embed_dim=32, max_len=32, dropout=0.0)
-    config.data.seq_len = 32
+    config.model.kwargs.update(num_layers=2, num_heads=2, embed_dim=32, dropout=0.0)
+    config.data.seq_len = 32  # and so the model's max_len
     config.data.eval_max_examples = 128
     config.batch_size = 16
     config.num_steps = 30

@@ -15,9 +15,9 @@ def get_config(arg=None):
   config.data.name = 'breast_cancer'
   config.data.standardize = True
   config.model.name = 'mlp'
-  config.model.kwargs = dict(hidden=(32, 16), activation='relu', num_outputs=1)
+  config.model.kwargs = dict(hidden=(32, 16), activation='relu')
   config.task.name = 'classification'
-  config.task.kwargs = dict(num_classes=2, binary=True)
+  config.task.kwargs = dict(binary=True)
   config.optim.name = 'adam'
   config.optim.lr = 1e-3
   config.batch_size = 32

@@ -18,9 +18,8 @@ def get_config(arg=None):
   config.data.name = 'mnist5k'
   config.model.name = 'mlp'
   config.model.kwargs = dict(hidden=(args.width,) * args.depth, activation='relu',
-                             kernel_init='lecun', norm='none', num_outputs=10)
+                             kernel_init='lecun', norm='none')
   config.task.name = 'classification'
-  config.task.kwargs = dict(num_classes=10)
   config.optim.update(name='momentum', lr=0.05, momentum=0.9)
   config.batch_size = 64
   config.num_epochs = 5

@@ -15,10 +15,9 @@ def get_config(arg=None):
   config.data.name = {'mnist5k': 'mnist5k', 'tfds': 'mnist'}.get(args.data, args.data)
   config.model.name = 'cnn'
   config.model.kwargs = dict(conv_features=(32, 64, 64), pool_after=(True, True, False),
-                             dense_features=(64,), num_classes=10, dropout=0.0,
+                             dense_features=(64,), dropout=0.0,
                              kernel_init='lecun')
   config.task.name = 'classification'
-  config.task.kwargs = dict(num_classes=10)
   config.optim.name = 'adam'
   config.optim.lr = 1e-3
   config.batch_size = 64

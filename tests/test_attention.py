@@ -152,8 +152,9 @@ def test_chunked_backward_with_dropout_matches_autodiff_of_its_forward():
   @jit
   def run(q, k, v, bias):
     rng = jax.random.key(3)
-    custom = lambda q, k, v, b: A._chunked_attention(q, k, v, mask, b, rng, True, 0.3, CHUNK)
-    plain = lambda q, k, v, b: A._chunked_forward(q, k, v, mask, b, rng, True, 0.3, CHUNK)[0]
+    chunked = A.chunked
+    custom = lambda q, k, v, b: chunked._chunked_attention(q, k, v, mask, b, rng, True, 0.3, CHUNK)
+    plain = lambda q, k, v, b: chunked._chunked_forward(q, k, v, mask, b, rng, True, 0.3, CHUNK)[0]
     return _out_and_grads(custom, q, k, v, bias), _out_and_grads(plain, q, k, v, bias)
 
   (out, grads), (ref, ref_grads) = run(q, k, v, bias)
@@ -183,24 +184,26 @@ def test_dropout_is_deterministic_per_rng_and_unbiased():
     A.dot_product_attention(q, k, v, dropout_rate=0.5)
 
 
-def test_unknown_and_cudnn_implementations_raise_user_errors():
+def test_unknown_and_cudnn_implementations_raise_errors():
   q, k, v = _qkv()
-  with pytest.raises(UserError, match=r"config\.model\.kwargs\.attention='flash'.*xla, cudnn, "
-                                      r"chunked"):
+  with pytest.raises(UserError, match=r"config\.model\.kwargs\.attention='flash' is unknown; "
+                                      r"known attention implementations: chunked, cudnn, xla"):
     A.dot_product_attention(q, k, v, implementation='flash')
   with pytest.raises(UserError, match=r"config\.model\.kwargs\.attention='cudnn' needs a GPU"):
     A.dot_product_attention(q, k, v, implementation='cudnn')
   with pytest.raises(UserError, match=r"config\.model\.kwargs\.attention='cudnn' does not support"):
     A.dot_product_attention(q, k, v, implementation='cudnn', dropout_rate=0.1,
                             dropout_rng=jax.random.key(0))
-  with pytest.raises(UserError, match=r"config\.model\.kwargs\.attention='flash'"):
+  # The layer knows nothing of the CLI: a ValueError about its attribute (build() maps it).
+  with pytest.raises(ValueError,
+                     match=r"^attention='flash' is unknown; known: chunked, cudnn, xla"):
     A.MultiHeadAttention(num_heads=4, head_dim=8, attention='flash').init(
         jax.random.key(0), np.zeros((1, 2, 8), np.float32))
 
 
 def test_cudnn_wrapper_masks_align_causally_and_zero_empty_rows(monkeypatch):
   """What the cudnn path hands jax.nn.dot_product_attention, checked with its XLA kernel on CPU."""
-  monkeypatch.setattr(A, '_backend', lambda: 'gpu')
+  monkeypatch.setattr(A.kernels, '_backend', lambda: 'gpu')
   xla_attention = jax.nn.dot_product_attention
   monkeypatch.setattr(jax.nn, 'dot_product_attention', lambda *a, implementation, **kw:
                       xla_attention(*a, implementation='xla', **kw))

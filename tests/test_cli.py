@@ -34,16 +34,15 @@ INVALID = [
     (['--config.batch_size=8000'], 'config.batch_size=8000 is larger than the training split'),
     (['--config.model.name=cnnn'], "config.model.name='cnnn' is unknown; known models: bert, cnn"),
     (['--config.task.name=clasify'], "config.task.name='clasify' is unknown; known tasks"),
-    (['--config.optim.name=adamm'], "config.optim.name='adamm' is unknown; known: sgd"),
+    (['--config.optim.name=adamm'], "config.optim.name='adamm' is unknown; known optimizers: adam"),
     (['--config.optim.schedule=cosine'], "config.optim.schedule='cosine' is unknown"),
     (['--config.data.name=mnist6k'], "config.data.name='mnist6k' is not a TFDS dataset"),
     (['--config.data.name=cifar10'], "dataset 'cifar10' is not prepared in"),
     (['--config.data.train_split=training'], "split 'training' of dataset 'mnist5k'"),
     (['--config.nan_policy=ignore'], "config.nan_policy='ignore' is unknown; use one of raise, skip"),
     (['--config.log_every=0'], 'config.log_every=0 must be positive'),
-    (['--config.task.kwargs.num_classes=5'], 'record'),  # labels up to 9 with 5 classes
-    (['--config.model.kwargs.num_classes=7'], 'config.model outputs 7 values per example but the '
-                                               'task needs 10'),
+    # Sizes that follow from the data are not config fields: build() derives them.
+    (['--config.model.kwargs.num_classes=7'], "config.model.kwargs has no field 'num_classes'"),
     (['--config.model.kwargs.pool_after=(True,)'], 'config.model.kwargs.pool_after has 1 entries'),
     (['--config.model.kwargs.kernel_init=xavier'], "kernel_init='xavier' is unknown"),
     (['--bogus=1'], "Unknown command line flag 'bogus'"),
@@ -72,7 +71,7 @@ def test_invalid_input_is_one_line_exit_2_and_writes_nothing(extra, expected, tm
     ([f'--config={CNN}:bogus=1'], "config arg 'bogus' is unknown; known args: data, smoke"),
     ([f'--config={MLP}:smoke=perhaps'], "config arg smoke='perhaps' is not a boolean"),
     (['--config=configs/nope.py'], '--config=configs/nope.py: no such config file'),
-    ([], 'both --config=configs/<name>.py[:args] and --workdir=DIR are required'),
+    ([], '--config required; see bigjax-train --help'),
 ])
 def test_invalid_config_file_or_args(argv, expected, tmp_path, capsys):
   code, err = _run(['train', *argv, f'--workdir={tmp_path / "run"}'], capsys)
@@ -87,3 +86,15 @@ def test_a_workdir_of_another_model_is_refused(tmp_path, capsys):
   train.main(base)
   code, err = _run(base + ['--config.model.kwargs.dense_features=(32,)'], capsys)
   assert code == 2 and 'holds a run with a different config.model' in err
+
+
+def test_a_derived_size_set_in_a_config_is_refused(one_device):
+  """Each fact once: the class count comes from the dataset, so a config that states it is told
+  to drop it (and a model/task that disagree can no longer be configured)."""
+  from bigjax import config_lib, experiment
+  from bigjax.errors import UserError
+  config = config_lib.load_config_file(f'{CNN}:smoke')
+  config.model.kwargs.num_classes = 7
+  with pytest.raises(UserError, match=r'config.model.kwargs.num_classes=7: bigjax derives it from '
+                                      r'the data \(output_size = 10\); remove that field'):
+    experiment.build(config, one_device)

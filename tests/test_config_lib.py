@@ -20,11 +20,11 @@ def test_parse_rejects_bad_args(arg, text):
 
 
 def test_registry_loads_by_name_and_lists_known_names():
-  assert registry.load('models', 'cnn').__module__ == 'bigjax.models.cnn'
-  assert set(registry.known('models')) >= {'mlp', 'cnn', 'resnet'}
-  assert not {'layers', 'attention', 'transformer'} & set(registry.known('models'))  # helpers
+  assert registry.MODELS.get('cnn').__module__ == 'bigjax.models.cnn'
+  assert set(registry.MODELS.names()) >= {'mlp', 'cnn', 'resnet'}
+  assert not {'layers', 'attention', 'transformer'} & set(registry.MODELS.names())  # helpers
   with pytest.raises(UserError, match=r"config.model.name='cnnn' is unknown; known models: .*cnn"):
-    registry.load('models', 'cnnn')
+    registry.MODELS.get('cnnn')
   with pytest.raises(UserError, match=r"config.task.name='clasification' is unknown; known tasks: "
                                       r"causal_lm, classification, masked_lm, regression"):
-    registry.load('tasks', 'clasification')
+    registry.TASKS.get('clasification')

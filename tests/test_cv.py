@@ -4,9 +4,11 @@ import os
 import numpy as np
 import pytest
 from sklearn import metrics as skm
+from sklearn.model_selection import StratifiedKFold
 
-from bigjax import train
+from bigjax import experiment, train
 from bigjax.data import pipeline
+from bigjax.errors import DataError
 from conftest import REPO, load_config
 
 
@@ -35,17 +37,33 @@ def test_held_out_folds_partition_the_train_split():
   np.testing.assert_array_equal(pipeline.cv_fold_ids(arrays['label'], k),
                                 pipeline.cv_fold_ids(arrays['label'].copy(), k))
   assert not np.array_equal(held_out[0]['index'], np.arange(sizes[0]))
+  # The folds are scikit-learn's StratifiedKFold's (shuffled with CV_SEED), in its order.
+  splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=pipeline.CV_SEED)
+  for h, (_, expected) in zip(held_out, splitter.split(arrays['inputs'], arrays['label'])):
+    np.testing.assert_array_equal(h['index'], expected)
+
+
+def test_a_class_smaller_than_the_fold_count_is_one_line_error():
+  labels = np.array([0] * 10 + [1] * 3)
+  assert np.bincount(pipeline.cv_fold_ids(labels, 3)[labels == 1]).tolist() == [1, 1, 1]
+  with pytest.raises(DataError, match=r'^config.data.cv_folds=4 is more than the 3 training '
+                                      r'example\(s\) of label 1; .* lower config.data.cv_folds to '
+                                      r'at most 3$'):
+    pipeline.cv_fold_ids(labels, 4)
+  with pytest.raises(DataError, match=r'cv_folds=2 is more than the 1 training example\(s\) of '
+                                      r'label 7; .*no stratified split exists'):
+    pipeline.cv_fold_ids(np.array([0] * 10 + [7]), 2)
 
 
 def test_cv_data_ignores_the_test_split_and_config_seed():
-  task = train.build_component('tasks', load_config('mlp_breast_cancer').task)
   loaded = []
   for seed in (0, 7):
     config = load_config('mlp_breast_cancer')
     config.data.update(cv_folds=5, cv_fold=3, standardize=False)
     config.seed = seed
-    loaded.append(train.load_data(config, task))
-  (train_a, eval_a), (train_b, eval_b) = loaded
+    loaded.append(experiment.load_data(config))
+  (train_a, eval_a, name_a), (train_b, eval_b, _) = loaded
+  assert name_a == 'train (cv fold 3 of 5)'
   assert (len(train_a['label']), len(eval_a['label'])) == (364, 91)
   np.testing.assert_array_equal(eval_a['inputs'], eval_b['inputs'])
   full = pipeline.load_split('breast_cancer', 'train')
@@ -72,8 +90,7 @@ def test_breast_cancer_fold_0_reaches_90_percent_and_saves_predictions(tmp_path,
 def test_multiclass_predictions_are_class_probabilities(tmp_path, one_device):
   config = load_config('mlp_breast_cancer')
   config.data.name = 'digits'
-  config.model.kwargs.num_outputs = 10
-  config.task.kwargs = dict(num_classes=10, binary=False)
+  config.task.kwargs = dict(binary=False)  # 10 classes and outputs: from the dataset's info
   config.num_steps, config.save_eval_predictions = 30, True
   results = train.train_and_evaluate(config, str(tmp_path), devices=one_device)
   saved = np.load(tmp_path / 'eval_predictions.npz')

@@ -45,6 +45,19 @@ def test_catalog_dataset_through_mock_data(tmp_path):
   assert split['inputs'].shape == (12, 28, 28, 1) and split['label'].shape == (12,)
 
 
+def test_num_classes_from_the_builder_info(tmp_path):
+  assert [pipeline.num_classes(name, None) for name in ('mnist5k', 'breast_cancer', 'digits')] == [
+      10, 2, 10]
+  assert pipeline.num_classes('shakespeare', None, 'genre') == 4
+  assert pipeline.num_classes('shakespeare', None, 'text') is None  # not a ClassLabel
+  with tfds.testing.mock_data(num_examples=4):
+    pipeline.load_split('mnist', 'train', data_dir=str(tmp_path))
+    assert pipeline.num_classes('mnist', str(tmp_path)) == 10
+  with pytest.raises(DataError, match=r"dataset 'digits' has no feature 'target'; its features: "
+                                      r"image, label"):
+    pipeline.num_classes('digits', None, 'target')
+
+
 def test_missing_and_unknown_datasets_say_how_to_fix(tmp_path):
   with pytest.raises(DataError, match=r"'cifar10' is not prepared in .*tfds build cifar10"):
     pipeline.check_available('cifar10', 'train', str(tmp_path))

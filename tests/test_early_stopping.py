@@ -8,7 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bigjax import checkpoint, steps, train
+from bigjax import checkpoint, experiment, steps, train
+from bigjax import history as history_lib
 from bigjax.errors import UserError
 from conftest import REPO, load_config
 
@@ -38,7 +39,7 @@ def _evals(results):
 
 def _eval_loss(config, params):
   """The eval report's loss for `params`, computed directly from the model."""
-  exp = train.build(config, jax.devices()[:1])
+  exp = experiment.build(config, jax.devices()[:1])
   logits = steps.apply_model(exp.model, {'params': params}, exp.eval_arrays, train=False)
   probs = np.asarray(exp.task.eval_outputs(logits, exp.eval_arrays))
   return exp.task.eval_report(probs, exp.eval_arrays['label'])['loss']
@@ -101,20 +102,20 @@ def test_history_file_drops_entries_after_the_restored_step(tmp_path):
     for step in (10, 20, 30):
       f.write(json.dumps({'step': step, 'split': 'train', 'loss': step / 10}) + '\n')
     f.write('{"step": 40, "spl')  # cut short by a kill
-  history = checkpoint.History(path, restored_step=20)
+  history = history_lib.History(path, restored_step=20)
   assert [e['step'] for e in history.entries] == [10, 20]
   history.append({'step': 30, 'split': 'eval', 'loss': 0.5})
   history.close()
   assert [json.loads(l) for l in open(path)] == [
       {'step': 10, 'split': 'train', 'loss': 1.0}, {'step': 20, 'split': 'train', 'loss': 2.0},
       {'step': 30, 'split': 'eval', 'loss': 0.5}]
-  assert checkpoint.History(path, restored_step=0).entries == []  # a fresh run starts empty
+  assert history_lib.History(path, restored_step=0).entries == []  # a fresh run starts empty
 
 
 def test_max_mode_and_min_delta(tmp_path):
   cfg = ml_collections.ConfigDict(dict(metric='accuracy', mode='max', patience=2, min_delta=0.05))
   history = [{'step': s, 'split': 'eval', 'accuracy': a} for s, a in ((1, 0.5), (2, 0.6), (3, 0.64))]
-  es = checkpoint.EarlyStopping(cfg, str(tmp_path), history)  # replayed from the history
+  es = history_lib.EarlyStopping(cfg, str(tmp_path), history)  # replayed from the history
   assert (es.best_step, es.best_value, es.bad_evals, es.stopped) == (2, 0.6, 1, False)
   es.update(4, {'accuracy': 0.649}, state=None)  # +0.049 <= min_delta: no improvement, no save
   assert es.stopped and es.best_step == 2 and es.best() is None

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from bigjax import flops, train
+from bigjax import experiment, flops, train
 from bigjax.errors import UserError
 from conftest import REPO, load_config
 
@@ -25,7 +25,7 @@ def gpt_smoke():
   """gpt_shakespeare smoke on the 8 test devices, mesh 4 data x 2 tensor: (exp, compiled)."""
   config = load_config('gpt_shakespeare', 'smoke')
   config.mesh.tensor = 2
-  exp = train.build(config)
+  exp = experiment.build(config)
   return exp, exp.compile_train_step()
 
 
@@ -45,7 +45,7 @@ def test_analytic_flops_of_gpt_smoke_match_the_formula_by_hand(gpt_smoke):
 
 
 def test_analytic_flops_of_vit_count_patch_embedding_per_patch_and_head_per_example(one_device):
-  exp = train.build(load_config('vit_mnist', 'smoke'), one_device)
+  exp = experiment.build(load_config('vit_mnist', 'smoke'), one_device)
   B, P, d, m, L, T, C = 64, 7, 32, 64, 1, 17, 10  # 16 patches of 7x7 + class token
   layer = 4 * (d * d + d) + 2 * 2 * d + d * m + m + m * d + d
   per_token = L * layer + 2 * d  # blocks and final LayerNorm
@@ -130,7 +130,7 @@ def test_cpu_matmul_peak_is_measured_once_then_read_from_the_cache(tmp_path, mon
   def fake_measure():
     calls.append(1)
     return {'median_flops': 1.5e11, 'best_flops': 1.7e11}
-  monkeypatch.setattr(flops, 'measure_matmul', fake_measure)
+  monkeypatch.setattr(flops.peaks, 'measure_matmul', fake_measure)
   assert flops.cpu_matmul_peak()[0] == 1.5e11
   path = tmp_path / '.cache' / 'bigjax' / 'cpu_matmul_peak.json'
   assert json.loads(path.read_text())[flops.cpu_peak_key()]['best_flops'] == 1.7e11
@@ -144,7 +144,7 @@ def test_cpu_matmul_peak_is_measured_once_then_read_from_the_cache(tmp_path, mon
     flops.cpu_matmul_peak()
   # Another machine (key) in the same file measures again and keeps the first entry.
   monkeypatch.delenv(flops.CPU_PEAK_ENV)
-  monkeypatch.setattr(flops, 'cpu_peak_key', lambda: 'other cpu | 64 cores | jax 0.0')
+  monkeypatch.setattr(flops.peaks, 'cpu_peak_key', lambda: 'other cpu | 64 cores | jax 0.0')
   flops.cpu_matmul_peak()
   assert len(calls) == 2 and len(json.loads(path.read_text())) == 2
 

@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from bigjax import mesh as mesh_lib
-from bigjax import optim
+from bigjax import config_lib, optim
 from bigjax.errors import UserError
 
 
@@ -35,6 +35,13 @@ def test_spec_for_follows_rules_and_skips_indivisible_or_used_axes():
   assert mesh_lib.spec_for(('norm',), (6,), mesh, rules) == P(None)
 
 
+def _optim(**fields):
+  """config.optim of the base config with `fields` changed (every other field at its default)."""
+  cfg = config_lib.base_config().optim
+  cfg.update(fields)
+  return cfg
+
+
 @pytest.mark.parametrize('schedule, checks', [
     ('constant', {0: 1.0, 50: 1.0, 99: 1.0}),
     ('warmup_cosine', {0: 0.0, 10: 1.0, 55: 0.5, 100: 0.0}),
@@ -42,8 +49,8 @@ def test_spec_for_follows_rules_and_skips_indivisible_or_used_axes():
     ('step', {0: 1.0, 49: 1.0, 50: 0.1, 75: 0.01}),
 ])
 def test_schedules(schedule, checks):
-  cfg = ml_collections.ConfigDict(dict(name='sgd', lr=1.0, schedule=schedule,
-                                       warmup_steps=0 if schedule in ('constant', 'step') else 10))
+  cfg = _optim(name='sgd', lr=1.0, schedule=schedule,
+               warmup_steps=0 if schedule in ('constant', 'step') else 10)
   fn = optim.learning_rate_schedule(cfg, 100)
   for step, lr in checks.items():
     np.testing.assert_allclose(fn(step), lr, atol=1e-6)
@@ -52,7 +59,7 @@ def test_schedules(schedule, checks):
 @pytest.mark.parametrize('name', ['sgd', 'momentum', 'nesterov', 'adam', 'adamw'])
 def test_weight_decay_skips_biases_and_clipping_bounds_the_update(name):
   params = {'kernel': jax.numpy.ones((2, 2)), 'bias': jax.numpy.ones((2,))}
-  cfg = ml_collections.ConfigDict(dict(name=name, lr=0.1, weight_decay=0.5, clip_norm=1e-3))
+  cfg = _optim(name=name, lr=0.1, weight_decay=0.5, clip_norm=1e-3)
   tx = optim.make_optimizer(cfg, 10)
   zero = jax.tree.map(jax.numpy.zeros_like, params)
   updates, _ = tx.update(zero, tx.init(params), params)  # zero gradient: only decay moves params

@@ -9,21 +9,21 @@ import time
 import numpy as np
 import pytest
 
-from bigjax import checkpoint, train
+from bigjax import checkpoint, experiment, train
 from bigjax.errors import NonFiniteError
 from conftest import REPO, load_config
 
 
 def _poisoned(monkeypatch, bad_rows):
   """Makes the training split hold NaN inputs at `bad_rows`."""
-  real = train.load_data
+  real = experiment.load_data
 
-  def load_data(config, task):
-    tr, ev = real(config, task)
+  def load_data(config, tokenizer=None):
+    tr, ev, name = real(config, tokenizer)
     tr['inputs'] = tr['inputs'].copy()
     tr['inputs'][bad_rows] = np.nan
-    return tr, ev
-  monkeypatch.setattr(train, 'load_data', load_data)
+    return tr, ev, name
+  monkeypatch.setattr(experiment, 'load_data', load_data)
 
 
 def _config():

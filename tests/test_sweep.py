@@ -46,8 +46,10 @@ def finished(tmp_path_factory):
   of start-up each on the 2-core test machine. Returns (workdir, runs, the interrupted run's dir).
   """
   workdir = str(tmp_path_factory.mktemp('sweep'))
+  elsewhere = str(tmp_path_factory.mktemp('elsewhere'))  # a sweep runs from any directory
   proc = subprocess.Popen([sys.executable, '-m', 'bigjax.sweep', f'--sweep={SMOKE}',
-                           f'--workdir={workdir}', '--jobs=2'], cwd=REPO, start_new_session=True,
+                           f'--workdir={workdir}', '--jobs=2'], cwd=elsewhere,
+                          start_new_session=True,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   interrupted, deadline = None, time.time() + 150
   try:
@@ -89,6 +91,7 @@ def _write_sweep(tmp_path, body, name='sweep.py'):
   return str(path)
 
 
+@pytest.mark.slow  # trains the smoke sweep (~70 s on 2 cores, shared)
 def test_sweep_end_to_end_table_and_plots(finished):
   workdir, runs, _ = finished
   assert [(r.setting, r.seed, r.finished) for r in runs] == [(s, seed, True)
@@ -127,6 +130,7 @@ def test_sweep_end_to_end_table_and_plots(finished):
   assert '==== bigjax.sweep' in log and '--config.seed=1' in log and 'final eval' in log
 
 
+@pytest.mark.slow  # trains the smoke sweep (~70 s on 2 cores, shared)
 def test_second_invocation_launches_nothing(finished, monkeypatch):
   workdir, _, _ = finished
   paths = sorted(glob.glob(os.path.join(workdir, 'runs', '*', '*', '*.*')))
@@ -135,7 +139,7 @@ def test_second_invocation_launches_nothing(finished, monkeypatch):
 
   def no_launch(*args, **kwargs):
     raise AssertionError(f'the second invocation launched {args}')
-  monkeypatch.setattr(sweep.subprocess, 'Popen', no_launch)
+  monkeypatch.setattr(sweep.launch.subprocess, 'Popen', no_launch)
   runs = sweep.run_sweep(SMOKE, workdir)
   assert [r.status for r in runs] == ['skipped'] * 4
   assert len(paths) >= 12 and {p: (os.stat(p).st_mtime_ns, open(p, 'rb').read())
@@ -144,6 +148,7 @@ def test_second_invocation_launches_nothing(finished, monkeypatch):
   assert [r.metrics['accuracy'] for r in runs] == [float(r['accuracy']) for r in _read_csv(workdir)]
 
 
+@pytest.mark.slow  # trains the smoke sweep (~70 s on 2 cores, shared)
 def test_killed_sweep_resumes_its_runs_when_rerun(finished):
   workdir, runs, interrupted = finished
   assert all(r.finished for r in runs) and 'done' in [r.status for r in runs]
@@ -158,12 +163,12 @@ def test_killed_sweep_resumes_its_runs_when_rerun(finished):
 def test_failed_runs_are_reported_and_the_others_go_on(tmp_path, capsys):
   # Batches larger than the 455-example training split: each run exits 2 at start-up.
   path = _write_sweep(tmp_path, "def get_sweep():\n  return sweep.Sweep(\n"
-                      "      config='configs/mlp_breast_cancer.py:smoke', seeds=[0],\n"
+                      "      config='mlp_breast_cancer:smoke', seeds=[0],\n"
                       "      settings=sweep.axis('batch_size', [8000, 9000]),\n"
                       "      metrics=['accuracy'])\n")
   workdir = tmp_path / 'out'
   with pytest.raises(SystemExit) as exit_info:
-    sweep.main([f'--sweep={path}', f'--workdir={workdir}', '--jobs=2'])
+    sweep.main(['bigjax-sweep', f'--sweep={path}', f'--workdir={workdir}', '--jobs=2'])
   err = capsys.readouterr().err
   assert exit_info.value.code == 1
   assert '2 of 2 runs failed: batch_size=8000/seed_0, batch_size=9000/seed_0' in err
@@ -178,9 +183,10 @@ def test_failed_runs_are_reported_and_the_others_go_on(tmp_path, capsys):
      "sweep overrides field 'optim.lrr': config.optim has no field 'lrr'; its fields: b1"),
     ("  return sweep.Sweep(config=CFG, settings=sweep.axis('model.kwargs.dropout', [0.0, 0.5]))",
      "sweep axis field 'model.kwargs.dropout': config.model.kwargs has no field 'dropout'"),
-    ("  return sweep.Sweep(config=CFG, settings=sweep.zip(sweep.axis('optim.lr', [1e-3, 1e-2]),\n"
-     "                     sweep.axis('optim.warmup_steps', [0, 5, 10])))",
-     'sweep.zip needs axes of the same length: optim.lr has 2, optim.warmup_steps has 3 values'),
+    ("  return sweep.Sweep(config=CFG, settings=sweep.zip_axes(\n"
+     "      sweep.axis('optim.lr', [1e-3, 1e-2]), sweep.axis('optim.warmup_steps', [0, 5, 10])))",
+     'sweep.zip_axes needs axes of the same length: optim.lr has 2, optim.warmup_steps has 3 '
+     'values'),
     ("  return sweep.Sweep(config=CFG, overrides={'optim.lr': 'fast'})",
      "sweep run base/seed_0: flag --config.optim.lr=fast: could not convert string to float"),
     ("  return sweep.Sweep(config=CFG, overrides={'data.name': None})",
@@ -194,13 +200,13 @@ def test_failed_runs_are_reported_and_the_others_go_on(tmp_path, capsys):
 ], ids=['override', 'axis', 'zip', 'type', 'none', 'twice', 'seed', 'config', 'not_sweep',
         'no_get_sweep'])
 def test_bad_sweep_is_one_line_before_anything_is_written(body, expected, tmp_path, capsys):
-  path = _write_sweep(tmp_path, "CFG = 'configs/mlp_breast_cancer.py:smoke'\n\n\n"
+  path = _write_sweep(tmp_path, "CFG = 'mlp_breast_cancer:smoke'\n\n\n"
                       f"def get_sweep():\n{body}\n")
   workdir = tmp_path / 'out'
   with pytest.raises(UserError, match=re.escape(expected)):
     sweep.run_sweep(path, str(workdir))
   with pytest.raises(SystemExit) as exit_info:
-    sweep.main([f'--sweep={path}', f'--workdir={workdir}'])
+    sweep.main(['bigjax-sweep', f'--sweep={path}', f'--workdir={workdir}'])
   err = capsys.readouterr().err.strip()
   assert exit_info.value.code == 2 and err.startswith('bigjax: error: ') and '\n' not in err
   assert not workdir.exists()
@@ -213,8 +219,8 @@ def test_missing_sweep_file(tmp_path):
 
 def test_settings_names_and_run_flags(tmp_path):
   grid = sweep.product(sweep.axis('model.kwargs.dropout', [0.0, 0.5]),
-                       sweep.zip(sweep.axis('optim.lr', [1e-3, 3e-3]),
-                                 sweep.axis('optim.warmup_steps', [0, 100], label='wu')))
+                       sweep.zip_axes(sweep.axis('optim.lr', [1e-3, 3e-3]),
+                                      sweep.axis('optim.warmup_steps', [0, 100], label='wu')))
   assert [list(s.values()) for s in grid.settings] == [[0.0, 1e-3, 0], [0.0, 3e-3, 100],
                                                        [0.5, 1e-3, 0], [0.5, 3e-3, 100]]
   assert grid.groups == ((0,), (1, 2))
@@ -231,8 +237,9 @@ def test_settings_names_and_run_flags(tmp_path):
   assert sweep.setting_name(twin.settings[1], names).endswith('hidden=empty')
 
   # A None that the config already holds is left off the command line (flags cannot say None).
-  runs = sweep.plan(sweep.Sweep(config='configs/mlp_breast_cancer.py:smoke',
-                                overrides={'data.data_dir': None, 'num_epochs': 2}), str(tmp_path))
+  runs = sweep.plan.plan(sweep.Sweep(config='mlp_breast_cancer:smoke',
+                                     overrides={'data.data_dir': None, 'num_epochs': 2}),
+                         str(tmp_path))
   assert runs[0].args == ['--config.num_epochs=2', '--config.seed=0']
   assert runs[0].workdir == str(tmp_path / 'runs' / 'base' / 'seed_0') and not os.listdir(tmp_path)
 
@@ -241,24 +248,25 @@ def test_settings_names_and_run_flags(tmp_path):
            'model.kwargs.activation': 'tanh', 'num_epochs': np.int64(3), 'data.eval_split': 'a b',
            'sharding_rules': (('batch', ('data', 'fsdp')),), 'optim.step_boundaries': (0.25,)}
   argv = [f'--config.{k}={sweep.flag_value(v)}' for k, v in cases.items()]
-  config, _ = train.parse_flags(['train', '--config=configs/mlp_breast_cancer.py:smoke',
-                                 '--workdir=x', *argv])
+  spec = os.path.join(REPO, 'configs', 'mlp_breast_cancer.py') + ':smoke'
+  config, _ = train.parse_flags(['train', f'--config={spec}', '--workdir=x', *argv])
   for field, value in cases.items():
     parsed = config
     for part in field.split('.'):
       parsed = parsed[part]
-    assert parsed == sweep._builtin(value) and type(parsed) is type(sweep._builtin(value)), field
+    expected = sweep.to_builtin(value)
+    assert parsed == expected and type(parsed) is type(expected), field
 
 
 def test_folds_set_cv_fields(tmp_path):
   from bigjax import config_lib
   path = _write_sweep(tmp_path, "def get_sweep():\n  return sweep.Sweep(\n"
-                      "      config='configs/mlp_breast_cancer.py:smoke', folds=3, seeds=[7])\n")
+                      "      config='mlp_breast_cancer:smoke', folds=3, seeds=[7])\n")
   if 'cv_folds' not in config_lib.base_config().data:  # cross-validation not in the config yet
     with pytest.raises(UserError, match="sweep seeds/folds field 'data.cv_folds'"):
-      sweep.plan(sweep.load_sweep(path), str(tmp_path))
+      sweep.plan.plan(sweep.load_sweep(path), str(tmp_path))
     return
-  runs = sweep.plan(sweep.load_sweep(path), str(tmp_path))
+  runs = sweep.plan.plan(sweep.load_sweep(path), str(tmp_path))
   assert [(r.name, r.seed, r.config['data']['cv_fold'], r.config['data']['cv_folds'])
           for r in runs] == [(f'base/fold_{i}', 7, i, 3) for i in range(3)]
 
@@ -276,3 +284,33 @@ def test_finished_run_survives_new_config_fields_but_not_changed_values(tmp_path
   assert sweep.unfinished_reason(run) is None
   run.config = dict(wanted, num_epochs=10)
   assert 'num_epochs' in sweep.unfinished_reason(run)
+
+
+def test_plan_from_another_directory_with_a_bare_config_name(tmp_path, monkeypatch):
+  """A sweep plans from any directory: a bare config name is the shipped config file, and each
+  run's --config and workdir are absolute (runs inherit the caller's directory)."""
+  monkeypatch.chdir(tmp_path)
+  _write_sweep(tmp_path, "def get_sweep():\n  return sweep.Sweep(config='mnist_cnn:smoke', "
+               "seeds=[0, 1], settings=sweep.axis('num_epochs', [1, 2], label='epochs'))\n")
+  runs = sweep.plan.plan(sweep.load_sweep('sweep.py'), 'out')
+  assert [r.name for r in runs] == ['epochs=1/seed_0', 'epochs=1/seed_1', 'epochs=2/seed_0',
+                                    'epochs=2/seed_1']
+  with open(os.path.join(REPO, 'configs', 'mnist_cnn.py')) as f:
+    shipped = f.read()
+  for run in runs:
+    path, _, arg = run.spec.partition(':')
+    assert os.path.isabs(path) and os.path.basename(path) == 'mnist_cnn.py' and arg == 'smoke'
+    assert open(path).read() == shipped
+    assert run.workdir == str(tmp_path / 'out' / 'runs' / run.setting / run.replica)
+    assert (run.config['num_epochs'], run.config['seed']) == (run.values['num_epochs'], run.seed)
+  assert not (tmp_path / 'out').exists()  # planning writes nothing
+
+
+@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(REPO, 'experiments', '*',
+                                                               'sweep.py'))),
+                         ids=lambda p: os.path.basename(os.path.dirname(p)))
+def test_experiment_sweeps_plan_from_any_directory(path, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  runs = sweep.plan.plan(sweep.load_sweep(path), str(tmp_path / 'out'))
+  assert runs and all(os.path.isfile(r.spec.partition(':')[0]) for r in runs)
+  assert not os.listdir(tmp_path)

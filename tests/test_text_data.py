@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from bigjax.data import offline, pipeline, text
+from bigjax.data import offline, pipeline, text, text_views, tokenizers
 from bigjax.errors import DataError, UserError
 
 SPLITS = ('train', 'validation', 'test')
@@ -17,7 +17,7 @@ def works():
   """{split: [record]} of the Shakespeare builder, records as dicts of str / int."""
   out = {}
   for split in SPLITS:
-    source = pipeline._open('shakespeare', split, None)
+    source = pipeline.open_source('shakespeare', split, None)
     out[split] = [{k: v.decode() if isinstance(v, bytes) else int(v) for k, v in source[i].items()}
                   for i in range(len(source))]
   return out
@@ -70,20 +70,21 @@ def test_front_matter_is_stripped(works):
 
 def test_tokenizer_roundtrip_and_specials():
   s = "To be, or not to be: \u00c6thelred's na\u00efve \u2014 caf\u00e9\n"
-  ids = text.encode(s)
+  ids = tokenizers.encode(s)
   assert ids.dtype == np.int32 and ids.min() >= 0 and ids.max() < 256 and len(ids) == len(
       s.encode())
-  assert text.decode(ids) == s
-  assert text.decode(np.concatenate([[text.CLS], ids, [text.SEP, text.PAD, text.MASK]])) == s
-  assert text.VOCAB_SIZE == 260
-  assert (text.PAD, text.CLS, text.SEP, text.MASK) == (256, 257, 258, 259)
+  assert tokenizers.decode(ids) == s
+  specials = [tokenizers.SEP, tokenizers.PAD, tokenizers.MASK]
+  assert tokenizers.decode(np.concatenate([[tokenizers.CLS], ids, specials])) == s
+  assert tokenizers.VOCAB_SIZE == 260
+  assert (tokenizers.PAD, tokenizers.CLS, tokenizers.SEP, tokenizers.MASK) == (256, 257, 258, 259)
 
 
 def test_lm_windows_reconstruct_the_stream(works):
   texts = [r['text'] for r in sorted(works['validation'], key=lambda r: r['id'])]
   seq_len = 64
-  windows = text.lm_examples(texts, seq_len)['inputs']
-  stream = text.encode('\n'.join(texts))
+  windows = text_views.lm_examples(texts, seq_len)['inputs']
+  stream = tokenizers.encode('\n'.join(texts))
   n = (len(stream) - 1) // seq_len
   assert windows.shape == (n, seq_len + 1) and windows.dtype == np.int32
   np.testing.assert_array_equal(windows[:-1, -1], windows[1:, 0])  # one shared byte
@@ -98,22 +99,23 @@ def test_genre_passages_carry_their_works_label(works):
   seq_len = 64
   arrays = text.load_text_split('shakespeare', 'validation', 'classification', seq_len)
   inputs, labels = arrays['inputs'], arrays['label']
-  assert inputs.shape == (len(labels), seq_len) and (inputs[:, 0] == text.CLS).all()
+  assert inputs.shape == (len(labels), seq_len) and (inputs[:, 0] == tokenizers.CLS).all()
   by_genre = {r['genre']: r['text'] for r in records}
   for row, label in zip(inputs, labels):
-    passage = text.decode(row)
+    passage = tokenizers.decode(row)
     assert len(passage) == seq_len - 1  # validation works are all longer than one passage
     assert passage in by_genre[label]
     assert not any(passage in t for g, t in by_genre.items() if g != label)
   # The cap: every validation work has > 128 passages of 63 bytes, so each gives exactly 128,
   # spread from its beginning to its end.
-  np.testing.assert_array_equal(np.bincount(labels, minlength=4), text.MAX_PASSAGES_PER_WORK)
-  assert by_genre[0].startswith(text.decode(inputs[labels == 0][0]))  # first passage: the start
+  np.testing.assert_array_equal(np.bincount(labels, minlength=4),
+                                text_views.MAX_PASSAGES_PER_WORK)
+  assert by_genre[0].startswith(tokenizers.decode(inputs[labels == 0][0]))  # first passage: the start
   # Short texts give one padded passage, empty ones none; no cap keeps every full passage.
-  small = text.genre_examples(['abc', '', 'x' * 20], [2, 1, 3], seq_len=8, max_per_work=None)
+  small = text_views.genre_examples(['abc', '', 'x' * 20], [2, 1, 3], seq_len=8, max_per_work=None)
   assert small['label'].tolist() == [2, 3, 3]
-  assert small['inputs'][0].tolist() == [text.CLS, 97, 98, 99] + [text.PAD] * 4
-  assert text.genre_examples(['x' * 70], [0], 8, max_per_work=3)['inputs'].shape == (3, 8)
+  assert small['inputs'][0].tolist() == [tokenizers.CLS, 97, 98, 99] + [tokenizers.PAD] * 4
+  assert text_views.genre_examples(['x' * 70], [0], 8, max_per_work=3)['inputs'].shape == (3, 8)
 
 
 def _contains(texts, needle):
@@ -123,28 +125,28 @@ def _contains(texts, needle):
 def test_pair_examples_structure_and_labels(works):
   texts = [r['text'].encode() for r in works['validation']]
   seq_len = 64
-  pairs = text.pair_examples(texts, seq_len, seed=0)
+  pairs = text_views.pair_examples(texts, seq_len, seed=0)
   inputs, seg, is_next = pairs['inputs'], pairs['segment_ids'], pairs['label']
   n = len(is_next)
   assert n > 1000 and inputs.shape == seg.shape == (n, seq_len) and inputs.dtype == np.int32
   assert 0.45 < is_next.mean() < 0.55
-  assert (inputs[:, 0] == text.CLS).all() and ((inputs == text.SEP).sum(1) == 2).all()
-  assert not (inputs == text.CLS)[:, 1:].any() and not (inputs == text.MASK).any()
+  assert (inputs[:, 0] == tokenizers.CLS).all() and ((inputs == tokenizers.SEP).sum(1) == 2).all()
+  assert not (inputs == tokenizers.CLS)[:, 1:].any() and not (inputs == tokenizers.MASK).any()
   contiguous = []
   for row, ids, label in zip(inputs, seg, is_next):
-    sep1, sep2 = np.flatnonzero(row == text.SEP)
+    sep1, sep2 = np.flatnonzero(row == tokenizers.SEP)
     assert sep1 > 1 and sep2 > sep1 + 1  # A and B both non-empty
     assert (ids[:sep1 + 1] == 0).all() and (ids[sep1 + 1:sep2 + 1] == 1).all()
-    assert (ids[sep2 + 1:] == 0).all() and (row[sep2 + 1:] == text.PAD).all()
-    assert not (row[:sep2 + 1] == text.PAD).any()
+    assert (ids[sep2 + 1:] == 0).all() and (row[sep2 + 1:] == tokenizers.PAD).all()
+    assert not (row[:sep2 + 1] == tokenizers.PAD).any()
     a, b = bytes(row[1:sep1].astype(np.uint8)), bytes(row[sep1 + 1:sep2].astype(np.uint8))
     assert _contains(texts, a) and _contains(texts, b)
     contiguous.append(_contains(texts, a + b'\n\n' + b))  # B follows A in the text
   contiguous = np.asarray(contiguous)
   assert contiguous[is_next == 1].all()
   assert contiguous[is_next == 0].mean() < 0.02
-  again = text.pair_examples(texts, seq_len, seed=0)
-  other = text.pair_examples(texts, seq_len, seed=1)
+  again = text_views.pair_examples(texts, seq_len, seed=0)
+  other = text_views.pair_examples(texts, seq_len, seed=1)
   for k in pairs:
     np.testing.assert_array_equal(pairs[k], again[k])
   assert not np.array_equal(pairs['label'], other['label'])
@@ -161,11 +163,26 @@ def test_catalog_text_datasets_through_mock_data(tmp_path):
   assert len(texts) == 6 and all(isinstance(t, bytes) and t for t in texts)
   # One passage per review (the reviews are shorter than 31 bytes here, so padded), its own label.
   assert arrays['inputs'].shape == (6, 32) and arrays['label'].tolist() == labels.tolist()
-  assert [text.decode(r) for r in arrays['inputs']] == [t.decode()[:31] for t in texts]
+  assert [tokenizers.decode(r) for r in arrays['inputs']] == [t.decode()[:31] for t in texts]
   assert lm['inputs'].shape[1] == 9 and lm1b['inputs'].shape[1] == 9
-  with pytest.raises(DataError, match=r"'wikitext' is not a known text dataset; text datasets: "
-                                      r"shakespeare"):
+  with pytest.raises(UserError, match=r"config.data.name='wikitext' is unknown; known text "
+                                      r"datasets: glue/sst2, imdb_reviews, lm1b, shakespeare$"):
     text.load_text_split('wikitext', 'train', 'lm', 8)
+  with pytest.raises(UserError, match=r"config.data.view='words' is unknown; known text views: "
+                                      r"classification, lm, pairs$"):
+    text.load_text_split('shakespeare', 'train', 'words', 8)
+
+
+def test_label_count_of_each_view(tmp_path):
+  assert text.label_count('shakespeare', 'classification') == 4  # the genres
+  assert text.label_count('shakespeare', 'pairs') == 2  # is_next
+  assert text.label_count('shakespeare', 'lm') is None
+  with tfds.testing.mock_data(num_examples=2):
+    assert text.label_count('imdb_reviews', 'classification', str(tmp_path)) == 2
+    assert text.label_count('glue/sst2', 'classification', str(tmp_path)) == 2
+    assert text.label_count('lm1b', 'lm', str(tmp_path)) is None
+  with pytest.raises(UserError, match=r"view 'classification' is not available for dataset 'lm1b'"):
+    text.label_count('lm1b', 'classification')
 
 
 def test_missing_package_names_the_install_command(monkeypatch):
@@ -201,23 +218,25 @@ def own_cache(sp_cache, monkeypatch):
 
 @pytest.fixture(scope='module')
 def sp(sp_cache):
-  return text.get_tokenizer('sentencepiece', text.load_texts('shakespeare', 'train')[0], 0,
+  return tokenizers.get_tokenizer('sentencepiece', text.load_texts('shakespeare', 'train')[0], 0,
                             str(sp_cache / 'shakespeare' / 'train'))
 
 
 def test_tokenizer_objects_and_their_errors():
-  assert text.get_tokenizer() is text.get_tokenizer('bytes', vocab_size=260) is text.BYTES
-  b = text.BYTES
+  assert tokenizers.get_tokenizer() is tokenizers.get_tokenizer('bytes', vocab_size=260) is (
+      tokenizers.BYTES)
+  b = tokenizers.BYTES
   assert (b.vocab_size, b.num_regular_tokens, b.pad, b.cls, b.sep, b.mask) == (
       260, 256, 256, 257, 258, 259)
   assert b.decode(b.encode('caf\u00e9')) == 'caf\u00e9'
-  assert text.bytes_per_token(b, ['caf\u00e9', 'x']) == 1.0
+  assert tokenizers.bytes_per_token(b, ['caf\u00e9', 'x']) == 1.0
   with pytest.raises(UserError, match=r"'bytes' tokenizer has vocab_size 260, not 1024"):
-    text.get_tokenizer('bytes', vocab_size=1024)
-  with pytest.raises(UserError, match=r"tokenizer 'wordpiece' is unknown; use one of bytes, sent"):
+    tokenizers.get_tokenizer('bytes', vocab_size=1024)
+  with pytest.raises(UserError, match=r"config.data.tokenizer='wordpiece' is unknown; known "
+                                      r"tokenizers: bytes, sentencepiece$"):
     text.load_text_split('shakespeare', 'validation', 'lm', 64, tokenizer='wordpiece')
   with pytest.raises(UserError, match=r'cannot train a SentencePiece tokenizer of vocab_size=100'):
-    text.get_tokenizer('sentencepiece', ['some text'], 100)
+    tokenizers.get_tokenizer('sentencepiece', ['some text'], 100)
   root = text.tokenizer_cache_dir('shakespeare', 'train')
   assert root.endswith(os.path.join('bigjax_tokenizers', 'shakespeare', '1.0.0', 'train'))
   assert text.tokenizer_cache_dir('shakespeare', 'train[:90%]') != text.tokenizer_cache_dir(
@@ -240,15 +259,15 @@ def test_sentencepiece_trains_on_the_train_split_only_and_is_cached(own_cache, m
   # included) would give another.
   train, validation = real_load_texts('shakespeare', 'train')[0], real_load_texts(
       'shakespeare', 'validation')[0]
-  assert text.train_sentencepiece(train, 512).model_proto == tok.model_proto  # deterministic
-  assert text.train_sentencepiece(train + validation, 512).model_proto != tok.model_proto
+  assert tokenizers.train_sentencepiece(train, 512).model_proto == tok.model_proto  # deterministic
+  assert tokenizers.train_sentencepiece(train + validation, 512).model_proto != tok.model_proto
   # Second use (another split, another process): loaded from the cache, nothing trained or re-read.
   mtime = path.stat().st_mtime_ns
   lm = text.load_text_split('shakespeare', 'validation', 'lm', 64, tokenizer='sentencepiece',
                             vocab_size=512)
   assert reads == ['train', 'validation'] and path.stat().st_mtime_ns == mtime
   assert lm['inputs'].max() < 512 - 4
-  assert text.get_tokenizer('sentencepiece', None, 512, str(path.parent)).model_proto == (
+  assert tokenizers.get_tokenizer('sentencepiece', None, 512, str(path.parent)).model_proto == (
       tok.model_proto)
 
 
@@ -273,7 +292,7 @@ def test_sentencepiece_roundtrips_text_and_never_yields_specials(sp):
   ids = sp.encode('To be')
   assert sp.decode(np.concatenate([[sp.cls], ids, [sp.sep, sp.pad, sp.mask]])) == 'To be'
   validation = text.load_texts('shakespeare', 'validation')[0]
-  assert 2.1 < text.bytes_per_token(sp, validation) < 2.5  # what a 1024 vocabulary compresses
+  assert 2.1 < tokenizers.bytes_per_token(sp, validation) < 2.5  # what a 1024 vocabulary compresses
 
 
 def test_sentencepiece_views(sp, own_cache, works):
@@ -298,7 +317,7 @@ def test_sentencepiece_views(sp, own_cache, works):
   for row, label in zip(inputs[::10], labels[::10]):
     passage = sp.decode(row).strip('\ufffd')  # a cut may split a character's byte pieces
     assert passage in by_genre[label]
-  small = text.genre_examples(['abc'], [2], seq_len=8, tokenizer=sp)
+  small = text_views.genre_examples(['abc'], [2], seq_len=8, tokenizer=sp)
   assert small['inputs'][0].tolist() == [sp.cls, *sp.encode('abc'), *[sp.pad] * (7 - len(
       sp.encode('abc')))]
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from bigjax import checkpoint, train
-from bigjax.data import pipeline, text
+from bigjax.data import pipeline, tokenizers
 from bigjax.errors import DataError, UserError
 from bigjax.models import bert, gpt, vit
-from bigjax.tasks import masked_lm
+from bigjax.tasks import base, masked_lm
 from conftest import load_config
 
 
@@ -56,11 +56,11 @@ def test_generate_greedy_matches_argmax_of_full_forward_and_sampling_is_seeded()
 
 def test_gpt_rejects_bad_lengths_and_token_ids():
   model, params, _ = _gpt()
-  with pytest.raises(UserError, match='sequence length 17 exceeds config.model.kwargs.max_len=16'):
+  with pytest.raises(ValueError, match='sequence length 17 exceeds max_len=16'):
     model.apply({'params': params}, jnp.zeros((1, 17), jnp.int32))
-  with pytest.raises(UserError, match='exceeds config.model.kwargs.max_len=16'):
+  with pytest.raises(ValueError, match='exceeds max_len=16'):
     gpt.generate(model, params, np.zeros((1, 10), np.int32), max_new_tokens=7)
-  with pytest.raises(UserError, match=r'prompt token ids must lie in \[0, 50\)'):
+  with pytest.raises(ValueError, match=r'prompt token ids must lie in \[0, 50\)'):
     gpt.generate(model, params, np.full((1, 2), 50), max_new_tokens=2)
   with pytest.raises(DataError, match=r"record 1: token id 300 at position 2 is outside the "
                                       r"vocabulary \[0, 260\)"):
@@ -91,8 +91,8 @@ def test_scan_and_remat_give_the_same_function():
 
 def test_bert_ignores_padding_and_has_all_heads():
   model = bert.Model(num_layers=2, num_heads=4, embed_dim=32, max_len=16, dropout=0.0)
-  tokens = jnp.array([[text.CLS, 5, 6, 7, text.SEP]])
-  padded = jnp.concatenate([tokens, jnp.full((1, 3), text.PAD)], 1)
+  tokens = jnp.array([[tokenizers.CLS, 5, 6, 7, tokenizers.SEP]])
+  padded = jnp.concatenate([tokens, jnp.full((1, 3), tokenizers.PAD)], 1)
   variables = model.init(jax.random.key(0), padded)
   a, b = model.apply(variables, tokens), model.apply(variables, padded)
   np.testing.assert_allclose(a['mlm_logits'], b['mlm_logits'][:, :5], atol=1e-5)
@@ -106,14 +106,15 @@ def test_vit_shapes_and_patch_check():
                     pool='mean')
   x = jnp.ones((2, 28, 28, 1))
   assert model.apply(model.init(jax.random.key(0), x), x).shape == (2, 3)
-  with pytest.raises(UserError, match='patch_size=5 does not divide the 28x28 images'):
+  with pytest.raises(ValueError, match='patch_size=5 does not divide the 28x28 images'):
     vit.Model(patch_size=5).init(jax.random.key(0), x)
 
 
 def test_masked_lm_corruption_statistics():
-  task = masked_lm.Task()
+  task = masked_lm.Task(base.DataInfo(vocab_size=tokenizers.VOCAB_SIZE, mask_id=tokenizers.MASK,
+                                       num_regular_tokens=256))
   tokens = jax.random.randint(jax.random.key(0), (64, 256), 0, 256)
-  tokens = tokens.at[:, 0].set(text.CLS).at[:, -1].set(text.PAD)
+  tokens = tokens.at[:, 0].set(tokenizers.CLS).at[:, -1].set(tokenizers.PAD)
   out = task.prepare({'inputs': tokens}, jax.random.key(1))
   chosen = np.asarray(out['weights']) == 1
   regular = np.asarray(tokens) < 256
@@ -121,7 +122,7 @@ def test_masked_lm_corruption_statistics():
   np.testing.assert_allclose(chosen.sum() / regular.sum(), 0.15, atol=0.01)
   new = np.asarray(out['inputs'])[chosen]
   old = np.asarray(tokens)[chosen]
-  np.testing.assert_allclose((new == text.MASK).mean(), 0.8, atol=0.02)
+  np.testing.assert_allclose((new == tokenizers.MASK).mean(), 0.8, atol=0.02)
   np.testing.assert_allclose((new == old).mean(), 0.1 + 0.1 / 256, atol=0.02)
   np.testing.assert_array_equal(np.asarray(out['inputs'])[~chosen], np.asarray(tokens)[~chosen])
 

@@ -6,8 +6,11 @@ a pure function of (seed, step): epoch e uses the permutation `default_rng([seed
 drops the remainder, and each process takes only its own rows of the global batch. That makes
 resuming at any step exact, mid-epoch included.
 """
+from __future__ import annotations
+
 import dataclasses
 import os
+from typing import Iterator
 
 import jax
 import numpy as np
@@ -22,7 +25,9 @@ def _data_dir(data_dir):
   return os.path.expanduser(data_dir) if data_dir else None
 
 
-def _builder(name, data_dir):
+def builder(name: str, data_dir: str | None):
+  """The TFDS builder of `name` in `data_dir` (None: the default TFDS data dir), nothing prepared
+  or downloaded; DataError unless `name` is an offline dataset or in the TFDS catalog."""
   import tensorflow_datasets as tfds
   known_offline = ', '.join(offline.NAMES)
   base = name.split('/')[0]  # 'glue/sst2' -> 'glue'
@@ -33,6 +38,19 @@ def _builder(name, data_dir):
   return tfds.builder(name, data_dir=_data_dir(data_dir))
 
 
+def num_classes(name: str, data_dir: str | None, label_key: str = 'label') -> int | None:
+  """Number of classes of the dataset's `label_key` feature, from its TFDS builder info (read
+  without preparing or reading the data); None if that feature is not a ClassLabel (e.g. a
+  regression target). DataError if the dataset has no such feature."""
+  import tensorflow_datasets as tfds
+  features = builder(name, data_dir).info.features
+  if label_key not in features:
+    raise DataError(f'dataset {name!r} has no feature {label_key!r}; its features: '
+                    f'{", ".join(sorted(features))}')
+  feature = features[label_key]
+  return feature.num_classes if isinstance(feature, tfds.features.ClassLabel) else None
+
+
 def _not_prepared(name, where):
   return DataError(
       f'dataset {name!r} is not prepared in {where} and bigjax does not download at run time; on a '
@@ -40,44 +58,45 @@ def _not_prepared(name, where):
       f'and pass --config.data.data_dir=DIR, or use an offline dataset ({", ".join(offline.NAMES)})')
 
 
-def _open(name, split, data_dir):
-  """The split's TFDS data source, never downloading; offline datasets are prepared on first use."""
+def open_source(name: str, split: str, data_dir: str | None):
+  """The split's TFDS data source (random access, `len` records; each a dict of numpy values),
+  never downloading; offline datasets are prepared on first use."""
   import tensorflow_datasets as tfds
-  builder = _builder(name, data_dir)
-  if name in offline.NAMES and not builder.is_prepared():
+  dataset = builder(name, data_dir)
+  if name in offline.NAMES and not dataset.is_prepared():
     tfds.disable_progress_bar()
     try:
-      builder.download_and_prepare(file_format='array_record')
+      dataset.download_and_prepare(file_format='array_record')
     except FileExistsError:  # another process (a sweep's parallel runs, a second host process)
-      builder = _builder(name, data_dir)  # finished preparing the same version first
-      if not builder.is_prepared():
+      dataset = builder(name, data_dir)  # finished preparing the same version first
+      if not dataset.is_prepared():
         raise
   try:
     return tfds.data_source(name, split=split, data_dir=_data_dir(data_dir), download=False)
   except (AssertionError, FileNotFoundError, OSError, NotImplementedError) as e:
-    if builder.is_prepared():  # prepared, but as TFRecord: no random access without TensorFlow
-      raise DataError(f'dataset {name!r} in {builder.data_dir} is not in array_record format; '
+    if dataset.is_prepared():  # prepared, but as TFRecord: no random access without TensorFlow
+      raise DataError(f'dataset {name!r} in {dataset.data_dir} is not in array_record format; '
                       f'rebuild it with `tfds build {name} --file_format=array_record`') from e
-    raise _not_prepared(name, builder.data_dir) from e
+    raise _not_prepared(name, dataset.data_dir) from e
   except (ValueError, KeyError) as e:
-    if not builder.is_prepared():
-      raise _not_prepared(name, builder.data_dir) from e
+    if not dataset.is_prepared():
+      raise _not_prepared(name, dataset.data_dir) from e
     raise DataError(f'split {split!r} of dataset {name!r} cannot be read ({e}); its splits: '
-                    f'{", ".join(builder.info.splits)}; check config.data.*_split') from e
+                    f'{", ".join(dataset.info.splits)}; check config.data.*_split') from e
 
 
-def check_available(name, split, data_dir):
+def check_available(name: str, split: str, data_dir: str | None) -> None:
   """Raises DataError (with the command that fixes it) unless the split can be read offline."""
-  _open(name, split, data_dir)
+  open_source(name, split, data_dir)
 
 
-def load_split(name, split, data_dir=None):
+def load_split(name: str, split: str, data_dir: str | None = None) -> dict:
   """Reads a whole split into host memory.
 
   Returns {'inputs': (N, ...) array, 'label': (N,) int32}; `inputs` is the record's 'image' (uint8,
   NHWC) or 'features' (float32). Offline datasets are prepared on first use.
   """
-  source = _open(name, split, data_dir)
+  source = open_source(name, split, data_dir)
   records = [source[i] for i in range(len(source))]
   if not records:
     raise DataError(f'split {split!r} of dataset {name!r} is empty')
@@ -101,7 +120,7 @@ def _stack(name, split, values):
   return np.stack(values)
 
 
-def check_labels(arrays, num_classes, name, split):
+def check_labels(arrays: dict, num_classes: int, name: str, split: str) -> None:
   """Raises DataError naming the first record whose label is outside [0, num_classes)."""
   bad = np.flatnonzero((arrays['label'] < 0) | (arrays['label'] >= num_classes))
   if bad.size:
@@ -110,7 +129,7 @@ def check_labels(arrays, num_classes, name, split):
                     f'outside [0, {num_classes}); check config.task.kwargs.num_classes')
 
 
-def check_tokens(arrays, vocab_size, name, split):
+def check_tokens(arrays: dict, vocab_size: int, name: str, split: str) -> None:
   """Raises DataError naming the first record holding a token id outside [0, vocab_size)."""
   tokens = arrays['inputs']
   bad = np.argwhere((tokens < 0) | (tokens >= vocab_size))
@@ -124,24 +143,35 @@ def check_tokens(arrays, vocab_size, name, split):
 CV_SEED = 0  # fold assignment seed: fixed, so every config.seed sees the same folds
 
 
-def cv_fold_ids(labels, num_folds):
-  """Fold of every example of a split: labels (N,) int -> (N,) int in [0, num_folds).
+def cv_fold_ids(labels: np.ndarray, num_folds: int) -> np.ndarray:
+  """Fold of every example of a split: labels (N,) int -> (N,) int64 in [0, num_folds).
 
-  Deterministic (CV_SEED) and stratified: the examples are shuffled, grouped by label, and dealt
-  round-robin, so every fold holds each class in proportion and fold sizes differ by at most one.
+  The test folds of scikit-learn's StratifiedKFold(num_folds, shuffle=True, random_state=CV_SEED):
+  deterministic and stratified (every fold holds each class in proportion). DataError when
+  num_folds is outside [2, N] or a class has fewer than num_folds examples.
   """
+  from sklearn.model_selection import StratifiedKFold
+  labels = np.asarray(labels).reshape(-1)
   n = len(labels)
   if not 2 <= num_folds <= n:
     raise DataError(f'config.data.cv_folds={num_folds} must lie in [2, {n}] (the training split '
                     f'holds {n} examples)')
-  perm = np.random.default_rng(CV_SEED).permutation(n)
-  order = perm[np.argsort(labels[perm], kind='stable')]
+  classes, counts = np.unique(labels, return_counts=True)
+  if counts.min() < num_folds:  # StratifiedKFold would warn (some classes) or raise (all classes)
+    rare, fewest = classes[counts.argmin()], counts.min()
+    fix = (f'lower config.data.cv_folds to at most {fewest}' if fewest >= 2 else
+           'no stratified split exists: drop that class or turn cross-validation off')
+    raise DataError(f'config.data.cv_folds={num_folds} is more than the {fewest} training '
+                    f'example(s) of label {rare}; stratified folds need at least cv_folds examples '
+                    f'of every class: {fix}')
   folds = np.empty(n, np.int64)
-  folds[order] = np.arange(n) % num_folds
+  splitter = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=CV_SEED)
+  for fold, (_, held_out) in enumerate(splitter.split(np.zeros((n, 1)), labels)):
+    folds[held_out] = fold
   return folds
 
 
-def cv_split(arrays, num_folds, fold):
+def cv_split(arrays: dict, num_folds: int, fold: int) -> tuple[dict, dict]:
   """(train folds, held-out fold) of a split {'inputs': (N, ...), optional 'label': (N,)}, each in
   the split's original order; the held-out one is fold `fold` of cv_fold_ids (stratified when
   there are (N,) labels)."""
@@ -153,7 +183,7 @@ def cv_split(arrays, num_folds, fold):
           {k: v[held_out] for k, v in arrays.items()})
 
 
-def standardize(train, *others):
+def standardize(train: dict, *others: dict) -> list[dict]:
   """Scales float 'inputs' to zero mean, unit variance using the training split's statistics."""
   mean = train['inputs'].mean(0)
   std = train['inputs'].std(0) + 1e-8
@@ -182,7 +212,7 @@ class TrainBatches:
                        (jax.process_index() + 1) * self.batch_size // procs)
     self._epoch, self._perm = None, None
 
-  def batch(self, step):
+  def batch(self, step: int) -> dict:
     epoch, i = divmod(step, self.steps_per_epoch)
     if epoch != self._epoch:
       self._epoch = epoch
@@ -191,7 +221,7 @@ class TrainBatches:
     return {k: v[idx] for k, v in self.arrays.items()}
 
 
-def eval_batches(arrays, batch_size):
+def eval_batches(arrays: dict, batch_size: int) -> Iterator[dict]:
   """Yields process-local eval batches covering every example once.
 
   The last batch is padded to `batch_size`; batch['mask'] (B/P,) is 1.0 on real examples.

@@ -1,13 +1,12 @@
 """BERT-style encoder: token + position + segment embeddings, post-LN encoder stack, tied MLM head,
 next-sentence head, pooled classification head; and a converter from HuggingFace BERT weights.
 """
-from typing import Optional
+from typing import ClassVar, Optional
 
 import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bigjax.data import text
 from bigjax.errors import UserError
 from bigjax.models import attention, layers, transformer
 
@@ -19,7 +18,11 @@ class Model(nn.Module):
   head='classify': (B, num_classes) logits from the pooled [CLS] representation.
   Tokens equal to pad_id are masked out of attention. mlp_dim 0 means 4 * embed_dim.
   """
-  vocab_size: int = text.VOCAB_SIZE
+  # Fields that build() fills from the data (DataInfo attribute or the task's output_size);
+  # configs do not set them.
+  data_fields: ClassVar[dict[str, str]] = {'vocab_size': 'vocab_size', 'pad_id': 'pad_id',
+                                           'num_classes': 'output_size'}
+  vocab_size: int = 260
   num_layers: int = 4
   num_heads: int = 4
   embed_dim: int = 256
@@ -29,7 +32,7 @@ class Model(nn.Module):
   dropout: float = 0.1
   head: str = 'pretrain'
   num_classes: int = 2
-  pad_id: int = text.PAD
+  pad_id: int = 256
   activation: str = 'gelu_exact'
   norm_eps: float = 1e-12
   pre_ln: bool = False
@@ -45,10 +48,10 @@ class Model(nn.Module):
     chex.assert_rank(inputs, 2)
     b, t = inputs.shape
     if t > self.max_len:
-      raise UserError(f'sequence length {t} exceeds config.model.kwargs.max_len={self.max_len}; '
-                      'shorten config.data.seq_len or raise max_len')
+      raise ValueError(f'sequence length {t} exceeds max_len={self.max_len}; shorten the '
+                       'sequences or raise max_len')
     if self.head not in ('pretrain', 'classify'):
-      raise UserError(f"config.model.kwargs.head={self.head!r} is unknown; use 'pretrain' or "
+      raise ValueError(f"head={self.head!r} is unknown; use 'pretrain' or "
                       "'classify'")
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     init = nn.initializers.normal(0.02)
@@ -90,6 +93,22 @@ class Model(nn.Module):
     return {'mlm_logits': mlm_logits.astype(jnp.float32),
             'nsp_logits': nsp_logits.astype(jnp.float32)}
 
+  @nn.nowrap
+  def transformer_shape(self, input_shape: tuple[int, ...]) -> tuple[str, int, int, int, int]:
+    """('bert', L, T, d, 0) for one example's tokens of shape (T,) (see bigjax.flops)."""
+    return 'bert', self.num_layers, int(input_shape[0]), self.embed_dim, 0
+
+  @nn.nowrap
+  def train_flops_per_example(self, params, input_shape: tuple[int, ...]) -> int:
+    """Analytic training FLOPs of one example of tokens (T,) (bigjax.flops conventions): 6 * N * T
+    + 12 * L * T^2 * d, N leaving out lookup tables (and the token embedding when head='classify'
+    does not reuse it); pooler, classifier and NSP head count 6 * params once per example."""
+    from bigjax.flops import counting  # pylint: disable=import-outside-toplevel
+    _, num_layers, t, d, _ = self.transformer_shape(input_shape)
+    lookup = counting.LOOKUP_TABLES + (('embed',) if self.head == 'classify' else ())
+    return counting.transformer_train_flops(params, num_layers=num_layers, seq_len=t, embed_dim=d,
+                                            lookup=lookup, per_example=counting.PER_EXAMPLE_HEADS)
+
 
 # ----------------------------------------------------------------------------------------------
 # HuggingFace BERT weights (BertForPreTraining / BertForMaskedLM / BertModel PyTorch state dicts).
@@ -104,7 +123,7 @@ def config_from_hf(hf_config, head='pretrain', num_classes=2):
   max_len=max_position_embeddings, type_vocab_size, norm_eps=layer_norm_eps,
   activation='gelu_exact', pre_ln=False, dropout=0.0 (set it, e.g. to hidden_dropout_prob, for
   fine-tuning), head, num_classes, and pad_id=hf_config.pad_token_id: HF BERT's pad id (0) is not
-  bigjax's byte-level text.PAD (256), and bert.Model masks the tokens equal to pad_id out of
+  bigjax's byte-level PAD (256), and bert.Model masks the tokens equal to pad_id out of
   attention as HF does with attention_mask = (ids != pad_token_id). pad_token_id None gives
   pad_id=-1 (no token is masked). Raises UserError for settings bert.Model cannot reproduce:
   hidden_act other than the exact GELU, position_embedding_type other than 'absolute',

@@ -2,7 +2,7 @@
 
 Conv32-Pool-Conv64-Pool-Conv64-Dense64-Dense10, 3x3 VALID convs, ReLU, 2x2 max-pools.
 """
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import chex
 import flax.linen as nn
@@ -18,6 +18,9 @@ class Model(nn.Module):
   dense_features hidden widths before the classifier. batch_norm after each conv, dropout after each
   hidden dense layer. kernel_init: kernel initializer (see layers.INITIALIZERS).
   """
+  # Fields that build() fills from the data (DataInfo attribute or the task's output_size);
+  # configs do not set them.
+  data_fields: ClassVar[dict[str, str]] = {'num_classes': 'output_size'}
   conv_features: Sequence[int] = (32, 64, 64)
   pool_after: Sequence[bool] = (True, True, False)
   dense_features: Sequence[int] = (64,)
@@ -34,8 +37,7 @@ class Model(nn.Module):
   def __call__(self, x, *, train=False):
     chex.assert_rank(x, 4)
     if len(self.pool_after) != len(self.conv_features):
-      from bigjax.errors import UserError
-      raise UserError(f'config.model.kwargs.pool_after has {len(self.pool_after)} entries but '
+      raise ValueError(f'pool_after has {len(self.pool_after)} entries but '
                       f'conv_features has {len(self.conv_features)}; give one per conv layer')
     kw = dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
               kernel_init=layers.initializer(self.kernel_init))

@@ -5,7 +5,7 @@ converter from HuggingFace GPT-2 weights.
   tokens = generate(model, params, prompt_BT, max_new_tokens=100, temperature=0.8, top_k=40, seed=0)
 """
 import functools
-from typing import Optional
+from typing import ClassVar, Optional
 
 import chex
 import flax.linen as nn
@@ -27,6 +27,9 @@ class Model(nn.Module):
   normalises each sublayer's input and the stack's output before the head; False is the original
   Transformer's post-LN, LayerNorm(x + sublayer(x)) after every residual add and no final norm.
   """
+  # Fields that build() fills from the data (DataInfo attribute or the task's output_size);
+  # configs do not set them.
+  data_fields: ClassVar[dict[str, str]] = {'vocab_size': 'vocab_size'}
   vocab_size: int = 260
   num_layers: int = 6
   num_heads: int = 6
@@ -53,13 +56,13 @@ class Model(nn.Module):
     chex.assert_rank(inputs, 2)
     b, t = inputs.shape
     if t > self.max_len:
-      raise UserError(f'sequence length {t} exceeds config.model.kwargs.max_len={self.max_len}; '
-                      'shorten config.data.seq_len or raise max_len')
+      raise ValueError(f'sequence length {t} exceeds max_len={self.max_len}; shorten the '
+                       'sequences or raise max_len')
     if self.embed_dim % self.num_heads:
-      raise UserError(f'config.model.kwargs.embed_dim={self.embed_dim} is not divisible by '
+      raise ValueError(f'embed_dim={self.embed_dim} is not divisible by '
                       f'num_heads={self.num_heads}')
     if self.positions not in ('learned', 'sinusoidal', 'rotary'):
-      raise UserError(f"config.model.kwargs.positions={self.positions!r} is unknown; use 'learned', "
+      raise ValueError(f"positions={self.positions!r} is unknown; use 'learned', "
                       "'sinusoidal' or 'rotary'")
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     start = 0
@@ -95,6 +98,19 @@ class Model(nn.Module):
                    max_decode_length=self.max_len, dtype=dtype, param_dtype=param_dtype),
     )(x, None, positions, train=train, decode=decode)
     return embed.attend(x).astype(jnp.float32)
+
+  @nn.nowrap
+  def transformer_shape(self, input_shape: tuple[int, ...]) -> tuple[str, int, int, int, int]:
+    """('gpt', L, T, d, 0) for one example's tokens of shape (T,) (see bigjax.flops)."""
+    return 'gpt', self.num_layers, int(input_shape[0]), self.embed_dim, 0
+
+  @nn.nowrap
+  def train_flops_per_example(self, params, input_shape: tuple[int, ...]) -> int:
+    """Analytic training FLOPs of one example of tokens (T,): 6 * N * T + 12 * L * T^2 * d with
+    N = all parameters but the position table (bigjax.flops conventions)."""
+    from bigjax.flops import counting  # pylint: disable=import-outside-toplevel
+    _, num_layers, t, d, _ = self.transformer_shape(input_shape)
+    return counting.transformer_train_flops(params, num_layers=num_layers, seq_len=t, embed_dim=d)
 
 
 def _sample(logits_BV, rng, temperature, top_k, top_p):
@@ -149,13 +165,13 @@ def generate(model, params, prompt, *, max_new_tokens=100, temperature=1.0, top_
   """
   prompt = np.asarray(prompt)
   if prompt.ndim != 2 or prompt.shape[1] < 1:
-    raise UserError(f'prompt must be (batch, length >= 1) token ids, got shape {prompt.shape}')
+    raise ValueError(f'prompt must be (batch, length >= 1) token ids, got shape {prompt.shape}')
   if prompt.shape[1] + max_new_tokens > model.max_len:
-    raise UserError(f'prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds '
-                    f'config.model.kwargs.max_len={model.max_len}')
+    raise ValueError(f'prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds '
+                     f'max_len={model.max_len}')
   if prompt.min() < 0 or prompt.max() >= model.vocab_size:
-    raise UserError(f'prompt token ids must lie in [0, {model.vocab_size}); got '
-                    f'{prompt.min()}..{prompt.max()}')
+    raise ValueError(f'prompt token ids must lie in [0, {model.vocab_size}); got '
+                     f'{prompt.min()}..{prompt.max()}')
   return _generate(model, params, jnp.asarray(prompt, jnp.int32), jax.random.key(seed),
                    max_new_tokens, float(temperature), int(top_k), float(top_p))
 

@@ -19,20 +19,18 @@ INITIALIZERS = {'lecun': nn.initializers.lecun_normal(), 'he': nn.initializers.h
                 'normal': nn.initializers.normal(1e-2)}
 
 
-def initializer(name, field='config.model.kwargs.kernel_init'):
+def initializer(name, field='kernel_init'):
   """Kernel initializer by name: lecun (flax default), he, glorot, glorot_uniform (Keras default),
   normal (N(0, 0.01^2), a "plain" small random init)."""
-  from bigjax.errors import UserError
   if name not in INITIALIZERS:
-    raise UserError(f'{field}={name!r} is unknown; known: {", ".join(INITIALIZERS)}')
+    raise ValueError(f'{field}={name!r} is unknown; known: {", ".join(INITIALIZERS)}')
   return INITIALIZERS[name]
 
 
-def activation(name, field='config.model.kwargs.activation'):
+def activation(name, field='activation'):
   """Returns the activation function called `name`; unknown names list the known ones."""
-  from bigjax.errors import UserError
   if name not in ACTIVATIONS:
-    raise UserError(f'{field}={name!r} is unknown; known: {", ".join(ACTIVATIONS)}')
+    raise ValueError(f'{field}={name!r} is unknown; known: {", ".join(ACTIVATIONS)}')
   return ACTIVATIONS[name]
 
 

@@ -1,5 +1,5 @@
 """Multi-layer perceptron over flattened inputs."""
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import chex
 import flax.linen as nn
@@ -16,6 +16,9 @@ class Model(nn.Module):
   applies softmax/sigmoid inside its loss). kernel_init: kernel initializer (see
   layers.INITIALIZERS). norm: 'none' (or None) or 'layernorm' after each hidden Dense. dropout: rate after each hidden activation.
   """
+  # Fields that build() fills from the data (DataInfo attribute or the task's output_size);
+  # configs do not set them.
+  data_fields: ClassVar[dict[str, str]] = {'num_outputs': 'output_size'}
   hidden: Sequence[int] = (128,)
   num_outputs: int = 10
   activation: str = 'relu'
@@ -30,8 +33,7 @@ class Model(nn.Module):
   def __call__(self, x, *, train=False):
     chex.assert_rank(x, {2, 3, 4})
     if self.norm not in (None, '', 'none', 'layernorm'):
-      from bigjax.errors import UserError
-      raise UserError(f"config.model.kwargs.norm={self.norm!r} is unknown; use 'none' or 'layernorm'")
+      raise ValueError(f"norm={self.norm!r} is unknown; use 'none' or 'layernorm'")
     act = layers.activation(self.activation)
     kw = dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
               kernel_init=layers.initializer(self.kernel_init))
@@ -47,5 +49,5 @@ class Model(nn.Module):
       names = names[::-1]
     x = layers.dense(self.num_outputs, (names[0], 'classes'), name='output', **kw)(x)
     if self.output_activation:
-      x = layers.activation(self.output_activation, 'config.model.kwargs.output_activation')(x)
+      x = layers.activation(self.output_activation, 'output_activation')(x)
     return x.astype(jnp.float32)

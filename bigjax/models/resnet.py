@@ -1,9 +1,10 @@
 """ResNet-18/34/50 (He et al. 2016) with CIFAR (3x3 stem) or ImageNet (7x7/2 + max-pool) stems."""
+from typing import ClassVar
+
 import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bigjax.errors import UserError
 from bigjax.models import layers
 
 STAGES = {18: ('basic', (2, 2, 2, 2)), 34: ('basic', (3, 4, 6, 3)), 50: ('bottleneck', (3, 4, 6, 3))}
@@ -47,6 +48,9 @@ class Model(nn.Module):
   depth: 18, 34 or 50. stem: 'cifar' (3x3 conv, stride 1, no pool; for 32x32 inputs) or 'imagenet'
   (7x7 conv stride 2 + 3x3 max-pool stride 2). width: channels of the first stage.
   """
+  # Fields that build() fills from the data (DataInfo attribute or the task's output_size);
+  # configs do not set them.
+  data_fields: ClassVar[dict[str, str]] = {'num_classes': 'output_size'}
   depth: int = 18
   num_classes: int = 10
   stem: str = 'cifar'
@@ -58,10 +62,10 @@ class Model(nn.Module):
   def __call__(self, x, *, train=False):
     chex.assert_rank(x, 4)
     if self.depth not in STAGES:
-      raise UserError(f'config.model.kwargs.depth={self.depth} is unsupported; use one of '
+      raise ValueError(f'depth={self.depth} is unsupported; use one of '
                       f'{sorted(STAGES)}')
     if self.stem not in ('cifar', 'imagenet'):
-      raise UserError(f"config.model.kwargs.stem={self.stem!r} is unknown; use 'cifar' or 'imagenet'")
+      raise ValueError(f"stem={self.stem!r} is unknown; use 'cifar' or 'imagenet'")
     kw = dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
     kind, blocks = STAGES[self.depth]
     x = x.astype(kw['dtype'])

@@ -12,7 +12,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bigjax.errors import UserError
 from bigjax.models import attention, layers
 
 REMAT_POLICIES = {'none': None, 'full': None,
@@ -28,7 +27,7 @@ def norm(kind, eps, dtype, param_dtype, name=None):
                         bias_init=layers.partitioned(nn.initializers.zeros_init(), ('norm',)))
   if kind == 'rmsnorm':
     return nn.RMSNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name, scale_init=ones)
-  raise UserError(f"config.model.kwargs.norm={kind!r} is unknown; use 'layernorm' or 'rmsnorm'")
+  raise ValueError(f"norm={kind!r} is unknown; use 'layernorm' or 'rmsnorm'")
 
 
 class Mlp(nn.Module):
@@ -59,7 +58,7 @@ class Mlp(nn.Module):
     elif self.activation in acts:
       h = acts[self.activation](layers.dense(self.mlp_dim, ('embed', 'mlp'), name='wi', **kw)(x))
     else:
-      raise UserError(f'config.model.kwargs.activation={self.activation!r} is unknown; use one of '
+      raise ValueError(f'activation={self.activation!r} is unknown; use one of '
                       f'{", ".join([*acts, "swiglu"])}')
     h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
     return layers.dense(d, ('mlp', 'embed'), name='wo', **kw)(h)
@@ -139,7 +138,7 @@ class Stack(nn.Module):
   def __call__(self, x, mask=None, positions=None, context=None, context_mask=None, *,
                train=False, decode=False):
     if self.remat not in REMAT_POLICIES:
-      raise UserError(f'config.model.kwargs.remat={self.remat!r} is unknown; use one of '
+      raise ValueError(f'remat={self.remat!r} is unknown; use one of '
                       f'{", ".join(REMAT_POLICIES)}')
     cls = Block
     if self.remat != 'none':

@@ -1,6 +1,4 @@
-"""Objectives. `config.task.name='classification'` builds `bigjax.tasks.classification.Task(**kwargs)`.
-
-A Task turns model outputs and a batch {'inputs', 'label'} into a training loss and metrics
-(`loss_and_metrics`, on device, inside the jitted step), and turns the gathered eval outputs into a
-report (`eval_report`, on the host).
+"""Objectives. `config.task.name='classification'` builds
+`bigjax.tasks.classification.Task(data_info, **config.task.kwargs)`; `base.py` states the interface
+(prepare, output size, loss and metrics, eval outputs, eval report) and the derived `DataInfo`.
 """

@@ -10,16 +10,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bigjax.data import pipeline
+from bigjax.tasks import base
 
-class Task:
-  """vocab_size: V, the model's output size; label_smoothing: as in classification."""
 
-  def __init__(self, vocab_size=260, label_smoothing=0.0):
-    self.vocab_size = vocab_size
+class Task(base.Task):
+  """V = data.vocab_size (the tokenizer's), the model's output size; label_smoothing: as in
+  classification."""
+
+  def __init__(self, data: base.DataInfo, label_smoothing: float = 0.0):
+    super().__init__(data)
+    self.vocab_size = data.require('vocab_size', 'causal_lm')
     self.label_smoothing = label_smoothing
 
+  @property
+  def output_size(self) -> int:
+    return self.vocab_size
+
   def check_data(self, arrays, name, split):
-    from bigjax.data import pipeline
     pipeline.check_tokens(arrays, self.vocab_size, name, split)
 
   def prepare(self, batch, rng):

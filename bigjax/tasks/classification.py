@@ -7,31 +7,42 @@ import optax
 
 from bigjax import metrics
 from bigjax.data import pipeline
+from bigjax.tasks import base
 
 
-class Task:
-  """num_classes: K; the model outputs (B, K) logits, or (B, 1) when binary=True (label 1 = positive).
+class Task(base.Task):
+  """K = data.num_classes (from the dataset); the model outputs (B, K) logits, or (B, 1) when
+  binary=True (two classes, label 1 = positive).
 
   label_smoothing: mass spread uniformly over the K classes (softmax only).
   """
 
-  def __init__(self, num_classes=10, label_smoothing=0.0, binary=False):
-    self.num_classes = num_classes
+  writes_predictions = True
+
+  def __init__(self, data: base.DataInfo, label_smoothing: float = 0.0, binary: bool = False):
+    super().__init__(data)
+    self.num_classes = data.require('num_classes', 'classification')
+    if binary and self.num_classes != 2:
+      raise ValueError(f'binary=True needs a dataset with 2 classes, not {self.num_classes}')
     self.label_smoothing = label_smoothing
     self.binary = binary
 
   @property
-  def num_outputs(self):
+  def output_size(self) -> int:
     return 1 if self.binary else self.num_classes
 
   def check_data(self, arrays, name, split):
-    pipeline.check_labels(arrays, 2 if self.binary else self.num_classes, name, split)
+    pipeline.check_labels(arrays, self.num_classes, name, split)
+
+  def prediction_scores(self, outputs):
+    """(N, 1) P(label=1) -> (N,) when binary, else the (N, K) class probabilities."""
+    return outputs[:, 0] if self.binary else outputs
 
   def loss_and_metrics(self, logits, batch):
     """logits (B, K) or (B, 1) float32; batch['label'] (B,) int -> (scalar loss, {'accuracy': ()})."""
     labels = batch['label']
     chex.assert_rank(labels, 1)
-    chex.assert_shape(logits, (labels.shape[0], self.num_outputs))
+    chex.assert_shape(logits, (labels.shape[0], self.output_size))
     if self.binary:
       losses = optax.sigmoid_binary_cross_entropy(logits[:, 0], labels.astype(jnp.float32))
       correct = (logits[:, 0] > 0) == (labels == 1)

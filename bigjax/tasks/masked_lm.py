@@ -8,22 +8,27 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bigjax.data import text
+from bigjax.data import pipeline
+from bigjax.tasks import base
 
 
-class Task:
-  """vocab_size: V. Token ids >= num_regular_tokens (PAD, CLS, SEP, MASK) are never chosen."""
+class Task(base.Task):
+  """V, the mask id and the regular-token count come from the tokenizer (data); token ids >=
+  num_regular_tokens (PAD, CLS, SEP, MASK) are never chosen."""
 
-  def __init__(self, vocab_size=text.VOCAB_SIZE, mask_rate=0.15, mask_id=text.MASK,
-               num_regular_tokens=256, next_sentence=True):
-    self.vocab_size = vocab_size
+  def __init__(self, data: base.DataInfo, mask_rate: float = 0.15, next_sentence: bool = True):
+    super().__init__(data)
+    self.vocab_size = data.require('vocab_size', 'masked_lm')
+    self.mask_id = data.require('mask_id', 'masked_lm')
+    self.num_regular_tokens = data.require('num_regular_tokens', 'masked_lm')
     self.mask_rate = mask_rate
-    self.mask_id = mask_id
-    self.num_regular_tokens = num_regular_tokens
     self.next_sentence = next_sentence
 
+  @property
+  def output_size(self) -> int:
+    return self.vocab_size
+
   def check_data(self, arrays, name, split):
-    from bigjax.data import pipeline
     pipeline.check_tokens(arrays, self.vocab_size, name, split)
 
   def prepare(self, batch, rng):

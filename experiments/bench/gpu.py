@@ -4,19 +4,27 @@
                                   [--batch gpt125m=32,gpt1b=8]
   python experiments/bench/gpu.py --cpu_smoke      # plumbing check on CPU: tiny shapes, no numbers
 
+Runs from any directory and writes nothing unless --profile DIR is given (DIR is relative to the
+current directory).
+
 Models (each in a fresh subprocess, on jax.devices()[0] alone):
   gpt125m    GPT-2 small shape: 12 layers, 12 heads, 768 wide, context 1024, vocab 50304, batch 32.
   gpt1b      24 layers, 16 heads, 2048 wide, context 2048, vocab 50304, batch 8 (~1.3B parameters).
-  mnist_cnn  configs/mnist_cnn.py as shipped (batch 64, mnist5k, float32).
-Both GPTs: configs/gpt_shakespeare.py with the model replaced (learned positions, tied embedding,
-GELU MLP 4x, no dropout), bfloat16 compute with float32 parameters and optimizer state
+  mnist_cnn  the shipped mnist_cnn config as it is (batch 64, mnist5k, float32).
+Both GPTs: the shipped gpt_shakespeare config with the model replaced (learned positions, tied
+embedding, GELU MLP 4x, no dropout), bfloat16 compute with float32 parameters and optimizer state
 (dtype='bfloat16', param_dtype='float32'), cuDNN flash attention (attention='cudnn'), layers
 unrolled (scan=False: on the H100 the scanned stack spent ~18% of the 125M step copying per-layer
 slices in and out of the stacked arrays), no remat (the 1B step fits in 52 GiB), the config's AdamW with warmup + cosine and clipping. Data: synthetic uniform random token windows
-over the full vocabulary (B x (T+1) int32), supplied by replacing `bigjax.train.load_data` for
-this process, so no data set is needed; everything else is bigjax's: `train.build(config)`,
-`Experiment.compile_train_step()` (the jitted, donated train step train.py runs),
-`steps.create_state`, `TrainBatches` and `train.to_global` for every batch.
+over the full vocabulary (B x (T+1) int32), so no data set is needed. The GPT worker replaces two
+functions of `bigjax.experiment` in its own process (`use_synthetic_data`):
+`experiment.tokenizer_for` returns a `SyntheticVocab` (only the facts build() derives the model's
+and task's vocabulary from: vocab_size = 50304, num_regular_tokens = vocab_size - 4 and the four
+special ids pad, cls, sep, mask after them; it encodes nothing), and `experiment.load_data`
+returns the random windows. Everything else is bigjax's: `experiment.build(config)` (which derives
+vocab_size from that tokenizer and checks the tokens as usual), `Experiment.compile_train_step()`
+(the jitted, donated train step train.py runs), `steps.create_state`, `TrainBatches` and
+`Experiment.to_global` for every batch.
 Timing: `--warmup` steps, then `--steps` steps dispatched back to back, blocking on the last
 result; step time = elapsed / steps. MFU (bigjax.flops): model FLOPs per step / step time / dense
 bf16 peak of the device (H100 SXM 989.5 TFLOP/s); GPT model FLOPs = 6*N*tokens + 12*L*T*d*tokens
@@ -32,7 +40,6 @@ import time
 import numpy as np
 
 import harness
-from harness import ROOT
 
 VOCAB = 50304
 GPTS = {
@@ -46,68 +53,92 @@ SMOKE_VOCAB = 512
 
 
 def gpt_config(name, batch, smoke, model_overrides=()):
-  """configs/gpt_shakespeare.py with the benchmark's GPT (see the module docstring).
+  """The shipped gpt_shakespeare config with the benchmark's GPT (see the module docstring). The
+  vocabulary is not set here: build() derives it from the tokenizer (`use_synthetic_data`).
 
   model_overrides: (key, value-string) pairs for config.model.kwargs (from --set), e.g. scan=false.
   """
   from bigjax import config_lib
   shape = dict(SMOKE_GPT if smoke else GPTS[name])
   shape.pop('batch')
-  vocab = SMOKE_VOCAB if smoke else VOCAB
-  config = config_lib.load_config_file(os.path.join(ROOT, 'configs', 'gpt_shakespeare.py'))
-  config.model.kwargs.update(vocab_size=vocab, dropout=0.0, scan=False, remat='none',
+  config = config_lib.load_config_file('gpt_shakespeare')
+  # The context length is config.data.seq_len; the config ties the model's max_len to it.
+  config.data.seq_len = shape.pop('max_len')
+  config.model.kwargs.update(dropout=0.0, scan=False, remat='none',
                              attention='xla' if smoke else 'cudnn',
                              dtype='bfloat16', param_dtype='float32', **shape)
   for key, value in model_overrides:
     default = config.model.kwargs.get(key, '')  # fields the config leaves unset are strings
     config.model.kwargs[key] = (value.lower() == 'true' if isinstance(default, bool)
                                 else type(default)(value))
-  config.task.kwargs.vocab_size = vocab
-  config.data.seq_len = shape['max_len']
   config.batch_size = config.eval_batch_size = batch
   return config
 
 
-def synthetic_tokens(config, rows, seed):
-  """{'inputs': (rows, seq_len + 1) int32} uniform over the model's vocabulary."""
+class SyntheticVocab:
+  """What `experiment.tokenizer_for` returns in a GPT worker: the vocabulary facts build() reads
+  (bigjax's tokenizer convention: the last four ids are PAD, CLS, SEP, MASK); no encode/decode,
+  since the data are random ids already."""
+
+  def __init__(self, vocab_size):
+    self.name = f'synthetic{vocab_size}'
+    self.vocab_size = vocab_size
+    self.num_regular_tokens = vocab_size - 4
+    self.pad, self.cls, self.sep, self.mask = range(vocab_size - 4, vocab_size)
+
+
+def synthetic_tokens(seq_len, vocab, rows, seed):
+  """{'inputs': (rows, seq_len + 1) int32} uniform over the whole vocabulary."""
   rng = np.random.default_rng(seed)
-  vocab = config.model.kwargs.vocab_size
-  return {'inputs': rng.integers(0, vocab, (rows, config.data.seq_len + 1), dtype=np.int32)}
+  return {'inputs': rng.integers(0, vocab, (rows, seq_len + 1), dtype=np.int32)}
+
+
+def use_synthetic_data(vocab):
+  """Replaces, in this process only, bigjax.experiment's tokenizer (a SyntheticVocab of `vocab`)
+  and data loading (4 batches of random train windows, one eval batch): build() then derives the
+  model's and task's vocab_size = `vocab` and checks the tokens as it does for real data."""
+  from bigjax import experiment
+  tokenizer = SyntheticVocab(vocab)
+  experiment.tokenizer_for = lambda config: tokenizer
+
+  def load_data(config, tokenizer=None):
+    del tokenizer
+    seq = config.data.seq_len
+    return (synthetic_tokens(seq, vocab, 4 * config.batch_size, 0),
+            synthetic_tokens(seq, vocab, config.eval_batch_size, 1), 'synthetic')
+  experiment.load_data = load_data
 
 
 def run_model(name, steps, warmup, batch, smoke, profile_dir='', model_overrides=()):
   """One model in this process -> its result dict (see the module docstring)."""
   os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.92')
-  sys.path.insert(0, ROOT)
   import jax
   from bigjax import compile as compile_lib
-  from bigjax import config_lib, flops, steps as steps_lib, train
+  from bigjax import config_lib, experiment, flops, steps as steps_lib
 
   if name in GPTS:
     batch = batch or (SMOKE_GPT if smoke else GPTS[name])['batch']
     config = gpt_config(name, batch, smoke, model_overrides)
     # bigjax's data path with random tokens instead of a data set (checked by the task as usual).
-    train.load_data = lambda cfg, task: (synthetic_tokens(cfg, 4 * cfg.batch_size, 0),
-                                         synthetic_tokens(cfg, cfg.eval_batch_size, 1))
+    use_synthetic_data(SMOKE_VOCAB if smoke else VOCAB)
   else:
-    config = config_lib.load_config_file(os.path.join(ROOT, 'configs', 'mnist_cnn.py'))
+    config = config_lib.load_config_file('mnist_cnn')
     if batch:
       config.batch_size = batch
-  exp = train.build(config, devices=jax.devices()[:1])
+  exp = experiment.build(config, devices=jax.devices()[:1])
   t0 = time.perf_counter()
   compiled = exp.compile_train_step()
   compile_s = time.perf_counter() - t0
   state = steps_lib.create_state(exp.model, exp.tx, exp.sample, config.seed, exp.shardings)
   host = [exp.batches.batch(i) for i in range(warmup + steps)]
-  sharding = exp.batch_sharding
   metrics = None
   for i in range(warmup):
-    state, metrics = compiled(state, train.to_global(host[i], sharding))
+    state, metrics = compiled(state, exp.to_global(host[i]))
   jax.block_until_ready((state, metrics))
   pending = []
   t0 = time.perf_counter()
   for i in range(warmup, warmup + steps):
-    state, metrics = compiled(state, train.to_global(host[i], sharding))
+    state, metrics = compiled(state, exp.to_global(host[i]))
     pending.append(metrics)
   jax.block_until_ready((state, pending))
   train_s = time.perf_counter() - t0
@@ -115,7 +146,7 @@ def run_model(name, steps, warmup, batch, smoke, profile_dir='', model_overrides
   if profile_dir:  # a few more steps under the profiler (after timing, so they cost it nothing)
     with jax.profiler.trace(os.path.join(profile_dir, name), create_perfetto_trace=True):
       for i in range(3):
-        state, metrics = compiled(state, train.to_global(host[i % len(host)], sharding))
+        state, metrics = compiled(state, exp.to_global(host[i % len(host)]))
       jax.block_until_ready((state, metrics))
   report = flops.throughput_report(exp, compiled, train_s, steps)
   memory = compile_lib.memory_report(compiled)

@@ -1,25 +1,35 @@
 """GPU correctness checks that the CPU test suite can only fake: cuDNN attention and bf16 training.
 
-  python experiments/bench/gpu_checks.py [--steps 300]
+  python experiments/bench/gpu_checks.py [--steps 300]     (from any directory; writes nothing)
+
+tests/test_gpu.py runs the same two functions (`attention_check`, `training_check`, a shorter
+training run) with pass/fail assertions at ATTENTION_TOL and TRAINING_REL_TOL; this script prints
+the full tables (the README's numbers).
 
 1. cuDNN flash attention (`attention='cudnn'`) against bigjax's XLA attention computed in float32 on
    the same bf16 inputs: relative error ||out - ref|| / ||ref|| of the output and of the gradients
    of q, k, v, for causal, padded and plain attention (B=4, T=S=1024, 8 heads of 64).
-2. One training run per variant of `configs/gpt_shakespeare.py:size=small` (real Shakespeare bytes,
+2. One training run per variant of the shipped `gpt_shakespeare:size=small` (real Shakespeare bytes,
    `--steps` steps, same seed and batches): float32 + XLA attention (the reference), bfloat16
    compute with float32 parameters + XLA attention, bfloat16 + cuDNN attention. Prints each
    variant's train-loss curve against the reference's (max |difference| over the logged steps)
    and the final validation loss.
+
+Tolerances (what tests/test_gpu.py asserts): ATTENTION_TOL bounds the relative error of the cuDNN
+output and of every gradient (measured on an H100: <= 2.8e-3, the bf16-operand level; bf16 keeps
+8 significant bits, relative rounding 2^-8 = 3.9e-3); TRAINING_REL_TOL bounds max |loss - fp32
+loss| / fp32 loss over the logged train losses (measured: 0.06% over 300 steps).
 """
 import argparse
-import os
-import sys
 import tempfile
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
+ATTENTION_TOL = 1e-2
+TRAINING_REL_TOL = 1e-2
+VARIANTS = {'float32 + xla': dict(dtype='float32', attention='xla'),
+            'bfloat16 + xla': dict(dtype='bfloat16', attention='xla'),
+            'bfloat16 + cudnn': dict(dtype='bfloat16', attention='cudnn')}
 
 
 def rel_err(x, ref):
@@ -61,19 +71,17 @@ def attention_check():
   return rows
 
 
-def training_check(steps):
-  """Train-loss curves of the three variants -> rows of (variant, max |dloss|, final eval loss)."""
+def training_check(steps, log_every=10):
+  """Train-loss curves of the VARIANTS (fp32 + XLA first, the reference) -> rows of (variant,
+  max |dloss|, max |dloss| / loss, first and last logged train loss, final eval loss); the
+  losses are those logged every `log_every` steps. Each run trains in a temporary workdir."""
   from bigjax import config_lib, train
-  variants = {'float32 + xla': dict(dtype='float32', attention='xla'),
-              'bfloat16 + xla': dict(dtype='bfloat16', attention='xla'),
-              'bfloat16 + cudnn': dict(dtype='bfloat16', attention='cudnn')}
   curves, finals = {}, {}
-  for name, kw in variants.items():
-    config = config_lib.load_config_file(os.path.join(ROOT, 'configs', 'gpt_shakespeare.py') +
-                                         ':size=small')
+  for name, kw in VARIANTS.items():
+    config = config_lib.load_config_file('gpt_shakespeare:size=small')
     config.model.kwargs.update(**kw)
     config.num_steps = steps
-    config.log_every = 10
+    config.log_every = log_every
     config.eval_every = 0
     config.checkpoint_every = steps
     config.data.eval_max_examples = 512
@@ -92,6 +100,8 @@ def main():
   args = parser.parse_args()
   import jax
   print(f'jax {jax.__version__}, device {jax.devices()[0].device_kind}')
+  print(f'tolerances (tests/test_gpu.py): attention {ATTENTION_TOL:g}, training '
+        f'{TRAINING_REL_TOL:.0%}')
   print('\n| attention case (B=4, T=1024, 8x64, bf16) | output rel. error | max grad rel. error |')
   print('|---|---|---|')
   for name, out_err, grad_err in attention_check():

@@ -1,7 +1,9 @@
 """What the benchmarks share: machine info, one fresh subprocess per measurement, interleaved rounds.
 
-A benchmark script runs itself with `--worker NAME ...`; the worker prints one line
-`RESULT {json}` that `run_worker` parses.
+A benchmark script runs itself with `--worker NAME ...` (`sys.executable` and the script's absolute
+path, in the caller's current directory); the worker prints one line `RESULT {json}` that
+`run_worker` parses. Nothing here depends on where the repository is: bigjax is imported as an
+installed package and its configs are loaded by bare name.
 """
 import importlib.metadata
 import json
@@ -9,8 +11,6 @@ import os
 import platform
 import subprocess
 import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def version(pkg):
@@ -38,7 +38,7 @@ def machine_info():
 def run_worker(script, name, *args):
   """Runs `python script --worker name *args` in a fresh process; returns its RESULT dict."""
   cmd = [sys.executable, os.path.abspath(script), '--worker', name, *map(str, args)]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+  proc = subprocess.run(cmd, capture_output=True, text=True)
   lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
   if proc.returncode or not lines:
     sys.exit(f'{name} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}')

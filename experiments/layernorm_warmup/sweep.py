@@ -14,7 +14,7 @@ from bigjax import sweep
 
 def get_sweep():
   return sweep.Sweep(
-      config='configs/gpt_shakespeare.py:size=small',
+      config='gpt_shakespeare:size=small',
       overrides={'model.kwargs.num_layers': 6, 'model.kwargs.max_len': 64, 'data.seq_len': 64,
                  'num_steps': 400, 'eval_every': 100, 'log_every': 10, 'checkpoint_every': 100,
                  'data.eval_max_examples': 256},

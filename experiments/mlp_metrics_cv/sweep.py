@@ -46,7 +46,7 @@ def plot(runs, outdir):
 
 def get_sweep():
   return sweep.Sweep(
-      config='configs/mlp_breast_cancer.py',
+      config='mlp_breast_cancer',
       overrides={'save_eval_predictions': True},
       folds=5,
       metrics=['accuracy', 'precision', 'recall', 'f1', 'roc_auc'],

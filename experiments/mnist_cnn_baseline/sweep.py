@@ -10,7 +10,7 @@ from bigjax import sweep
 
 def get_sweep():
   return sweep.Sweep(
-      config='configs/mnist_cnn.py',
+      config='mnist_cnn',
       settings=sweep.axis('num_epochs', [1, 2, 5, 10], label='epochs'),
       seeds=[0, 1, 2],
       metrics=['accuracy', 'loss'],

@@ -3,12 +3,16 @@
   python experiments/pretrain_finetune/run.py [--pretrain_steps 800] [--finetune_steps 150] \
       [--seeds 0,1,2] [--workdir runs/pretrain_finetune]
 
-1. Pretrains configs/bert_shakespeare_mlm.py for --pretrain_steps (masked-LM + next sentence).
-2. Fine-tunes configs/bert_genre.py for --finetune_steps from that checkpoint (init=<pretrain
-   workdir>) and from scratch (init=none), for each seed, with the same model, data, steps and batch.
+1. Pretrains the shipped bert_shakespeare_mlm config for --pretrain_steps (masked-LM + next
+   sentence).
+2. Fine-tunes the shipped bert_genre config for --finetune_steps from that checkpoint
+   (init=<pretrain workdir>) and from scratch (init=none), for each seed, with the same model,
+   data, steps and batch.
 3. Prints a markdown table of test accuracy (mean +- std over seeds) and writes results.json.
-Every run is a plain `python -m bigjax.train` in its own sub-workdir, so re-running resumes or skips
-finished runs.
+Every run is a plain `python -m bigjax.train` (this interpreter, configs by bare name) in its own
+sub-workdir, so re-running resumes or skips finished runs. It runs from any directory: --workdir
+(default runs/pretrain_finetune) is relative to the current directory, and is made absolute before
+any run starts.
 """
 import argparse
 import json
@@ -18,15 +22,13 @@ import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def run(config, workdir, *overrides):
   """Runs bigjax.train unless workdir already has results.json; returns that results dict."""
   results = os.path.join(workdir, 'results.json')
   if not os.path.exists(results):
     subprocess.run([sys.executable, '-m', 'bigjax.train', f'--config={config}',
-                    f'--workdir={workdir}', *overrides], cwd=ROOT, check=True)
+                    f'--workdir={workdir}', *overrides], check=True)
   with open(results) as f:
     return json.load(f)
 
@@ -36,15 +38,18 @@ def main():
   parser.add_argument('--pretrain_steps', type=int, default=800)
   parser.add_argument('--finetune_steps', type=int, default=150)
   parser.add_argument('--seeds', default='0,1,2')
-  parser.add_argument('--workdir', default=os.path.join(ROOT, 'runs', 'pretrain_finetune'))
+  parser.add_argument('--workdir', default=os.path.join('runs', 'pretrain_finetune'),
+                      help='where every run goes, relative to the current directory '
+                      '(default: %(default)s)')
   args = parser.parse_args()
+  args.workdir = os.path.abspath(args.workdir)
   seeds = [int(s) for s in args.seeds.split(',')]
   pre_dir = os.path.join(args.workdir, 'pretrain')
-  pre = run('configs/bert_shakespeare_mlm.py', pre_dir, f'--config.num_steps={args.pretrain_steps}')
+  pre = run('bert_shakespeare_mlm', pre_dir, f'--config.num_steps={args.pretrain_steps}')
   rows = {}
   for init, arg in (('pretrained', f'init={pre_dir}'), ('scratch', 'init=none')):
     for seed in seeds:
-      res = run(f'configs/bert_genre.py:{arg}', os.path.join(args.workdir, f'{init}_seed{seed}'),
+      res = run(f'bert_genre:{arg}', os.path.join(args.workdir, f'{init}_seed{seed}'),
                 f'--config.num_steps={args.finetune_steps}', f'--config.seed={seed}')
       rows.setdefault(init, []).append(res['eval'])
   summary = {'pretrain_eval': pre['eval'], 'pretrain_steps': args.pretrain_steps,

@@ -14,7 +14,7 @@ from bigjax import sweep
 
 def get_sweep():
   return sweep.Sweep(
-      config='configs/mnist_cnn.py',
+      config='mnist_cnn',
       overrides={'data.train_split': 'train[:500]', 'num_epochs': 40, 'log_every': 8,
                  'checkpoint_every': 160, 'optim.name': 'adamw', 'augment.crop_padding': 2,
                  'augment.max_rotate_degrees': 10.0, 'augment.max_scale': 0.1},

@@ -12,11 +12,11 @@ from bigjax import sweep
 
 def get_sweep():
   return sweep.Sweep(
-      config='configs/mlp_breast_cancer.py:smoke',
+      config='mlp_breast_cancer:smoke',
       overrides={'model.kwargs.hidden': (16, 8), 'data.standardize': True, 'num_epochs': 15,
                  'log_every': 7, 'checkpoint_every': 14},
-      settings=sweep.zip(sweep.axis('optim.lr', [1e-3, 1e-2]),
-                         sweep.axis('optim.warmup_steps', [0, 5], label='warmup')),
+      settings=sweep.zip_axes(sweep.axis('optim.lr', [1e-3, 1e-2]),
+                              sweep.axis('optim.warmup_steps', [0, 5], label='warmup')),
       seeds=[0, 1],
       metrics=['accuracy', 'loss', 'roc_auc'],
   )

@@ -67,12 +67,12 @@ def plot(runs, outdir):
 
 def get_sweep():
   return sweep.Sweep(
-      config='configs/mlp_mnist.py',
+      config='mlp_mnist',
       settings=sweep.product(
           sweep.axis('model.kwargs.hidden', [(64,) * 2, (64,) * 6, (64,) * 12], label='hidden'),
           sweep.axis('model.kwargs.activation', ['sigmoid', 'tanh', 'relu'], label='act'),
-          sweep.zip(sweep.axis('model.kwargs.kernel_init', VARIANTS, label='init'),
-                    sweep.axis('model.kwargs.norm', NORMS, label='norm'))),
+          sweep.zip_axes(sweep.axis('model.kwargs.kernel_init', VARIANTS, label='init'),
+                         sweep.axis('model.kwargs.norm', NORMS, label='norm'))),
       seeds=[0],
       metrics=['accuracy', 'loss'],
       plot=plot,

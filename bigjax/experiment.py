@@ -1,0 +1,265 @@
+"""build(config) -> Experiment: every part of a run, built and validated, nothing written.
+
+The order is the order of the facts: the mesh, the data (and its tokenizer), the facts derived from
+the data (`DataInfo`: classes, vocabulary, special tokens), the task and the model built from those
+facts, the optimizer, and the train state's abstract shapes and shardings. Any mistake is a
+one-line `UserError` naming the config field, raised before the caller writes anything.
+`Experiment.compile_train_step()` / `compile_eval_step()` compile ahead of time; `bigjax.train`,
+`bigjax.compile`, `--dry_run` and the benchmarks all use this same path.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+
+from bigjax import checkpoint as checkpoint_lib
+from bigjax import config_lib, registry, steps
+from bigjax import mesh as mesh_lib
+from bigjax import optim
+from bigjax.data import pipeline
+from bigjax.errors import UserError
+from bigjax.tasks import base as task_base
+
+Arrays = dict[str, np.ndarray]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and the facts derived from it
+# ----------------------------------------------------------------------------------------------
+def tokenizer_for(config) -> Any:
+  """The text dataset's tokenizer (config.data.tokenizer), or None for non-text data."""
+  d = config.data
+  if not d.view:
+    return None
+  from bigjax.data import text
+  return text.dataset_tokenizer(d.name, d.tokenizer, d.vocab_size, d.data_dir, d.train_split)
+
+
+def load_data(config, tokenizer=None) -> tuple[Arrays, Arrays, str]:
+  """(train, eval, eval split name): host arrays {'inputs', 'label', ...} of the configured splits.
+
+  tokenizer: for text views, the dataset's tokenizer (default: tokenizer_for(config)).
+  With config.data.cv_folds = K, both come from the train split: K-1 folds to train on and fold
+  config.data.cv_fold to evaluate on (pipeline.cv_split); config.data.eval_split is not read.
+  """
+  d = config.data
+  splits = (d.train_split,) if d.cv_folds else (d.train_split, d.eval_split)
+  if d.view:
+    from bigjax.data import text
+    tokenizer = tokenizer if tokenizer is not None else tokenizer_for(config)
+    loaded = [text.load_text_split(d.name, split, d.view, d.seq_len, d.data_dir, config.seed,
+                                   tokenizer=tokenizer, train_split=d.train_split)
+              for split in splits]
+  else:
+    loaded = [pipeline.load_split(d.name, split, d.data_dir) for split in splits]
+  if d.cv_folds:
+    train, evals = pipeline.cv_split(loaded[0], d.cv_folds, d.cv_fold)
+    eval_name = f'{d.train_split} (cv fold {d.cv_fold} of {d.cv_folds})'
+  else:
+    (train, evals), eval_name = loaded, d.eval_split
+  if d.standardize:
+    train, evals = pipeline.standardize(train, evals)
+  if d.eval_max_examples:
+    evals = {k: v[:d.eval_max_examples] for k, v in evals.items()}
+  return train, evals, eval_name
+
+
+def data_info(config, tokenizer=None, label_shape: tuple[int, ...] = ()) -> task_base.DataInfo:
+  """The facts model and task are built from: classes from the dataset's info (or the text view),
+  vocabulary and special ids from the tokenizer, seq_len from config.data."""
+  d = config.data
+  if d.view:
+    from bigjax.data import text
+    num_classes = text.label_count(d.name, d.view, d.data_dir)
+  else:
+    num_classes = pipeline.num_classes(d.name, d.data_dir)
+  tok = {}
+  if tokenizer is not None:
+    tok = dict(vocab_size=tokenizer.vocab_size, num_regular_tokens=tokenizer.num_regular_tokens,
+               pad_id=tokenizer.pad, cls_id=tokenizer.cls, sep_id=tokenizer.sep,
+               mask_id=tokenizer.mask)
+  return task_base.DataInfo(num_classes=num_classes, label_shape=tuple(label_shape),
+                            seq_len=d.seq_len if d.view else None, **tok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Components
+# ----------------------------------------------------------------------------------------------
+def make_task(cfg, data: task_base.DataInfo) -> task_base.Task:
+  """config.task -> Task(data, **kwargs); bad kwargs or data that does not fit -> UserError."""
+  cls = registry.TASKS.get(cfg.name)
+  try:
+    return cls(data, **cfg.kwargs.to_dict())
+  except TypeError as e:
+    raise UserError(f'config.task.kwargs does not fit {cfg.name!r} ({e}); fix or remove that '
+                    'field') from None
+  except ValueError as e:
+    raise UserError(f'config.task.name={cfg.name!r}: {e}; choose a task that fits '
+                    'config.data') from None
+
+
+def model_kwargs(cfg, data: task_base.DataInfo, task: task_base.Task) -> dict[str, Any]:
+  """config.model.kwargs plus the model's `data_fields` filled from the data and the task."""
+  cls = registry.MODELS.get(cfg.name)
+  kwargs = cfg.kwargs.to_dict()
+  facts = dict(dataclasses.asdict(data), output_size=task.output_size)
+  for field, fact in cls.data_fields.items():
+    if facts[fact] is None:
+      continue
+    if field in kwargs:
+      raise UserError(f'config.model.kwargs.{field}={kwargs[field]!r}: bigjax derives it from the '
+                      f'data ({fact} = {facts[fact]}); remove that field')
+    kwargs[field] = facts[fact]
+  return kwargs
+
+
+def make_model(cfg, data: task_base.DataInfo, task: task_base.Task) -> nn.Module:
+  """config.model -> Model(**kwargs, **derived fields); bad kwargs -> UserError."""
+  cls = registry.MODELS.get(cfg.name)
+  try:
+    return cls(**model_kwargs(cfg, data, task))
+  except TypeError as e:
+    raise UserError(f'config.model.kwargs does not fit {cfg.name!r} ({e}); fix or remove that '
+                    'field') from None
+
+
+def model_error(model: nn.Module, error: ValueError) -> UserError:
+  """A model's ValueError about its own field ('pool=...' / 'pool_after has ...') -> the
+  config.model.kwargs.FIELD message; other ValueErrors are named as the model's."""
+  text = ' '.join(str(error).split())
+  first = text.replace('=', ' ').split(' ')[0]
+  fields = {f.name for f in dataclasses.fields(model)}
+  return UserError(f'config.model.kwargs.{text}' if first in fields else
+                   f'config.model ({type(model).__module__}): {text}')
+
+
+# ----------------------------------------------------------------------------------------------
+# The experiment
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from a config before anything is written: the mesh, components, host data,
+  derived data facts, optimizer and the train state's abstract shapes and shardings."""
+  config: Any
+  mesh: jax.sharding.Mesh
+  data: task_base.DataInfo
+  task: task_base.Task
+  model: nn.Module
+  train_arrays: Arrays
+  eval_arrays: Arrays
+  batches: pipeline.TrainBatches
+  total_steps: int
+  tx: optax.GradientTransformation
+  sample: dict
+  shardings: Any
+  abstract: Any
+
+  @property
+  def batch_sharding(self) -> jax.sharding.NamedSharding:
+    return mesh_lib.batch_sharding(self.mesh)
+
+  def to_global(self, batch: Arrays) -> dict[str, jax.Array]:
+    """Process-local host batch -> global jax arrays split over the mesh's batch axes."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in batch.items()}
+
+  def _abstract_batch(self, batch: Arrays, size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    return {k: jax.ShapeDtypeStruct((size, *v.shape[1:]), v.dtype, sharding=self.batch_sharding)
+            for k, v in batch.items()}
+
+  def compile_train_step(self) -> Any:
+    """AOT-compiles the jitted, donated train step (state, batch) -> (state, metrics) for this
+    mesh; no data is moved."""
+    c = self.config
+    step = steps.make_train_step(self.model, self.task, self.tx, seed=c.seed,
+                                 augment_cfg=c.augment, nan_policy=c.nan_policy,
+                                 grad_accum_steps=c.grad_accum_steps,
+                                 log_grad_norms=c.log_grad_norms)
+    return jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
+                   out_shardings=(self.shardings, mesh_lib.replicated(self.mesh)),
+                   donate_argnums=0).lower(
+                       self.abstract, self._abstract_batch(self.batches.batch(0),
+                                                           c.batch_size)).compile()
+
+  def compile_eval_step(self) -> Any:
+    """AOT-compiles eval_step(state, batch) -> the task's per-example eval outputs."""
+    first = next(self.eval_batches())
+    step = steps.make_eval_step(self.model, self.task, self.config.seed)
+    return jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
+                   out_shardings=self.batch_sharding).lower(
+                       self.abstract,
+                       self._abstract_batch(first, self.config.eval_batch_size)).compile()
+
+  def eval_batches(self) -> Iterator[Arrays]:
+    return pipeline.eval_batches(self.eval_arrays, self.config.eval_batch_size)
+
+  def evaluate(self, eval_step, state, return_outputs: bool = False):
+    """Runs the model over the whole eval split -> task.eval_report(outputs, labels) dict, and
+    with return_outputs also the task's per-example eval outputs (N, ...) as host arrays."""
+    outputs = []
+    for batch in self.eval_batches():
+      out = eval_step(state, self.to_global(batch))
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        out = multihost_utils.process_allgather(out, tiled=True)
+      outputs.append(jax.device_get(out))
+    n = len(self.eval_arrays['inputs'])
+    outputs = jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *outputs)
+    report = self.task.eval_report(outputs, self.eval_arrays.get('label'))
+    return (report, outputs) if return_outputs else report
+
+
+def build(config, devices=None) -> Experiment:
+  """Builds and validates an Experiment from `config`; raises UserError, writes nothing.
+
+  devices: the devices to build the mesh over (default: all)."""
+  mesh_lib.initialize_distributed(config.distributed)
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  config_lib.check_config(config, mesh_lib.data_parallel_size(mesh), jax.process_count())
+  registry.TASKS.check(config.task.name)  # names first: a typo needs no data read
+  registry.MODELS.check(config.model.name)
+  tokenizer = tokenizer_for(config)
+  train_arrays, eval_arrays, eval_name = load_data(config, tokenizer)
+  data = data_info(config, tokenizer, train_arrays['label'].shape[1:]
+                   if 'label' in train_arrays else ())
+  task = make_task(config.task, data)
+  model = make_model(config.model, data, task)
+  if config.save_eval_predictions and not task.writes_predictions:
+    raise UserError(f'config.save_eval_predictions=True needs a classification task, not '
+                    f'config.task.name={config.task.name!r}; set it to False')
+  task.check_data(train_arrays, config.data.name, config.data.train_split)
+  task.check_data(eval_arrays, config.data.name, eval_name)
+  batches = pipeline.TrainBatches(train_arrays, config.batch_size, config.seed)
+  total_steps = config.num_steps or config.num_epochs * batches.steps_per_epoch
+  tx = optim.make_optimizer(config.optim, total_steps)
+  sample = steps.sample_batch(task, train_arrays)
+  try:
+    boxed = steps.abstract_state(model, tx, sample, config.seed)
+  except ValueError as e:
+    raise model_error(model, e) from None
+  shardings = mesh_lib.tree_shardings(boxed, mesh, config.sharding_rules)
+  abstract = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
+  return Experiment(config, mesh, data, task, model, train_arrays, eval_arrays, batches,
+                    total_steps, tx, sample, shardings, abstract)
+
+
+def parameter_table(params) -> tuple[int, list[str]]:
+  """(total parameter count, lines of a per-module table: module path, parameters, shapes)."""
+  rows: dict[str, list] = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    keys = [getattr(k, 'key', str(k)) for k in path]
+    module = '/'.join(str(k) for k in keys[:-1]) or '(root)'
+    entry = rows.setdefault(module, [0, []])
+    entry[0] += int(np.prod(leaf.shape))
+    entry[1].append(f'{keys[-1]}{tuple(leaf.shape)}')
+  total = sum(n for n, _ in rows.values())
+  width = max(len(m) for m in rows) if rows else 6
+  lines = [f'{"module":<{width}}  {"params":>12}  shapes']
+  lines += [f'{m:<{width}}  {n:>12,d}  {" ".join(s)}' for m, (n, s) in rows.items()]
+  lines.append(f'{"total":<{width}}  {total:>12,d}')
+  return total, lines

@@ -1,0 +1,46 @@
+"""The bigjax-sweep command (`python -m bigjax.sweep`); see bigjax.sweep for sweep files."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import bigjax.sweep
+from bigjax import cli
+from bigjax.sweep.launch import run_sweep
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """CLI entry (argv[0] = program; default sys.argv). Exits 2 on invalid input (one line), 1 when
+  some runs failed (named), 130 when interrupted, 143 on SIGTERM, else 0."""
+  cli.run(_main, argv)
+
+
+def _main(argv: Sequence[str]) -> int:
+  p = cli.Parser('bigjax-sweep', bigjax.sweep.__doc__)
+  p.string('sweep', None, 'the sweep file, e.g. experiments/<name>/sweep.py', required=True)
+  p.string('workdir', None, 'where runs/, results.* and the plots go', required=True)
+  p.integer('jobs', 1, 'runs at a time')
+  fv = p.parse(argv)
+  # SIGTERM unwinds like Ctrl-C: the runs get SIGTERM too (they save a checkpoint and exit).
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+  try:
+    runs = run_sweep(fv.sweep, fv.workdir, fv.jobs)
+  except KeyboardInterrupt:
+    print('bigjax: sweep interrupted; run the same command again to resume', file=sys.stderr)
+    return 130
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  with open(os.path.join(fv.workdir, 'results.md')) as f:
+    print(f.read())
+  failed = [r.name for r in runs if r.status == 'failed']
+  if failed:
+    print(f'bigjax: sweep: {len(failed)} of {len(runs)} runs failed: {", ".join(failed)} (their '
+          f'log.txt is under {os.path.join(fv.workdir, "runs")})', file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  main()
