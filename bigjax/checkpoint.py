@@ -8,6 +8,7 @@ removed by orbax after a newer one has been committed, so the last good checkpoi
 Run bookkeeping that must agree with the restored step (history.jsonl, early stopping) lives in
 bigjax/history.py.
 """
+
 import logging
 import os
 import time
@@ -15,7 +16,6 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,10 @@ class Checkpointer:
     # A single, unnamed item, declared up front: otherwise orbax infers the layout from the newest
     # step on disk, and one step missing its item folder would make every step unreadable.
     self.manager = ocp.CheckpointManager(
-        self.directory, item_handlers=ocp.StandardCheckpointHandler(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+      self.directory,
+      item_handlers=ocp.StandardCheckpointHandler(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+    )
 
   def all_steps(self):
     return sorted(self.manager.all_steps())
@@ -61,8 +63,13 @@ class Checkpointer:
         result = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state)), step
         break
       except (ValueError, OSError, KeyError, TypeError) as e:
-        log.warning('checkpoint step %d in %s cannot be restored (%s: %s); trying an older step',
-                    step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+        log.warning(
+          'checkpoint step %d in %s cannot be restored (%s: %s); trying an older step',
+          step,
+          self.directory,
+          type(e).__name__,
+          str(e).splitlines()[0][:200],
+        )
         damaged.append(step)
     if damaged:
       self._move_aside(damaged)
@@ -73,10 +80,13 @@ class Checkpointer:
       target = f'{self.directory}_damaged'
       os.makedirs(target, exist_ok=True)
       for step in steps:
-        os.replace(os.path.join(self.directory, str(step)),
-                   os.path.join(target, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'))
+        os.replace(
+          os.path.join(self.directory, str(step)),
+          os.path.join(target, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'),
+        )
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices('bigjax_checkpoint_move_aside')
     self.manager.reload()
 
@@ -87,8 +97,9 @@ class Checkpointer:
 
 def abstract_with_shardings(abstract_state, shardings):
   """ShapeDtypeStructs of `abstract_state` carrying the given shardings (restore target)."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract_state, shardings)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+  )
 
 
 def load_latest(directory):
@@ -98,8 +109,9 @@ def load_latest(directory):
   tests, colabs and `config.init_from`. The tree is {'step', 'params', 'model_state', 'opt_state'}
   (optimizer-state tuples come back as lists).
   """
-  manager = ocp.CheckpointManager(os.path.abspath(directory),
-                                  item_handlers=ocp.StandardCheckpointHandler())
+  manager = ocp.CheckpointManager(
+    os.path.abspath(directory), item_handlers=ocp.StandardCheckpointHandler()
+  )
   step = manager.latest_step()
   if step is None:
     manager.close()

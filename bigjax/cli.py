@@ -9,12 +9,14 @@
   status passes through.
 - `resolve_config(spec)`: 'mnist_cnn[:args]' or 'path/to/file.py[:args]' -> a file path spec.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import importlib.resources
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from absl import flags
 from ml_collections import config_flags
@@ -30,8 +32,9 @@ EXIT_USER_ERROR, EXIT_NON_FINITE, EXIT_PREEMPTED = 2, 1, 143
 def shipped_configs() -> list[str]:
   """Bare names of the configs installed with bigjax (the repository's configs/ folder)."""
   root = importlib.resources.files('bigjax.configs')
-  return sorted(p.name[:-3] for p in root.iterdir()
-                if p.name.endswith('.py') and not p.name.startswith('_'))
+  return sorted(
+    p.name[:-3] for p in root.iterdir() if p.name.endswith('.py') and not p.name.startswith('_')
+  )
 
 
 def resolve_config(spec: str) -> str:
@@ -45,8 +48,10 @@ def resolve_config(spec: str) -> str:
     name = os.path.basename(path)
     name = name[:-3] if name.endswith('.py') else name
     if name not in shipped_configs():
-      raise UserError(f'--config={path}: no such config file or shipped config; shipped configs: '
-                      f'{", ".join(shipped_configs())} (or give a path to a .py file)')
+      raise UserError(
+        f'--config={path}: no such config file or shipped config; shipped configs: '
+        f'{", ".join(shipped_configs())} (or give a path to a .py file)'
+      )
     path = str(importlib.resources.files('bigjax.configs') / f'{name}.py')
   return path + colon + arg
 
@@ -82,10 +87,14 @@ class Parser:
   def help_text(self) -> str:
     lines = [self.doc.strip(), '', 'flags:']
     if self.with_config:
-      lines.append('  --config: a shipped config by name, or a config file path, optionally with '
-                   ':args (e.g. mnist_cnn:smoke)\n    shipped: ' + ', '.join(shipped_configs()))
-      lines.append('  --config.FIELD=VALUE: override any config field; see every field and its '
-                   'value with `bigjax-train --config=NAME --dry_run`')
+      lines.append(
+        '  --config: a shipped config by name, or a config file path, optionally with '
+        ':args (e.g. mnist_cnn:smoke)\n    shipped: ' + ', '.join(shipped_configs())
+      )
+      lines.append(
+        '  --config.FIELD=VALUE: override any config field; see every field and its '
+        'value with `bigjax-train --config=NAME --dry_run`'
+      )
     for name, flag in sorted(self.flag_values._flags().items()):  # pylint: disable=protected-access
       if name != 'config' and name == flag.name:
         default = '' if flag.default is None else f' (default: {flag.default!r})'
@@ -102,11 +111,18 @@ class Parser:
       print(self.help_text())
       sys.exit(0)
     if self.with_config:
-      argv = [f'--config={resolve_config(a.split("=", 1)[1])}' if a.startswith('--config=') else a
-              for a in argv]
-      config_flags.DEFINE_config_file('config', None, 'Experiment config.',
-                                      flag_values=self.flag_values, lock_config=True,
-                                      sys_argv=argv)
+      argv = [
+        f'--config={resolve_config(a.split("=", 1)[1])}' if a.startswith('--config=') else a
+        for a in argv
+      ]
+      config_flags.DEFINE_config_file(
+        'config',
+        None,
+        'Experiment config.',
+        flag_values=self.flag_values,
+        lock_config=True,
+        sys_argv=argv,
+      )
     fv = self.flag_values
     try:
       fv(argv)
@@ -120,8 +136,11 @@ class Parser:
       raise UserError(f'{e}; see {self.prog} --help') from None
     except (AttributeError, KeyError) as e:  # an override names a field the config lacks
       raise UserError(_explain_unknown_field(argv, e)) from None
-    missing = [f'--{n}' for n in (['config'] if self.with_config else []) + self._required
-               if getattr(fv, n) in (None, '')]
+    missing = [
+      f'--{n}'
+      for n in (['config'] if self.with_config else []) + self._required
+      if getattr(fv, n) in (None, '')
+    ]
     if missing:
       raise UserError(f'{" and ".join(missing)} required; see {self.prog} --help')
     return fv
@@ -130,11 +149,12 @@ class Parser:
 def _explain_unknown_field(argv: Sequence[str], error: Exception) -> str:
   """Names the first `--config.a.b` override whose path the loaded config lacks, with its siblings."""
   from bigjax.config_lib import load_config_file
+
   spec = next(a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config='))
   config = load_config_file(spec)
   for arg in argv[1:]:
     if arg.startswith('--config.'):
-      path = arg[len('--config.'):].split('=', 1)[0]
+      path = arg[len('--config.') :].split('=', 1)[0]
       node, parts = config, path.split('.')
       for i, part in enumerate(parts):
         if not hasattr(node, 'keys') or part not in node:

@@ -16,11 +16,13 @@ The data set is read (for the batch shapes and checks) but nothing is written: n
 Exit status: 0; 1 when --memory_limit_gb is given and the per-device total exceeds it; 2 for
 invalid input (one line, as bigjax.train). cudnn attention needs a GPU and cannot be compiled here.
 """
+
+from collections.abc import Sequence
 import os
 import re
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any
 
 from bigjax import cli
 from bigjax.errors import UserError
@@ -38,8 +40,9 @@ def _devices_from_argv(argv: Sequence[str]) -> int:
       except ValueError:
         devices = 0
       if devices < 1:
-        raise UserError(f'--devices={value} must be a positive integer (the number of CPU devices '
-                        'to compile for)')
+        raise UserError(
+          f'--devices={value} must be a positive integer (the number of CPU devices to compile for)'
+        )
       return devices
   return 1
 
@@ -61,12 +64,17 @@ def memory_report(compiled: Any) -> dict[str, int] | None:
     return None
   if m is None:
     return None
-  out = {'argument': m.argument_size_in_bytes, 'output': m.output_size_in_bytes,
-         'alias': m.alias_size_in_bytes, 'temp': m.temp_size_in_bytes,
-         'generated_code': m.generated_code_size_in_bytes}
+  out = {
+    'argument': m.argument_size_in_bytes,
+    'output': m.output_size_in_bytes,
+    'alias': m.alias_size_in_bytes,
+    'temp': m.temp_size_in_bytes,
+    'generated_code': m.generated_code_size_in_bytes,
+  }
   out = {k: int(v) for k, v in out.items()}
-  out['total'] = (out['argument'] + out['output'] - out['alias'] + out['temp']
-                  + out['generated_code'])
+  out['total'] = (
+    out['argument'] + out['output'] - out['alias'] + out['temp'] + out['generated_code']
+  )
   return out
 
 
@@ -81,9 +89,14 @@ def print_memory(compiled: Any) -> dict[str, int] | None:
     print('per-device memory: XLA gives no memory analysis for this backend')
     return None
   print('per-device memory of the train step (XLA memory_analysis):')
-  for key, label in (('argument', 'arguments'), ('output', 'outputs'),
-                     ('alias', '- aliased (donated)'), ('temp', 'temporaries'),
-                     ('generated_code', 'generated code'), ('total', 'total')):
+  for key, label in (
+    ('argument', 'arguments'),
+    ('output', 'outputs'),
+    ('alias', '- aliased (donated)'),
+    ('temp', 'temporaries'),
+    ('generated_code', 'generated code'),
+    ('total', 'total'),
+  ):
     print(f'  {label:20s} {_mib(memory[key])}')
   return memory
 
@@ -106,9 +119,12 @@ def _main(argv: Sequence[str]) -> int:
   from bigjax import experiment
   from bigjax import flops as flops_lib
   from bigjax import mesh as mesh_lib
+
   if len(jax.devices()) != devices:
-    raise UserError(f'--devices={devices}: jax sees {len(jax.devices())} devices (jax was imported '
-                    'before XLA_FLAGS was set); run bigjax-compile in a fresh process')
+    raise UserError(
+      f'--devices={devices}: jax sees {len(jax.devices())} devices (jax was imported '
+      'before XLA_FLAGS was set); run bigjax-compile in a fresh process'
+    )
   exp = experiment.build(config)
   t0 = time.time()
   compiled = exp.compile_train_step()
@@ -117,29 +133,44 @@ def _main(argv: Sequence[str]) -> int:
   analytic = flops_lib.analytic_train_flops(exp)
   per_device = flops_lib.xla_flops(compiled)
 
-  print(f'bigjax.compile: {config.model.name} on {config.data.name}, batch {config.batch_size}, '
-        f'{devices} CPU devices, mesh {dict(exp.mesh.shape)}, train step compiled in '
-        f'{compile_s:.1f} s')
-  print(f'train state per device (bigjax.mesh.describe): {state_bytes:,d} B '
-        f'({state_bytes / 2**20:.2f} MiB)')
+  print(
+    f'bigjax.compile: {config.model.name} on {config.data.name}, batch {config.batch_size}, '
+    f'{devices} CPU devices, mesh {dict(exp.mesh.shape)}, train step compiled in '
+    f'{compile_s:.1f} s'
+  )
+  print(
+    f'train state per device (bigjax.mesh.describe): {state_bytes:,d} B '
+    f'({state_bytes / 2**20:.2f} MiB)'
+  )
   memory = print_memory(compiled)
   shape = flops_lib.transformer_shape(exp)
-  what = (f'6*N*tokens + 12*L*T*d*tokens, L={shape[1]} T={shape[2]} d={shape[3]}' if shape else
-          'none for this model')
-  print(f'FLOPs per step: analytic {analytic:.4g} ({what})' if analytic else
-        f'FLOPs per step: analytic: {what}')
+  what = (
+    f'6*N*tokens + 12*L*T*d*tokens, L={shape[1]} T={shape[2]} d={shape[3]}'
+    if shape
+    else 'none for this model'
+  )
+  print(
+    f'FLOPs per step: analytic {analytic:.4g} ({what})'
+    if analytic
+    else f'FLOPs per step: analytic: {what}'
+  )
   if per_device is None:
     print('FLOPs per step: XLA: no cost analysis')
   else:
-    line = (f'FLOPs per step: XLA {per_device * exp.mesh.size:.4g} ({per_device:.4g} per device '
-            f'x {exp.mesh.size} devices)')
+    line = (
+      f'FLOPs per step: XLA {per_device * exp.mesh.size:.4g} ({per_device:.4g} per device '
+      f'x {exp.mesh.size} devices)'
+    )
     if analytic:
       line += f'; analytic / XLA = {analytic / (per_device * exp.mesh.size):.3f}'
     print(line)
   if limit is not None and memory is not None and memory['total'] > limit * 2**30:
-    print(f'bigjax: per-device memory total {memory["total"]:,d} B '
-          f'({memory["total"] / 2**30:.3f} GiB) exceeds --memory_limit_gb={limit:g}; shard more '
-          '(config.mesh.fsdp / tensor), lower config.batch_size or use remat', file=sys.stderr)
+    print(
+      f'bigjax: per-device memory total {memory["total"]:,d} B '
+      f'({memory["total"] / 2**30:.3f} GiB) exceeds --memory_limit_gb={limit:g}; shard more '
+      '(config.mesh.fsdp / tensor), lower config.batch_size or use remat',
+      file=sys.stderr,
+    )
     return 1
   return 0
 

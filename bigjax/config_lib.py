@@ -5,6 +5,7 @@ in `--config=configs/mnist_cnn.py:data=tfds,smoke`. Like big_vision's `parse_arg
 `key=value` pairs and bare flags (`smoke` means smoke=True); each key must be declared with a
 default whose type the value is cast to.
 """
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -56,32 +57,63 @@ def base_config():
   # evaluate on the first N eval examples only. cv_folds K >= 2: K-fold cross-validation inside the
   # train split (fixed fold assignment, stratified by label): train on K-1 folds, evaluate on fold
   # cv_fold (0 <= cv_fold < K) instead of eval_split; 0 = off.
-  c.data = dict(name='mnist5k', data_dir=config_dict.placeholder(str), train_split='train',
-                eval_split='test', standardize=False, view='', seq_len=128, tokenizer='bytes',
-                vocab_size=0, eval_max_examples=0, cv_folds=0, cv_fold=0)
+  c.data = dict(
+    name='mnist5k',
+    data_dir=config_dict.placeholder(str),
+    train_split='train',
+    eval_split='test',
+    standardize=False,
+    view='',
+    seq_len=128,
+    tokenizer='bytes',
+    vocab_size=0,
+    eval_max_examples=0,
+    cv_folds=0,
+    cv_fold=0,
+  )
   c.augment = dict(enabled=False, crop_padding=0, flip=False, max_rotate_degrees=0.0, max_scale=0.0)
   c.model = dict(name='cnn', kwargs=ml_collections.ConfigDict())
   c.task = dict(name='classification', kwargs=ml_collections.ConfigDict())
-  c.optim = dict(name='adam', lr=1e-3, schedule='constant', warmup_steps=0, end_lr_fraction=0.0,
-                 step_boundaries=(0.5, 0.75), step_decay=0.1, momentum=0.9, b1=0.9, b2=0.999,
-                 eps=1e-8, weight_decay=0.0, clip_norm=0.0)
+  c.optim = dict(
+    name='adam',
+    lr=1e-3,
+    schedule='constant',
+    warmup_steps=0,
+    end_lr_fraction=0.0,
+    step_boundaries=(0.5, 0.75),
+    step_decay=0.1,
+    momentum=0.9,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    clip_norm=0.0,
+  )
   # Mesh axis sizes (-1 = the rest). On several nodes/slices, axis A has size A * dcn_A: dcn_A ways
   # across slices (multi-slice TPU) or processes (elsewhere), A ways within each; the dcn_* sizes
   # multiply to the number of slices/processes (bigjax/mesh.py). All dcn_* = 1: one flat mesh.
   c.mesh = dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
   # Multi-process runs: set coordinator_address/num_processes/process_id (one command per process,
   # differing in process_id), or auto=True on TPU pods / SLURM (see mesh.initialize_distributed).
-  c.distributed = dict(coordinator_address='', num_processes=1, process_id=0, auto=False,
-                       timeout_s=300)
+  c.distributed = dict(
+    coordinator_address='', num_processes=1, process_id=0, auto=False, timeout_s=300
+  )
   # Logical axis -> mesh axes; the first rule whose mesh axes are free and divide the dimension
   # wins (bigjax/mesh.py). Conv kernels are split on their output channels only: XLA:CPU's SPMD
   # partitioner (jax 0.10.2) computed wrong gradients for a conv whose kernel was split on conv_in
   # over 'fsdp' and conv_out over 'tensor' while the batch was split over 'fsdp'
   # (tests/test_train.py guards this).
-  c.sharding_rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'),
-                      ('heads', 'tensor'), ('kv_heads', 'tensor'), ('vocab', 'tensor'),
-                      ('classes', 'tensor'), ('conv_out', ('fsdp', 'tensor')),
-                      ('conv_out', 'tensor'))
+  c.sharding_rules = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('vocab', 'tensor'),
+    ('classes', 'tensor'),
+    ('conv_out', ('fsdp', 'tensor')),
+    ('conv_out', 'tensor'),
+  )
   c.batch_size = 64
   c.grad_accum_steps = 1  # > 1: the batch runs as this many sequential micro-batches, one update
   c.eval_batch_size = 512
@@ -112,6 +144,7 @@ def load_config_file(spec):
   import os
 
   from bigjax import cli
+
   path, _, arg = cli.resolve_config(spec).partition(':')
   module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
   module = importlib.util.module_from_spec(module_spec)
@@ -126,33 +159,43 @@ def check_config(config, data_parallel: int, processes: int) -> None:
   for field in ('batch_size', 'eval_batch_size'):
     value = config[field]
     if value <= 0 or value % data_parallel or value % processes:
-      raise UserError(f'config.{field}={value} is not divisible by the data-parallel size '
-                      f'{data_parallel} (mesh data x fsdp) and {processes} processes; use a '
-                      'multiple')
+      raise UserError(
+        f'config.{field}={value} is not divisible by the data-parallel size '
+        f'{data_parallel} (mesh data x fsdp) and {processes} processes; use a '
+        'multiple'
+      )
   accum = config.grad_accum_steps
   if accum < 1 or config.batch_size % accum or (config.batch_size // accum) % data_parallel:
-    raise UserError(f'config.grad_accum_steps={accum} must divide config.batch_size='
-                    f'{config.batch_size} into micro-batches divisible by the data-parallel size '
-                    f'{data_parallel}')
+    raise UserError(
+      f'config.grad_accum_steps={accum} must divide config.batch_size='
+      f'{config.batch_size} into micro-batches divisible by the data-parallel size '
+      f'{data_parallel}'
+    )
   for field in ('log_every', 'checkpoint_every'):
     if config[field] <= 0:
       raise UserError(f'config.{field}={config[field]} must be positive')
   if config.nan_policy not in NAN_POLICIES:
-    raise UserError(f'config.nan_policy={config.nan_policy!r} is unknown; use one of '
-                    f'{", ".join(NAN_POLICIES)}')
+    raise UserError(
+      f'config.nan_policy={config.nan_policy!r} is unknown; use one of {", ".join(NAN_POLICIES)}'
+    )
   folds, fold = config.data.cv_folds, config.data.cv_fold
   if folds and (folds < 2 or not 0 <= fold < folds):
-    raise UserError(f'config.data.cv_folds={folds}, cv_fold={fold}: need cv_folds >= 2 and '
-                    f'0 <= cv_fold < cv_folds (or cv_folds=0 for no cross-validation)')
+    raise UserError(
+      f'config.data.cv_folds={folds}, cv_fold={fold}: need cv_folds >= 2 and '
+      f'0 <= cv_fold < cv_folds (or cv_folds=0 for no cross-validation)'
+    )
   if not folds and fold:
     raise UserError(f'config.data.cv_fold={fold} needs config.data.cv_folds >= 2; set both')
   es = config.early_stopping
   if es.metric:
     if config.eval_every <= 0:
-      raise UserError(f'config.early_stopping.metric={es.metric!r} needs periodic evals; set '
-                      'config.eval_every > 0')
+      raise UserError(
+        f'config.early_stopping.metric={es.metric!r} needs periodic evals; set '
+        'config.eval_every > 0'
+      )
     if es.mode not in ('max', 'min'):
       raise UserError(f"config.early_stopping.mode={es.mode!r} is unknown; use 'max' or 'min'")
     if es.patience < 0 or es.min_delta < 0:
-      raise UserError(f'config.early_stopping.patience={es.patience} and min_delta={es.min_delta} '
-                      'must be >= 0')
+      raise UserError(
+        f'config.early_stopping.patience={es.patience} and min_delta={es.min_delta} must be >= 0'
+      )

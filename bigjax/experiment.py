@@ -7,10 +7,12 @@ one-line `UserError` naming the config field, raised before the caller writes an
 `Experiment.compile_train_step()` / `compile_eval_step()` compile ahead of time; `bigjax.train`,
 `bigjax.compile`, `--dry_run` and the benchmarks all use this same path.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 import dataclasses
-from typing import Any, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -18,9 +20,8 @@ import numpy as np
 import optax
 
 from bigjax import checkpoint as checkpoint_lib
-from bigjax import config_lib, registry, steps
+from bigjax import config_lib, optim, registry, steps
 from bigjax import mesh as mesh_lib
-from bigjax import optim
 from bigjax.data import pipeline
 from bigjax.errors import UserError
 from bigjax.tasks import base as task_base
@@ -37,6 +38,7 @@ def tokenizer_for(config) -> Any:
   if not d.view:
     return None
   from bigjax.data import text
+
   return text.dataset_tokenizer(d.name, d.tokenizer, d.vocab_size, d.data_dir, d.train_split)
 
 
@@ -51,10 +53,21 @@ def load_data(config, tokenizer=None) -> tuple[Arrays, Arrays, str]:
   splits = (d.train_split,) if d.cv_folds else (d.train_split, d.eval_split)
   if d.view:
     from bigjax.data import text
+
     tokenizer = tokenizer if tokenizer is not None else tokenizer_for(config)
-    loaded = [text.load_text_split(d.name, split, d.view, d.seq_len, d.data_dir, config.seed,
-                                   tokenizer=tokenizer, train_split=d.train_split)
-              for split in splits]
+    loaded = [
+      text.load_text_split(
+        d.name,
+        split,
+        d.view,
+        d.seq_len,
+        d.data_dir,
+        config.seed,
+        tokenizer=tokenizer,
+        train_split=d.train_split,
+      )
+      for split in splits
+    ]
   else:
     loaded = [pipeline.load_split(d.name, split, d.data_dir) for split in splits]
   if d.cv_folds:
@@ -65,7 +78,7 @@ def load_data(config, tokenizer=None) -> tuple[Arrays, Arrays, str]:
   if d.standardize:
     train, evals = pipeline.standardize(train, evals)
   if d.eval_max_examples:
-    evals = {k: v[:d.eval_max_examples] for k, v in evals.items()}
+    evals = {k: v[: d.eval_max_examples] for k, v in evals.items()}
   return train, evals, eval_name
 
 
@@ -75,16 +88,26 @@ def data_info(config, tokenizer=None, label_shape: tuple[int, ...] = ()) -> task
   d = config.data
   if d.view:
     from bigjax.data import text
+
     num_classes = text.label_count(d.name, d.view, d.data_dir)
   else:
     num_classes = pipeline.num_classes(d.name, d.data_dir)
   tok = {}
   if tokenizer is not None:
-    tok = dict(vocab_size=tokenizer.vocab_size, num_regular_tokens=tokenizer.num_regular_tokens,
-               pad_id=tokenizer.pad, cls_id=tokenizer.cls, sep_id=tokenizer.sep,
-               mask_id=tokenizer.mask)
-  return task_base.DataInfo(num_classes=num_classes, label_shape=tuple(label_shape),
-                            seq_len=d.seq_len if d.view else None, **tok)
+    tok = dict(
+      vocab_size=tokenizer.vocab_size,
+      num_regular_tokens=tokenizer.num_regular_tokens,
+      pad_id=tokenizer.pad,
+      cls_id=tokenizer.cls,
+      sep_id=tokenizer.sep,
+      mask_id=tokenizer.mask,
+    )
+  return task_base.DataInfo(
+    num_classes=num_classes,
+    label_shape=tuple(label_shape),
+    seq_len=d.seq_len if d.view else None,
+    **tok,
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,11 +119,13 @@ def make_task(cfg, data: task_base.DataInfo) -> task_base.Task:
   try:
     return cls(data, **cfg.kwargs.to_dict())
   except TypeError as e:
-    raise UserError(f'config.task.kwargs does not fit {cfg.name!r} ({e}); fix or remove that '
-                    'field') from None
+    raise UserError(
+      f'config.task.kwargs does not fit {cfg.name!r} ({e}); fix or remove that field'
+    ) from None
   except ValueError as e:
-    raise UserError(f'config.task.name={cfg.name!r}: {e}; choose a task that fits '
-                    'config.data') from None
+    raise UserError(
+      f'config.task.name={cfg.name!r}: {e}; choose a task that fits config.data'
+    ) from None
 
 
 def model_kwargs(cfg, data: task_base.DataInfo, task: task_base.Task) -> dict[str, Any]:
@@ -112,8 +137,10 @@ def model_kwargs(cfg, data: task_base.DataInfo, task: task_base.Task) -> dict[st
     if facts[fact] is None:
       continue
     if field in kwargs:
-      raise UserError(f'config.model.kwargs.{field}={kwargs[field]!r}: bigjax derives it from the '
-                      f'data ({fact} = {facts[fact]}); remove that field')
+      raise UserError(
+        f'config.model.kwargs.{field}={kwargs[field]!r}: bigjax derives it from the '
+        f'data ({fact} = {facts[fact]}); remove that field'
+      )
     kwargs[field] = facts[fact]
   return kwargs
 
@@ -124,8 +151,9 @@ def make_model(cfg, data: task_base.DataInfo, task: task_base.Task) -> nn.Module
   try:
     return cls(**model_kwargs(cfg, data, task))
   except TypeError as e:
-    raise UserError(f'config.model.kwargs does not fit {cfg.name!r} ({e}); fix or remove that '
-                    'field') from None
+    raise UserError(
+      f'config.model.kwargs does not fit {cfg.name!r} ({e}); fix or remove that field'
+    ) from None
 
 
 def model_error(model: nn.Module, error: ValueError) -> UserError:
@@ -134,8 +162,11 @@ def model_error(model: nn.Module, error: ValueError) -> UserError:
   text = ' '.join(str(error).split())
   first = text.replace('=', ' ').split(' ')[0]
   fields = {f.name for f in dataclasses.fields(model)}
-  return UserError(f'config.model.kwargs.{text}' if first in fields else
-                   f'config.model ({type(model).__module__}): {text}')
+  return UserError(
+    f'config.model.kwargs.{text}'
+    if first in fields
+    else f'config.model ({type(model).__module__}): {text}'
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,6 +176,7 @@ def model_error(model: nn.Module, error: ValueError) -> UserError:
 class Experiment:
   """Everything built from a config before anything is written: the mesh, components, host data,
   derived data facts, optimizer and the train state's abstract shapes and shardings."""
+
   config: Any
   mesh: jax.sharding.Mesh
   data: task_base.DataInfo
@@ -165,35 +197,52 @@ class Experiment:
 
   def to_global(self, batch: Arrays) -> dict[str, jax.Array]:
     """Process-local host batch -> global jax arrays split over the mesh's batch axes."""
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-            for k, v in batch.items()}
+    return {
+      k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()
+    }
 
   def _abstract_batch(self, batch: Arrays, size: int) -> dict[str, jax.ShapeDtypeStruct]:
-    return {k: jax.ShapeDtypeStruct((size, *v.shape[1:]), v.dtype, sharding=self.batch_sharding)
-            for k, v in batch.items()}
+    return {
+      k: jax.ShapeDtypeStruct((size, *v.shape[1:]), v.dtype, sharding=self.batch_sharding)
+      for k, v in batch.items()
+    }
 
   def compile_train_step(self) -> Any:
     """AOT-compiles the jitted, donated train step (state, batch) -> (state, metrics) for this
     mesh; no data is moved."""
     c = self.config
-    step = steps.make_train_step(self.model, self.task, self.tx, seed=c.seed,
-                                 augment_cfg=c.augment, nan_policy=c.nan_policy,
-                                 grad_accum_steps=c.grad_accum_steps,
-                                 log_grad_norms=c.log_grad_norms)
-    return jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
-                   out_shardings=(self.shardings, mesh_lib.replicated(self.mesh)),
-                   donate_argnums=0).lower(
-                       self.abstract, self._abstract_batch(self.batches.batch(0),
-                                                           c.batch_size)).compile()
+    step = steps.make_train_step(
+      self.model,
+      self.task,
+      self.tx,
+      seed=c.seed,
+      augment_cfg=c.augment,
+      nan_policy=c.nan_policy,
+      grad_accum_steps=c.grad_accum_steps,
+      log_grad_norms=c.log_grad_norms,
+    )
+    return (
+      jax.jit(
+        step,
+        in_shardings=(self.shardings, self.batch_sharding),
+        out_shardings=(self.shardings, mesh_lib.replicated(self.mesh)),
+        donate_argnums=0,
+      )
+      .lower(self.abstract, self._abstract_batch(self.batches.batch(0), c.batch_size))
+      .compile()
+    )
 
   def compile_eval_step(self) -> Any:
     """AOT-compiles eval_step(state, batch) -> the task's per-example eval outputs."""
     first = next(self.eval_batches())
     step = steps.make_eval_step(self.model, self.task, self.config.seed)
-    return jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
-                   out_shardings=self.batch_sharding).lower(
-                       self.abstract,
-                       self._abstract_batch(first, self.config.eval_batch_size)).compile()
+    return (
+      jax.jit(
+        step, in_shardings=(self.shardings, self.batch_sharding), out_shardings=self.batch_sharding
+      )
+      .lower(self.abstract, self._abstract_batch(first, self.config.eval_batch_size))
+      .compile()
+    )
 
   def eval_batches(self) -> Iterator[Arrays]:
     return pipeline.eval_batches(self.eval_arrays, self.config.eval_batch_size)
@@ -206,6 +255,7 @@ class Experiment:
       out = eval_step(state, self.to_global(batch))
       if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         out = multihost_utils.process_allgather(out, tiled=True)
       outputs.append(jax.device_get(out))
     n = len(self.eval_arrays['inputs'])
@@ -225,13 +275,16 @@ def build(config, devices=None) -> Experiment:
   registry.MODELS.check(config.model.name)
   tokenizer = tokenizer_for(config)
   train_arrays, eval_arrays, eval_name = load_data(config, tokenizer)
-  data = data_info(config, tokenizer, train_arrays['label'].shape[1:]
-                   if 'label' in train_arrays else ())
+  data = data_info(
+    config, tokenizer, train_arrays['label'].shape[1:] if 'label' in train_arrays else ()
+  )
   task = make_task(config.task, data)
   model = make_model(config.model, data, task)
   if config.save_eval_predictions and not task.writes_predictions:
-    raise UserError(f'config.save_eval_predictions=True needs a classification task, not '
-                    f'config.task.name={config.task.name!r}; set it to False')
+    raise UserError(
+      f'config.save_eval_predictions=True needs a classification task, not '
+      f'config.task.name={config.task.name!r}; set it to False'
+    )
   task.check_data(train_arrays, config.data.name, config.data.train_split)
   task.check_data(eval_arrays, config.data.name, eval_name)
   batches = pipeline.TrainBatches(train_arrays, config.batch_size, config.seed)
@@ -244,8 +297,21 @@ def build(config, devices=None) -> Experiment:
     raise model_error(model, e) from None
   shardings = mesh_lib.tree_shardings(boxed, mesh, config.sharding_rules)
   abstract = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
-  return Experiment(config, mesh, data, task, model, train_arrays, eval_arrays, batches,
-                    total_steps, tx, sample, shardings, abstract)
+  return Experiment(
+    config,
+    mesh,
+    data,
+    task,
+    model,
+    train_arrays,
+    eval_arrays,
+    batches,
+    total_steps,
+    tx,
+    sample,
+    shardings,
+    abstract,
+  )
 
 
 def parameter_table(params) -> tuple[int, list[str]]:

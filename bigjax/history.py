@@ -4,6 +4,7 @@
 `EarlyStopping` keeps the best state in workdir/best/ (+ best.json) and replays its counters from
 the history, so both agree with whatever step a run resumes from.
 """
+
 import json
 import os
 
@@ -90,14 +91,18 @@ class EarlyStopping:
   def _update(self, step, report):
     """Counts one eval; returns True when it improved on the best."""
     if self.metric not in report or np.ndim(report[self.metric]):
-      known = ', '.join(k for k, v in report.items() if np.ndim(v) == 0 and k not in ('step',
-                                                                                       'split'))
-      raise UserError(f'config.early_stopping.metric={self.metric!r} is not a scalar of the eval '
-                      f'report; use one of {known}')
+      known = ', '.join(
+        k for k, v in report.items() if np.ndim(v) == 0 and k not in ('step', 'split')
+      )
+      raise UserError(
+        f'config.early_stopping.metric={self.metric!r} is not a scalar of the eval '
+        f'report; use one of {known}'
+      )
     value = float(report[self.metric])
     sign = 1.0 if self.mode == 'max' else -1.0
-    improved = np.isfinite(value) and (self.best_value is None or
-                                       sign * (value - self.best_value) > self.min_delta)
+    improved = np.isfinite(value) and (
+      self.best_value is None or sign * (value - self.best_value) > self.min_delta
+    )
     if improved:
       self.best_value, self.best_step, self.bad_evals = value, step, 0
     else:
@@ -112,9 +117,12 @@ class EarlyStopping:
       self.ckpt.delete(step)
     self.ckpt.save(step, state)
     self.ckpt.wait()  # best.json only ever names a committed checkpoint
-    self.record = json.loads(json.dumps(  # as JSON will hold it
+    self.record = json.loads(
+      json.dumps(  # as JSON will hold it
         {'step': step, 'metric': self.metric, 'value': self.best_value, 'eval': report},
-        default=_json_default))
+        default=_json_default,
+      )
+    )
     if jax.process_index() == 0:
       write_atomic(self.json_path, json.dumps(self.record, indent=2))
 

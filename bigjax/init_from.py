@@ -6,6 +6,7 @@ paths ('stack/layer_0/mlp/wi/kernel'); matching parameters are copied, the rest 
 their fresh initialisation. Applied only when a run starts; a resumed run restores its own
 checkpoint instead.
 """
+
 import os
 import re
 
@@ -23,8 +24,10 @@ def checkpoint_dir(path):
   for candidate in (os.path.join(path, 'checkpoints'), path):
     if os.path.isdir(candidate) and any(d.isdigit() for d in os.listdir(candidate)):
       return candidate
-  raise UserError(f'config.init_from.checkpoint={path!r} holds no checkpoint; give a workdir of a '
-                  'finished run (or its checkpoints/ directory)')
+  raise UserError(
+    f'config.init_from.checkpoint={path!r} holds no checkpoint; give a workdir of a '
+    'finished run (or its checkpoints/ directory)'
+  )
 
 
 def load_matching(params, path, load):
@@ -42,16 +45,22 @@ def load_matching(params, path, load):
       continue
     used.update(p.pattern for p in hits)
     if name not in source:
-      raise UserError(f'config.init_from: parameter {name} matches {hits[0].pattern!r} but the '
-                      f'checkpoint in {path} has no such parameter; narrow config.init_from.load')
+      raise UserError(
+        f'config.init_from: parameter {name} matches {hits[0].pattern!r} but the '
+        f'checkpoint in {path} has no such parameter; narrow config.init_from.load'
+      )
     if source[name].shape != value.shape:
-      raise UserError(f'config.init_from: parameter {name} has shape {value.shape} here but '
-                      f'{source[name].shape} in {path}; the model configs differ')
+      raise UserError(
+        f'config.init_from: parameter {name} has shape {value.shape} here but '
+        f'{source[name].shape} in {path}; the model configs differ'
+      )
     chosen[name] = np.asarray(source[name], value.dtype)
   unused = [p.pattern for p in patterns if p.pattern not in used]
   if unused:
-    raise UserError(f'config.init_from.load pattern(s) {unused} match no parameter; parameters '
-                    f'look like {next(iter(flat))}')
+    raise UserError(
+      f'config.init_from.load pattern(s) {unused} match no parameter; parameters '
+      f'look like {next(iter(flat))}'
+    )
   return chosen
 
 

@@ -8,13 +8,15 @@ each logical name to mesh axes, e.g. ('mlp', 'tensor'). A logical axis whose siz
 axes do not divide is left unsharded on that dimension (a 3-channel conv input cannot be split in
 two), so one rule table serves every model size.
 """
+
 import math
 
 import flax.linen as nn
 import jax
 import jax.experimental.mesh_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bigjax.errors import UserError
 
@@ -33,9 +35,12 @@ def initialize_distributed(cfg):
   if jax.distributed.is_initialized():
     return
   if cfg.get('coordinator_address'):
-    jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
-                               num_processes=cfg.num_processes, process_id=cfg.process_id,
-                               initialization_timeout=cfg.get('timeout_s', 300))
+    jax.distributed.initialize(
+      coordinator_address=cfg.coordinator_address,
+      num_processes=cfg.num_processes,
+      process_id=cfg.process_id,
+      initialization_timeout=cfg.get('timeout_s', 300),
+    )
   elif cfg.get('auto', False):
     jax.distributed.initialize(initialization_timeout=cfg.get('timeout_s', 300))
 
@@ -53,15 +58,21 @@ def _resolve(sizes, num_devices, devices_text):
   known = math.prod(s for s in sizes.values() if s != -1)
   if num_devices % known:
     bad = [a for a in AXES if sizes[a] > 1 and num_devices % sizes[a]]
-    what = f'config.mesh.{bad[0]}={sizes[bad[0]]}' if bad else \
-        'config.mesh ' + ' x '.join(f'{a}={sizes[a]}' for a in AXES if sizes[a] != -1)
-    raise UserError(f'{what} does not divide {devices_text}; choose mesh sizes whose '
-                    f'product divides {num_devices}')
+    what = (
+      f'config.mesh.{bad[0]}={sizes[bad[0]]}'
+      if bad
+      else 'config.mesh ' + ' x '.join(f'{a}={sizes[a]}' for a in AXES if sizes[a] != -1)
+    )
+    raise UserError(
+      f'{what} does not divide {devices_text}; choose mesh sizes whose '
+      f'product divides {num_devices}'
+    )
   if rest:
     sizes[rest[0]] = num_devices // known
   elif known != num_devices:
-    raise UserError(f'config.mesh sizes {sizes} use {known} of {devices_text}; set one axis '
-                    'to -1 to use the rest')
+    raise UserError(
+      f'config.mesh sizes {sizes} use {known} of {devices_text}; set one axis to -1 to use the rest'
+    )
   return tuple(sizes[a] for a in AXES)
 
 
@@ -82,20 +93,26 @@ def mesh_shapes(cfg, num_devices, num_granules=1, granule='process'):
   dcn = {a: int(cfg.get(f'dcn_{a}', 1)) for a in AXES}
   for a, s in dcn.items():
     if s < 1:
-      raise UserError(f'config.mesh.dcn_{a}={s} must be a positive number of {_plural(granule)} '
-                      f'(1 = not split across {_plural(granule)})')
+      raise UserError(
+        f'config.mesh.dcn_{a}={s} must be a positive number of {_plural(granule)} '
+        f'(1 = not split across {_plural(granule)})'
+      )
   num_dcn = math.prod(dcn.values())
   if num_dcn == 1:
     return _resolve(sizes, num_devices, f'{num_devices} devices'), (1,) * len(AXES)
   if num_dcn != num_granules:
     product = ' x '.join(f'dcn_{a}={dcn[a]}' for a in AXES)
-    raise UserError(f'config.mesh {product} = {num_dcn} must equal the number of '
-                    f'{_plural(granule)} ({num_granules}); set the dcn_* sizes to multiply to '
-                    f'{num_granules}, or all to 1 for one flat mesh')
+    raise UserError(
+      f'config.mesh {product} = {num_dcn} must equal the number of '
+      f'{_plural(granule)} ({num_granules}); set the dcn_* sizes to multiply to '
+      f'{num_granules}, or all to 1 for one flat mesh'
+    )
   if num_devices % num_granules:
-    raise UserError(f'config.mesh.dcn_*: {num_devices} devices do not split evenly over '
-                    f'{num_granules} {_plural(granule)}; set all dcn_* sizes to 1 for one flat '
-                    'mesh')
+    raise UserError(
+      f'config.mesh.dcn_*: {num_devices} devices do not split evenly over '
+      f'{num_granules} {_plural(granule)}; set all dcn_* sizes to 1 for one flat '
+      'mesh'
+    )
   per = num_devices // num_granules
   return _resolve(sizes, per, f'the {per} devices per {granule}'), tuple(dcn[a] for a in AXES)
 
@@ -136,11 +153,14 @@ def device_grid(cfg, devices):
       return np.asarray(devices).reshape(ici)
   counts = sorted({len(g) for g in groups})
   if len(counts) > 1:
-    raise UserError(f'config.mesh.dcn_*: the {_plural(kind)} hold different numbers of devices '
-                    f'({", ".join(map(str, counts))}); set all dcn_* sizes to 1 for one flat mesh')
+    raise UserError(
+      f'config.mesh.dcn_*: the {_plural(kind)} hold different numbers of devices '
+      f'({", ".join(map(str, counts))}); set all dcn_* sizes to 1 for one flat mesh'
+    )
   try:
     return jax.experimental.mesh_utils.create_hybrid_device_mesh(
-        ici, dcn, devices, process_is_granule=kind == 'process')
+      ici, dcn, devices, process_is_granule=kind == 'process'
+    )
   except Exception:  # pylint: disable=broad-except  (odd topologies: each granule in device order)
     blocks = np.empty(dcn, dtype=object)
     for i, g in enumerate(groups):
@@ -224,10 +244,12 @@ def tree_shardings(boxed_tree, mesh, rules):
   Leaves boxed in nn.LogicallyPartitioned follow their names; plain leaves (BatchNorm statistics,
   step counters) are replicated. Returns an unboxed tree of NamedSharding.
   """
+
   def leaf(x):
     if isinstance(x, nn.LogicallyPartitioned):
       return NamedSharding(mesh, spec_for(x.names, x.value.shape, mesh, rules))
     return replicated(mesh)
+
   return jax.tree.map(leaf, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
@@ -239,6 +261,7 @@ def describe(abstract_state, shardings):
   abstract_state/shardings: matching trees (ShapeDtypeStructs or arrays, and NamedShardings).
   Returns (lines, state_bytes_per_device).
   """
+
   def per_device(x, s):
     return math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
 
@@ -246,11 +269,16 @@ def describe(abstract_state, shardings):
   lines = [f'mesh: {layout(meshes[0])}'] if meshes else []
   flat = jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]
   for (path, x), s in zip(flat, jax.tree.leaves(shardings.params)):
-    lines.append(f'{jax.tree_util.keystr(path):64s} {str(x.shape):20s} {str(s.spec):36s} '
-                 f'{per_device(x, s):>12,d} B')
-  param_bytes = sum(jax.tree.leaves(jax.tree.map(per_device, abstract_state.params,
-                                                 shardings.params)))
+    lines.append(
+      f'{jax.tree_util.keystr(path):64s} {str(x.shape):20s} {str(s.spec):36s} '
+      f'{per_device(x, s):>12,d} B'
+    )
+  param_bytes = sum(
+    jax.tree.leaves(jax.tree.map(per_device, abstract_state.params, shardings.params))
+  )
   state_bytes = sum(jax.tree.leaves(jax.tree.map(per_device, abstract_state, shardings)))
-  lines.append(f'parameters: {param_bytes:,d} B per device; train state (parameters, optimizer '
-               f'and model state): {state_bytes:,d} B per device')
+  lines.append(
+    f'parameters: {param_bytes:,d} B per device; train state (parameters, optimizer '
+    f'and model state): {state_bytes:,d} B per device'
+  )
   return lines, state_bytes

@@ -6,6 +6,7 @@ step_boundaries (fractions of training) with step_decay, momentum, b1, b2, eps, 
 clip_norm (global-norm clipping; 0 = off). Weight decay never touches biases or norm scales
 (parameters with fewer than 2 dimensions).
 """
+
 import jax
 import optax
 
@@ -30,15 +31,19 @@ def _constant(cfg, total_steps):
 @SCHEDULES.register('warmup_cosine')
 def _warmup_cosine(cfg, total_steps):
   warmup = cfg.warmup_steps
-  return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_steps, warmup + 1),
-                                            cfg.lr * cfg.end_lr_fraction)
+  return optax.warmup_cosine_decay_schedule(
+    0.0, cfg.lr, warmup, max(total_steps, warmup + 1), cfg.lr * cfg.end_lr_fraction
+  )
 
 
 @SCHEDULES.register('warmup_linear')
 def _warmup_linear(cfg, total_steps):
   warmup = cfg.warmup_steps
-  return _warmup_then(cfg.lr, warmup, optax.linear_schedule(
-      cfg.lr, cfg.lr * cfg.end_lr_fraction, max(total_steps - warmup, 1)))
+  return _warmup_then(
+    cfg.lr,
+    warmup,
+    optax.linear_schedule(cfg.lr, cfg.lr * cfg.end_lr_fraction, max(total_steps - warmup, 1)),
+  )
 
 
 @SCHEDULES.register('step')
@@ -61,9 +66,12 @@ OPTIMIZERS.add('sgd', lambda cfg, lr: optax.sgd(lr))
 OPTIMIZERS.add('momentum', lambda cfg, lr: optax.sgd(lr, momentum=cfg.momentum))
 OPTIMIZERS.add('nesterov', lambda cfg, lr: optax.sgd(lr, momentum=cfg.momentum, nesterov=True))
 OPTIMIZERS.add('adam', lambda cfg, lr: optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
-OPTIMIZERS.add('adamw', lambda cfg, lr: optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                                                    weight_decay=cfg.weight_decay,
-                                                    mask=decay_mask))
+OPTIMIZERS.add(
+  'adamw',
+  lambda cfg, lr: optax.adamw(
+    lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
+  ),
+)
 
 
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:

@@ -4,6 +4,7 @@ The loop reads `stop_requested(step)` once per step. With several processes ever
 the same step, so the flag is combined across processes (any one signalled means all stop), but
 only at log steps: the collective then runs every config.log_every steps, not every step.
 """
+
 from __future__ import annotations
 
 import signal
@@ -40,6 +41,7 @@ class Preemption:
     if step % self.log_every:
       return False
     from jax.experimental import multihost_utils
+
     anyone = multihost_utils.process_allgather(np.array(bool(self.requested))).any()
     return (self.requested or 'preemption of a peer process') if anyone else False
 

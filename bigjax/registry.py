@@ -14,12 +14,14 @@ the config field and lists the known names. Two ways to fill one:
   attr='Model')` finds `bigjax.models.cnn.Model` for the name 'cnn'. Adding a model or a task is
   adding one file; helper modules that define no `attr` (e.g. `models/layers.py`) are not listed.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 import importlib
 import inspect
 import pkgutil
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from bigjax.errors import UserError
 
@@ -31,19 +33,20 @@ class Registry:
   names one ('config.optim.name'); package/attr: optional module-per-entry lookup (see module doc).
   """
 
-  def __init__(self, kind: str, field: str, *, package: str | None = None,
-               attr: str | None = None):
+  def __init__(self, kind: str, field: str, *, package: str | None = None, attr: str | None = None):
     self.kind, self.field = kind, field
     self.package, self.attr = package, attr
     self._entries: dict[str, Any] = {}
 
   def register(self, name: str) -> Callable[[Any], Any]:
     """Decorator: registers the decorated object under `name` and returns it unchanged."""
+
     def add(obj):
       if name in self._entries:
         raise ValueError(f'{self.kind} {name!r} is registered twice')
       self._entries[name] = obj
       return obj
+
     return add
 
   def add(self, name: str, obj: Any) -> None:
@@ -59,7 +62,7 @@ class Registry:
       if e.name != f'{self.package}.{name}':
         raise
       return None
-    entry = getattr(module, self.attr, None)
+    entry = getattr(module, self.attr or '', None)
     return None if inspect.isabstract(entry) else entry  # e.g. tasks/base.py's interface
 
   def names(self) -> list[str]:
@@ -81,8 +84,9 @@ class Registry:
       return self._entries[name]
     entry = self._module_entry(name)
     if entry is None:
-      raise UserError(f'{self.field}={name!r} is unknown; known {self.kind}: '
-                      f'{", ".join(self.names())}')
+      raise UserError(
+        f'{self.field}={name!r} is unknown; known {self.kind}: {", ".join(self.names())}'
+      )
     return entry
 
   def check(self, name: str) -> None:

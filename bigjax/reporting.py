@@ -2,6 +2,7 @@
 
 Only process 0 writes. TensorBoard events go through tensorboardX (no TensorFlow needed).
 """
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ from typing import Any
 
 import jax
 import numpy as np
-import tqdm
 from tensorboardX import SummaryWriter
+import tqdm
 
 
 def write_atomic(path: str, data: str | bytes) -> None:
@@ -47,8 +48,14 @@ class Reporter:
   def __init__(self, workdir, first_step, total_steps, enabled=None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.writer = SummaryWriter(os.path.join(workdir, 'tensorboard')) if self.enabled else None
-    self.bar = tqdm.tqdm(total=total_steps, initial=first_step, unit='step', dynamic_ncols=True,
-                         disable=not self.enabled, mininterval=1.0)
+    self.bar = tqdm.tqdm(
+      total=total_steps,
+      initial=first_step,
+      unit='step',
+      dynamic_ncols=True,
+      disable=not self.enabled,
+      mininterval=1.0,
+    )
 
   def step(self, n=1):
     self.bar.update(n)
@@ -61,8 +68,9 @@ class Reporter:
     for name, value in scalars.items():
       self.writer.add_scalar(f'{prefix}/{name}', value, step)
     if prefix == 'train':
-      self.bar.set_postfix({k: f'{v:.4g}' for k, v in scalars.items() if k in ('loss', 'accuracy')},
-                           refresh=False)
+      self.bar.set_postfix(
+        {k: f'{v:.4g}' for k, v in scalars.items() if k in ('loss', 'accuracy')}, refresh=False
+      )
 
   def print(self, text):
     if self.enabled:

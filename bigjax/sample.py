@@ -7,11 +7,12 @@ Reads the run's config.json and newest checkpoint, builds the same model (its da
 from the run's tokenizer, as bigjax-train does), encodes the prompt with that tokenizer and prints
 the prompt followed by the sampled continuation.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 import json
 import os
-from typing import Sequence
 
 import ml_collections
 import numpy as np
@@ -25,6 +26,7 @@ def sample(workdir: str, prompt: str, **kwargs) -> str:
 
   kwargs: gpt.generate's max_new_tokens, temperature, top_k, top_p, seed."""
   from bigjax.models import gpt
+
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise UserError(f'--workdir={workdir} holds no config.json; give the workdir of a GPT run')
@@ -46,6 +48,7 @@ def sample(workdir: str, prompt: str, **kwargs) -> str:
 
 def _main(argv: Sequence[str]) -> int:
   from absl import logging
+
   parser = cli.Parser('bigjax-sample', __doc__)
   parser.string('workdir', None, 'Workdir of a finished or running GPT run.', required=True)
   parser.string('prompt', '\n', 'Text to continue.')
@@ -56,8 +59,17 @@ def _main(argv: Sequence[str]) -> int:
   parser.integer('seed', 0, 'Sampling seed.')
   fv = parser.parse(argv)
   logging.set_verbosity(logging.WARNING)
-  print(sample(fv.workdir, fv.prompt, max_new_tokens=fv.max_new_tokens,
-               temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p, seed=fv.seed))
+  print(
+    sample(
+      fv.workdir,
+      fv.prompt,
+      max_new_tokens=fv.max_new_tokens,
+      temperature=fv.temperature,
+      top_k=fv.top_k,
+      top_p=fv.top_p,
+      seed=fv.seed,
+    )
+  )
   return 0
 
 

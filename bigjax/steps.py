@@ -3,6 +3,7 @@
 Randomness inside a step (dropout, augmentation) comes from `fold_in(key(seed), step)`, so a step's
 result depends only on (state, batch), which is what makes resumed training exact.
 """
+
 import functools
 from typing import Any
 
@@ -15,9 +16,11 @@ import optax
 
 from bigjax.data import augment as augment_lib
 
+
 @flax.struct.dataclass
 class TrainState:
   """step: () int32; params; model_state: non-trainable collections (e.g. batch_stats); opt_state."""
+
   step: jax.Array
   params: Any
   model_state: Any
@@ -31,11 +34,16 @@ def sample_batch(task, arrays):
 
 
 def _init_state(model, tx, sample, rng):
-  variables = apply_model(model, None, sample, train=False, init_rngs={'params': rng,
-                                                                       'dropout': rng})
+  variables = apply_model(
+    model, None, sample, train=False, init_rngs={'params': rng, 'dropout': rng}
+  )
   params = variables.pop('params')
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=dict(variables),
-                    opt_state=tx.init(params))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    model_state=dict(variables),
+    opt_state=tx.init(params),
+  )
 
 
 def abstract_state(model, tx, sample, seed):
@@ -56,17 +64,23 @@ def prepare_inputs(inputs, rng, augment_cfg):
   ids (other integer types) and float features pass through."""
   x = augment_lib.to_float(inputs) if inputs.dtype == jnp.uint8 else inputs
   if rng is not None and augment_cfg is not None and augment_cfg.enabled:
-    x = augment_lib.augment(rng, x, crop_padding=augment_cfg.crop_padding, flip=augment_cfg.flip,
-                            max_rotate_degrees=augment_cfg.max_rotate_degrees,
-                            max_scale=augment_cfg.max_scale)
+    x = augment_lib.augment(
+      rng,
+      x,
+      crop_padding=augment_cfg.crop_padding,
+      flip=augment_cfg.flip,
+      max_rotate_degrees=augment_cfg.max_rotate_degrees,
+      max_scale=augment_cfg.max_scale,
+    )
   return x
 
 
 MODEL_KWARG_KEYS = ('segment_ids',)  # batch entries passed to the model as keyword arguments
 
 
-def apply_model(model, variables, batch, *, train, rngs=None, mutable=False, augment=None,
-                init_rngs=None):
+def apply_model(
+  model, variables, batch, *, train, rngs=None, mutable=False, augment=None, init_rngs=None
+):
   """model.apply on a prepared batch: batch['inputs'] (images made float, augmented when `augment`
   = (rng, config.augment)) plus any MODEL_KWARG_KEYS present in the batch. With `init_rngs`,
   model.init instead (returns the variables)."""
@@ -77,8 +91,17 @@ def apply_model(model, variables, batch, *, train, rngs=None, mutable=False, aug
   return model.apply(variables, x, train=train, rngs=rngs, mutable=mutable, **kwargs)
 
 
-def make_train_step(model, task, tx, *, seed, augment_cfg=None, nan_policy='raise',
-                    grad_accum_steps=1, log_grad_norms=False):
+def make_train_step(
+  model,
+  task,
+  tx,
+  *,
+  seed,
+  augment_cfg=None,
+  nan_policy='raise',
+  grad_accum_steps=1,
+  log_grad_norms=False,
+):
   """Returns train_step(state, batch) -> (state, metrics).
 
   batch: global arrays {'inputs': (B, ...), ...} holding what the task needs (e.g. 'label').
@@ -92,13 +115,20 @@ def make_train_step(model, task, tx, *, seed, augment_cfg=None, nan_policy='rais
   log_grad_norms: metrics also hold 'grad_norm/<name>', the L2 norm of the gradients of each
   top-level parameter module (e.g. hidden_0 ... output for the MLP).
   """
+
   def loss_and_grads(params, model_state, batch, k_augment, k_dropout):
     mutable = list(model_state) or False
 
     def loss_fn(params):
-      out = apply_model(model, {'params': params, **model_state}, batch, train=True,
-                        rngs={'dropout': k_dropout}, mutable=mutable,
-                        augment=(k_augment, augment_cfg))
+      out = apply_model(
+        model,
+        {'params': params, **model_state},
+        batch,
+        train=True,
+        rngs={'dropout': k_dropout},
+        mutable=mutable,
+        augment=(k_augment, augment_cfg),
+      )
       outputs, new_model_state = out if mutable else (out, model_state)
       loss, metrics = task.loss_and_metrics(outputs, batch)
       return loss, (metrics, dict(new_model_state))
@@ -108,23 +138,26 @@ def make_train_step(model, task, tx, *, seed, augment_cfg=None, nan_policy='rais
 
   def accumulated(params, model_state, batch, k_augment, k_dropout):
     a = grad_accum_steps
-    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 0, 1),
-                         batch)
+    micro = jax.tree.map(
+      lambda x: jnp.swapaxes(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 0, 1), batch
+    )
 
     def body(carry, xs):
       grads_sum, model_state, metrics_sum = carry
       i, mb = xs
-      grads, model_state, metrics = loss_and_grads(params, model_state, mb,
-                                                   jax.random.fold_in(k_augment, i),
-                                                   jax.random.fold_in(k_dropout, i))
+      grads, model_state, metrics = loss_and_grads(
+        params, model_state, mb, jax.random.fold_in(k_augment, i), jax.random.fold_in(k_dropout, i)
+      )
       add = lambda x, y: jax.tree.map(jnp.add, x, y)
       return (add(grads_sum, grads), model_state, add(metrics_sum, metrics)), None
 
-    shapes = jax.eval_shape(loss_and_grads, params, model_state,
-                            jax.tree.map(lambda x: x[0], micro), k_augment, k_dropout)
+    shapes = jax.eval_shape(
+      loss_and_grads, params, model_state, jax.tree.map(lambda x: x[0], micro), k_augment, k_dropout
+    )
     zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
     (grads, model_state, metrics), _ = jax.lax.scan(
-        body, (zeros(shapes[0]), model_state, zeros(shapes[2])), (jnp.arange(a), micro))
+      body, (zeros(shapes[0]), model_state, zeros(shapes[2])), (jnp.arange(a), micro)
+    )
     mean = lambda tree: jax.tree.map(lambda x: x / a, tree)
     return mean(grads), model_state, mean(metrics)
 
@@ -134,18 +167,28 @@ def make_train_step(model, task, tx, *, seed, augment_cfg=None, nan_policy='rais
     k_augment, k_dropout, k_task = jax.random.split(rng, 3)
     batch = task.prepare(batch, k_task)
     compute = loss_and_grads if grad_accum_steps == 1 else accumulated
-    grads, model_state, metrics = compute(state.params, state.model_state, batch, k_augment,
-                                          k_dropout)
+    grads, model_state, metrics = compute(
+      state.params, state.model_state, batch, k_augment, k_dropout
+    )
     loss = metrics.pop('loss')
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                        model_state=model_state, opt_state=opt_state)
+    new = state.replace(
+      step=state.step + 1,
+      params=optax.apply_updates(state.params, updates),
+      model_state=model_state,
+      opt_state=opt_state,
+    )
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if nan_policy == 'skip':
       kept = state.replace(step=state.step + 1)
       new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept)
-    metrics = {'loss': loss, 'grad_norm': grad_norm, 'finite': finite.astype(jnp.float32), **metrics}
+    metrics = {
+      'loss': loss,
+      'grad_norm': grad_norm,
+      'finite': finite.astype(jnp.float32),
+      **metrics,
+    }
     if log_grad_norms:
       metrics.update({f'grad_norm/{name}': optax.tree.norm(g) for name, g in grads.items()})
     return new, metrics
@@ -156,8 +199,10 @@ def make_train_step(model, task, tx, *, seed, augment_cfg=None, nan_policy='rais
 def make_eval_step(model, task, seed=0):
   """Returns eval_step(state, batch) -> task.eval_outputs(model outputs, batch): per-example arrays
   (B, ...), or a dict of them. Task preparation (e.g. MLM masking) uses a fixed rng."""
+
   def eval_step(state, batch):
     batch = task.prepare(batch, jax.random.key(seed))
     outputs = apply_model(model, {'params': state.params, **state.model_state}, batch, train=False)
     return task.eval_outputs(outputs, batch)
+
   return eval_step

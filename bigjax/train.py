@@ -13,13 +13,15 @@ end results.json (and eval_predictions.npz with config.save_eval_predictions). I
 (unknown field, wrong type, bad mesh or batch size, unknown component, missing dataset) is reported
 on one line with exit status 2 before anything is written.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -40,14 +42,17 @@ def check_workdir_matches(workdir: str, config) -> None:
     saved = json.load(f)
   for part in ('model', 'task'):
     if saved.get(part) != json.loads(config[part].to_json()):
-      raise UserError(f'{workdir} holds a run with a different config.{part}; use a new --workdir, '
-                      'or delete that workdir to start over')
+      raise UserError(
+        f'{workdir} holds a run with a different config.{part}; use a new --workdir, '
+        'or delete that workdir to start over'
+      )
 
 
 def save_eval_predictions(path: str, task, outputs, labels) -> None:
   """Writes `path` (.npz) with labels (N,) and the task's prediction scores (binary: (N,)
   P(label=1); else (N, K) class probabilities)."""
   import io
+
   buffer = io.BytesIO()
   np.savez(buffer, labels=np.asarray(labels), scores=task.prediction_scores(outputs))
   reporting.write_atomic(path, buffer.getvalue())
@@ -60,6 +65,7 @@ def _scalars(report: dict) -> dict:
 @dataclasses.dataclass
 class Loop:
   """What the training loop carries between steps."""
+
   step: int
   last_saved: int | None
   pending: list = dataclasses.field(default_factory=list)  # per-step device metrics not yet read
@@ -92,8 +98,9 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, Any]:
   check_workdir_matches(workdir, config)
   loaded = {}
   if config.init_from.checkpoint:  # read and checked before anything is written
-    loaded = init_from.load_matching(exp.abstract.params, config.init_from.checkpoint,
-                                     config.init_from.load)
+    loaded = init_from.load_matching(
+      exp.abstract.params, config.init_from.checkpoint, config.init_from.load
+    )
 
   # -- 2. Workdir: config, checkpoints, restore or initialise.
   chief = jax.process_index() == 0
@@ -118,11 +125,13 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, Any]:
 
   # -- 4. Train.
   reporter = reporting.Reporter(workdir, step, exp.total_steps)
-  reporter.print(f'bigjax: {config.model.name} on {config.data.name}, {exp.total_steps} steps, '
-                 f'mesh ({mesh_lib.layout(exp.mesh)}), {exp.mesh.size} '
-                 f'{jax.devices()[0].platform} devices, {state_bytes / 2**20:.1f} MiB of train '
-                 'state per device (per-parameter sharding in sharding.txt)'
-                 + (f', resuming at step {step}' if step else ''))
+  reporter.print(
+    f'bigjax: {config.model.name} on {config.data.name}, {exp.total_steps} steps, '
+    f'mesh ({mesh_lib.layout(exp.mesh)}), {exp.mesh.size} '
+    f'{jax.devices()[0].platform} devices, {state_bytes / 2**20:.1f} MiB of train '
+    'state per device (per-parameter sharding in sharding.txt)'
+    + (f', resuming at step {step}' if step else '')
+  )
   hist = history.History(os.path.join(workdir, 'history.jsonl'), step)
   early = history.EarlyStopping(config.early_stopping, workdir, hist.entries)
   if early.stopped:
@@ -138,11 +147,12 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, Any]:
     loop.pending = []
     if config.nan_policy == 'raise' and not finite.all():
       bad = loop.step - len(finite) + int(np.argmin(finite)) + 1
-      where = (f'step {loop.last_saved} in {ckpt.directory}' if loop.last_saved else
-               'none saved yet')
-      raise NonFiniteError(f'loss or gradient norm is NaN/Inf at step {bad}; last good '
-                           f'checkpoint: {where}. Lower config.optim.lr, set '
-                           'config.optim.clip_norm, or use config.nan_policy=skip')
+      where = f'step {loop.last_saved} in {ckpt.directory}' if loop.last_saved else 'none saved yet'
+      raise NonFiniteError(
+        f'loss or gradient norm is NaN/Inf at step {bad}; last good '
+        f'checkpoint: {where}. Lower config.optim.lr, set '
+        'config.optim.clip_norm, or use config.nan_policy=skip'
+      )
     loop.skipped += int((1 - finite).sum())
     reporter.scalars(loop.step, 'train', dict(loop.train_metrics, skipped_steps=loop.skipped))
     hist.append({'step': loop.step, 'split': 'train', **loop.train_metrics})
@@ -154,9 +164,11 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, Any]:
     hist.append({'step': loop.step, 'split': 'eval', **_scalars(report)})
     loop.last_eval = (loop.step, report)
     if early.stopped:
-      reporter.print(f'early stopping at step {loop.step}: {config.early_stopping.metric} has '
-                     f'not improved for {early.bad_evals} evals (best {early.best_value:.4g} at '
-                     f'step {early.best_step})')
+      reporter.print(
+        f'early stopping at step {loop.step}: {config.early_stopping.metric} has '
+        f'not improved for {early.bad_evals} evals (best {early.best_value:.4g} at '
+        f'step {early.best_step})'
+      )
 
   try:
     with Preemption(config.log_every) as preemption:
@@ -183,8 +195,10 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, Any]:
           ckpt.save(loop.step, state)
           loop.last_saved = loop.step
         if stop and not done:
-          raise Preempted(f'{stop} received: saved step {loop.step} in {ckpt.directory}; '
-                          'run the same command again to resume')
+          raise Preempted(
+            f'{stop} received: saved step {loop.step} in {ckpt.directory}; '
+            'run the same command again to resume'
+          )
     jax.block_until_ready(state)
     step = loop.step
     train_s = time.time() - loop.t_train if loop.t_train else 0.0
@@ -196,33 +210,48 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, Any]:
     else:
       eval_report, outputs = exp.evaluate(eval_step, state, return_outputs=True)
       if config.save_eval_predictions and chief:
-        save_eval_predictions(os.path.join(workdir, 'eval_predictions.npz'), exp.task, outputs,
-                              exp.eval_arrays['label'])
+        save_eval_predictions(
+          os.path.join(workdir, 'eval_predictions.npz'), exp.task, outputs, exp.eval_arrays['label']
+        )
     if not hist.has(step, 'eval'):
       reporter.scalars(step, 'eval', eval_report)
       hist.append({'step': step, 'split': 'eval', **_scalars(eval_report)})
       early.update(step, eval_report, state)
-    reporter.print('final eval: ' + ', '.join(f'{k}={v:.4f}'
-                                              for k, v in _scalars(eval_report).items()))
+    reporter.print(
+      'final eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in _scalars(eval_report).items())
+    )
     throughput = flops.throughput_report(exp, train_step, train_s, timed_steps) if chief else None
     if throughput and throughput['mfu'] is not None:
-      rate = (f"{throughput['tokens_per_s']:,.0f} tokens/s" if throughput['tokens_per_s']
-              else f"{throughput['examples_per_s']:,.0f} examples/s")
-      reporter.print(f"throughput: {throughput['step_time_s'] * 1e3:.1f} ms/step, {rate}, "
-                     f"MFU {throughput['mfu']:.1%} of {throughput['peak_source']}")
+      rate = (
+        f"{throughput['tokens_per_s']:,.0f} tokens/s"
+        if throughput['tokens_per_s']
+        else f"{throughput['examples_per_s']:,.0f} examples/s"
+      )
+      reporter.print(
+        f"throughput: {throughput['step_time_s'] * 1e3:.1f} ms/step, {rate}, "
+        f"MFU {throughput['mfu']:.1%} of {throughput['peak_source']}"
+      )
   finally:
     ckpt.close()  # waits for in-flight saves: nothing already written is lost
     early.close()
     hist.close()
     reporter.close()
   results = {
-      'step': step, 'eval': eval_report, 'train': loop.train_metrics,
-      'skipped_steps': loop.skipped, 'steps_this_run': step - first_step, 'compile_s': compile_s,
-      'wall_time_s': time.time() - t_start,
-      'train_examples_per_s': timed_steps * config.batch_size / train_s if train_s > 0 else None,
-      'num_params': int(sum(np.prod(p.shape) for p in jax.tree.leaves(state.params))),
-      'devices': exp.mesh.size, 'platform': jax.devices()[0].platform, 'throughput': throughput,
-      'history': hist.entries, 'best': early.best(), 'stopped_early': early.stopped,
+    'step': step,
+    'eval': eval_report,
+    'train': loop.train_metrics,
+    'skipped_steps': loop.skipped,
+    'steps_this_run': step - first_step,
+    'compile_s': compile_s,
+    'wall_time_s': time.time() - t_start,
+    'train_examples_per_s': timed_steps * config.batch_size / train_s if train_s > 0 else None,
+    'num_params': int(sum(np.prod(p.shape) for p in jax.tree.leaves(state.params))),
+    'devices': exp.mesh.size,
+    'platform': jax.devices()[0].platform,
+    'throughput': throughput,
+    'history': hist.entries,
+    'best': early.best(),
+    'stopped_early': early.stopped,
   }
   if chief:
     reporting.write_json_atomic(os.path.join(workdir, 'results.json'), results)
@@ -234,10 +263,15 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 def make_parser() -> cli.Parser:
   parser = cli.Parser('bigjax-train', __doc__, with_config=True)
-  parser.string('workdir', None, 'Directory for checkpoints, logs and results (not needed with '
-                '--dry_run).')
-  parser.boolean('dry_run', False, 'Print the resolved config, the parameter table, the mesh and '
-                 'the per-device memory of the compiled train step, then exit without writing.')
+  parser.string(
+    'workdir', None, 'Directory for checkpoints, logs and results (not needed with --dry_run).'
+  )
+  parser.boolean(
+    'dry_run',
+    False,
+    'Print the resolved config, the parameter table, the mesh and '
+    'the per-device memory of the compiled train step, then exit without writing.',
+  )
   return parser
 
 
@@ -246,8 +280,9 @@ def parse_flags(argv: Sequence[str]) -> tuple[Any, str | None]:
   one-line message; a missing --workdir is an error (use make_parser() for --dry_run)."""
   fv = make_parser().parse(argv)
   if not fv.workdir:
-    raise UserError('both --config=NAME[:args] and --workdir=DIR are required; see '
-                    'bigjax-train --help')
+    raise UserError(
+      'both --config=NAME[:args] and --workdir=DIR are required; see bigjax-train --help'
+    )
   return fv.config, fv.workdir
 
 
@@ -255,19 +290,26 @@ def dry_run(config) -> None:
   """Prints the resolved config, parameter count and per-module table, the mesh and the per-device
   memory of the AOT-compiled train step. Writes nothing."""
   from bigjax import compile as compile_lib
+
   exp = experiment.build(config)
   print('config (after overrides; every field can be set with --config.FIELD=VALUE):')
   print('\n'.join(f'  {k} = {v!r}' for k, v in _flatten(config.to_dict())))
   facts = {k: v for k, v in dataclasses.asdict(exp.data).items() if v not in (None, ())}
-  derived = {k: v for k, v in experiment.model_kwargs(config.model, exp.data, exp.task).items()
-             if k not in config.model.kwargs}
-  print(f'derived from the data: {facts}; model fields filled from it: {derived}; task output '
-        f'size {exp.task.output_size}')
+  derived = {
+    k: v
+    for k, v in experiment.model_kwargs(config.model, exp.data, exp.task).items()
+    if k not in config.model.kwargs
+  }
+  print(
+    f'derived from the data: {facts}; model fields filled from it: {derived}; task output '
+    f'size {exp.task.output_size}'
+  )
   total, lines = experiment.parameter_table(exp.abstract.params)
   print(f'parameters: {total:,d}')
   print('\n'.join(lines))
-  print(f'mesh: {mesh_lib.layout(exp.mesh)} over {exp.mesh.size} {jax.devices()[0].platform} '
-        'devices')
+  print(
+    f'mesh: {mesh_lib.layout(exp.mesh)} over {exp.mesh.size} {jax.devices()[0].platform} devices'
+  )
   compile_lib.print_memory(exp.compile_train_step())
 
 
@@ -285,8 +327,9 @@ def _main(argv: Sequence[str]) -> int:
     dry_run(fv.config)
     return 0
   if not fv.workdir:
-    raise UserError('both --config=NAME[:args] and --workdir=DIR are required; see '
-                    'bigjax-train --help')
+    raise UserError(
+      'both --config=NAME[:args] and --workdir=DIR are required; see bigjax-train --help'
+    )
   train_and_evaluate(fv.config, fv.workdir)
   return 0
 

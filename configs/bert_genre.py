@@ -7,6 +7,7 @@ Args: init=<workdir of a configs/bert_shakespeare_mlm.py run> (default runs/bert
 pretrained encoder (embeddings, stack, pooler; the classifier head starts fresh), init=none trains
 the same model from scratch; smoke. Splits are by play, so test passages come from unseen works.
 """
+
 import os
 
 import ml_collections
@@ -27,7 +28,8 @@ def get_config(arg=None):
   config.optim.update(lr=1e-3, warmup_steps=50)  # the same for both starts: a fair comparison
   config.num_steps = 20 if args.smoke else 600
   config.checkpoint_every = 10 if args.smoke else 300
-  config.init_from = dict(checkpoint='' if args.init == 'none' else args.init,
-                          load='^embed/,^position_embed/,^segment_embed/,^embed_norm/,^stack/,'
-                               '^pooler/')
+  config.init_from = dict(
+    checkpoint='' if args.init == 'none' else args.init,
+    load='^embed/,^position_embed/,^segment_embed/,^embed_norm/,^stack/,^pooler/',
+  )
   return config

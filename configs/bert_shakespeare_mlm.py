@@ -5,24 +5,38 @@
 Args: smoke. 4 post-LN layers, 4 heads, 128 wide, sequences of 128 bytes; AdamW 1e-3 with warmup +
 linear decay. Its workdir is what configs/bert_genre.py fine-tunes from.
 """
+
 from bigjax import config_lib
 
-MODEL = dict(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512,
-             max_len=128, dropout=0.1)
+MODEL = dict(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512, max_len=128, dropout=0.1)
 
 
 def get_config(arg=None):
   args = config_lib.parse(arg, smoke=False)
   config = config_lib.base_config()
-  config.data.update(name='shakespeare', view='pairs', seq_len=128, eval_split='validation',
-                     eval_max_examples=1024)
+  config.data.update(
+    name='shakespeare', view='pairs', seq_len=128, eval_split='validation', eval_max_examples=1024
+  )
   config.model.name = 'bert'
-  config.model.kwargs = dict(MODEL, head='pretrain', scan=False, remat='none', attention='xla',
-                             dtype='float32', param_dtype='float32')
+  config.model.kwargs = dict(
+    MODEL,
+    head='pretrain',
+    scan=False,
+    remat='none',
+    attention='xla',
+    dtype='float32',
+    param_dtype='float32',
+  )
   config.task.name = 'masked_lm'
   config.task.kwargs = dict(mask_rate=0.15, next_sentence=True)
-  config.optim.update(name='adamw', lr=1e-3, weight_decay=0.01, clip_norm=1.0,
-                      schedule='warmup_linear', warmup_steps=100)
+  config.optim.update(
+    name='adamw',
+    lr=1e-3,
+    weight_decay=0.01,
+    clip_norm=1.0,
+    schedule='warmup_linear',
+    warmup_steps=100,
+  )
   config.batch_size = 32
   config.eval_batch_size = 64
   config.num_epochs = 0

@@ -7,6 +7,7 @@ on a machine with internet). Augmentation: random crop (pad 4), horizontal flip,
 degrees, scaling up to 10%. Expected: ~70% test accuracy after 20 epochs (a figure from the classic
 Keras/TensorFlow tutorials of this model; not measured here, CIFAR-10 cannot be downloaded on our CI).
 """
+
 from bigjax import config_lib
 
 
@@ -14,8 +15,9 @@ def get_config(arg=None):
   args = config_lib.parse(arg, smoke=False)
   config = config_lib.base_config()
   config.data.name = 'cifar10'
-  config.augment = dict(enabled=True, crop_padding=4, flip=True, max_rotate_degrees=10.0,
-                        max_scale=0.1)
+  config.augment = dict(
+    enabled=True, crop_padding=4, flip=True, max_rotate_degrees=10.0, max_scale=0.1
+  )
   config.model.name = 'cnn'
   config.model.kwargs = dict(conv_features=(32, 64), pool_after=(True, True), dense_features=(64,))
   config.task.name = 'classification'

@@ -5,10 +5,12 @@
 Args: size=nano (default: 6 layers, 6 heads, 384 wide, context 256, dropout 0.2, ~10.7M params),
 size=small (4 layers, 4 heads, 128 wide, context 128: the CPU benchmark shape), smoke (a tiny model
 for a few steps); tokenizer=sentencepiece (a 1,024-piece BPE trained on the train split instead of
-bytes; divide the reported bits per byte by the tokenizer's bytes per token, 2.28 on validation). AdamW 1e-3 (betas 0.9/0.99, weight decay 0.1 on matrices), warmup + cosine,
+bytes; divide the reported bits per byte by the tokenizer's bytes per token, 2.28 on validation).
+AdamW 1e-3 (betas 0.9/0.99, weight decay 0.1 on matrices), warmup + cosine,
 global-norm clipping 1.0. Train/validation/test are split by play. Reports validation loss in
 bits per byte; see README for the CPU run and a generated sample.
 """
+
 from bigjax import config_lib
 from bigjax.errors import UserError
 
@@ -17,8 +19,10 @@ def get_config(arg=None):
   args = config_lib.parse(arg, size='nano', tokenizer='bytes', smoke=False)
   config = config_lib.base_config()
   config.data.update(name='shakespeare', view='lm', eval_split='validation')
-  shapes = {'nano': dict(num_layers=6, num_heads=6, embed_dim=384, max_len=256, dropout=0.2),
-            'small': dict(num_layers=4, num_heads=4, embed_dim=128, max_len=128, dropout=0.0)}
+  shapes = {
+    'nano': dict(num_layers=6, num_heads=6, embed_dim=384, max_len=256, dropout=0.2),
+    'small': dict(num_layers=4, num_heads=4, embed_dim=128, max_len=128, dropout=0.0),
+  }
   if args.size not in shapes:
     raise UserError(f'config arg size={args.size!r} is unknown; use one of {", ".join(shapes)}')
   shape = dict(shapes[args.size])
@@ -28,16 +32,34 @@ def get_config(arg=None):
   # model's and task's vocabulary size come from the tokenizer (build() derives them).
   sp_sizes = {'bytes': 0, 'sentencepiece': 1024}
   if args.tokenizer not in sp_sizes:
-    raise UserError(f'config arg tokenizer={args.tokenizer!r} is unknown; use bytes or sentencepiece')
+    raise UserError(
+      f'config arg tokenizer={args.tokenizer!r} is unknown; use bytes or sentencepiece'
+    )
   config.data.update(tokenizer=args.tokenizer, vocab_size=sp_sizes[args.tokenizer])
   config.model.name = 'gpt'
-  config.model.kwargs = dict(positions='learned', pre_ln=True, scan=False, remat='none',
-                             attention='xla', dtype='float32', param_dtype='float32',
-                             max_len=config.data.get_ref('seq_len'), **shape)
+  config.model.kwargs = dict(
+    positions='learned',
+    pre_ln=True,
+    scan=False,
+    remat='none',
+    attention='xla',
+    dtype='float32',
+    param_dtype='float32',
+    max_len=config.data.get_ref('seq_len'),
+    **shape,
+  )
   config.task.name = 'causal_lm'
   config.task.kwargs = dict(label_smoothing=0.0)
-  config.optim.update(name='adamw', lr=1e-3, b2=0.99, weight_decay=0.1, clip_norm=1.0,
-                      schedule='warmup_cosine', warmup_steps=100, end_lr_fraction=0.1)
+  config.optim.update(
+    name='adamw',
+    lr=1e-3,
+    b2=0.99,
+    weight_decay=0.1,
+    clip_norm=1.0,
+    schedule='warmup_cosine',
+    warmup_steps=100,
+    end_lr_fraction=0.1,
+  )
   config.batch_size = 64 if args.size == 'nano' else 32
   config.eval_batch_size = 64
   config.num_epochs = 0

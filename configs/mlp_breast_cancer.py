@@ -6,6 +6,7 @@ Features are standardised with the training split's statistics; 455 train / 114 
 The sigmoid is applied inside the loss (numerically stable logits); predictions are sigmoid(logit).
 Reaches about 97% test accuracy in a few seconds on a CPU (see README).
 """
+
 from bigjax import config_lib
 
 

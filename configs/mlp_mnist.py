@@ -9,6 +9,7 @@ steps, for tests). The activation, initializer and normalization are model kwarg
 Adam because Adam rescales each parameter's step and so hides vanishing gradients: the
 experiment in experiments/vanishing_gradients studies exactly that.
 """
+
 from bigjax import config_lib
 
 
@@ -17,8 +18,9 @@ def get_config(arg=None):
   config = config_lib.base_config()
   config.data.name = 'mnist5k'
   config.model.name = 'mlp'
-  config.model.kwargs = dict(hidden=(args.width,) * args.depth, activation='relu',
-                             kernel_init='lecun', norm='none')
+  config.model.kwargs = dict(
+    hidden=(args.width,) * args.depth, activation='relu', kernel_init='lecun', norm='none'
+  )
   config.task.name = 'classification'
   config.optim.update(name='momentum', lr=0.05, momentum=0.9)
   config.batch_size = 64

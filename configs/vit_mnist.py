@@ -4,6 +4,7 @@
 
 Args: data=mnist5k (default, offline) | tfds (full MNIST); smoke. AdamW 1e-3 with warmup + cosine.
 """
+
 from bigjax import config_lib
 
 
@@ -12,12 +13,29 @@ def get_config(arg=None):
   config = config_lib.base_config()
   config.data.name = {'mnist5k': 'mnist5k', 'tfds': 'mnist'}.get(args.data, args.data)
   config.model.name = 'vit'
-  config.model.kwargs = dict(patch_size=7, num_layers=4, num_heads=4, embed_dim=64, mlp_dim=128,
-                             pool='cls', dropout=0.0, scan=False, remat='none',
-                             attention='xla', dtype='float32', param_dtype='float32')
+  config.model.kwargs = dict(
+    patch_size=7,
+    num_layers=4,
+    num_heads=4,
+    embed_dim=64,
+    mlp_dim=128,
+    pool='cls',
+    dropout=0.0,
+    scan=False,
+    remat='none',
+    attention='xla',
+    dtype='float32',
+    param_dtype='float32',
+  )
   config.task.name = 'classification'
-  config.optim.update(name='adamw', lr=1e-3, weight_decay=0.05, schedule='warmup_cosine',
-                      warmup_steps=100, clip_norm=1.0)
+  config.optim.update(
+    name='adamw',
+    lr=1e-3,
+    weight_decay=0.05,
+    schedule='warmup_cosine',
+    warmup_steps=100,
+    clip_norm=1.0,
+  )
   config.batch_size = 64
   config.num_epochs = 20
   config.checkpoint_every = 500

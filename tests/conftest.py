@@ -2,11 +2,13 @@
 
 Both must be set before jax / tensorflow_datasets are imported anywhere.
 """
+
 import os
 import tempfile
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ['XLA_FLAGS'] = (
+  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+).strip()
 os.environ.setdefault('TFDS_DATA_DIR', tempfile.mkdtemp(prefix='bigjax_tfds_'))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # MFU in tests uses a fixed CPU peak instead of measuring (and caching) one on a busy machine.
@@ -27,5 +29,7 @@ def one_device():
 def load_config(name, arg=None):
   """get_config(arg) of configs/<name>.py, as `--config=configs/<name>.py:arg` would load it."""
   from bigjax import config_lib
-  return config_lib.load_config_file(os.path.join(REPO, 'configs', f'{name}.py') +
-                                     (f':{arg}' if arg else ''))
+
+  return config_lib.load_config_file(
+    os.path.join(REPO, 'configs', f'{name}.py') + (f':{arg}' if arg else '')
+  )

@@ -13,8 +13,10 @@ B, T, S, N, H = 2, 5, 7, 4, 8
 CHUNK = 3  # does not divide S = 7: the last key block is padded
 # Compiling is most of these tests' time: inputs are numpy, each test jits its work once, and
 # with XLA:CPU's backend optimisations off (these tests check numerics, not speed).
-jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0,
-                                                   'xla_llvm_disable_expensive_passes': True})
+jit = functools.partial(
+  jax.jit,
+  compiler_options={'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True},
+)
 
 
 def _normal(shape, seed=0, dtype=np.float32):
@@ -22,8 +24,11 @@ def _normal(shape, seed=0, dtype=np.float32):
 
 
 def _qkv(T=T, S=S, K=N, seed=0):
-  return (_normal((B, T, N, H), seed), _normal((B, S, K, H), seed + 1),
-          _normal((B, S, K, H), seed + 2))
+  return (
+    _normal((B, T, N, H), seed),
+    _normal((B, S, K, H), seed + 1),
+    _normal((B, S, K, H), seed + 2),
+  )
 
 
 def _valid(lengths, L):
@@ -40,32 +45,39 @@ def _out_and_grads(fn, *args):
 _PAD_Q, _PAD_K = _valid([T, 3], T), _valid([S, 4], S)
 _BIAS = _normal((1, N, T, S), 5)
 CASES = {
-    'none': (T, S, N, None, None, False),
-    'causal': (T, S, N, None, None, True),
-    'padding': (T, S, N, A.padding_mask(_PAD_Q, _PAD_K), None, False),
-    'causal_padding': (T, S, N, A.padding_mask(_PAD_Q, _PAD_K), None, True),
-    'bias': (T, S, N, None, _BIAS, False),
-    'gqa': (T, S, 2, A.padding_mask(_PAD_Q, _PAD_K), None, True),
-    'mqa': (T, S, 1, A.padding_mask(np.ones((B, T), bool), _PAD_K), _normal((B, 1, 1, S), 6), True),
-    'T_lt_S': (2, 9, 2, None, None, True),  # decoding 2 tokens against 9 keys
+  'none': (T, S, N, None, None, False),
+  'causal': (T, S, N, None, None, True),
+  'padding': (T, S, N, A.padding_mask(_PAD_Q, _PAD_K), None, False),
+  'causal_padding': (T, S, N, A.padding_mask(_PAD_Q, _PAD_K), None, True),
+  'bias': (T, S, N, None, _BIAS, False),
+  'gqa': (T, S, 2, A.padding_mask(_PAD_Q, _PAD_K), None, True),
+  'mqa': (T, S, 1, A.padding_mask(np.ones((B, T), bool), _PAD_K), _normal((B, 1, 1, S), 6), True),
+  'T_lt_S': (2, 9, 2, None, None, True),  # decoding 2 tokens against 9 keys
 }
 
 
 @pytest.fixture(scope='module')
 def attention_vs_reference():
   """{(case, implementation): ((out, grads), (ref, ref_grads))}, all computed under one jit."""
+
   def run(inputs):
     results = {}
     for name, (t, s, kv, mask, _, causal) in CASES.items():
       q, k, v, bias = inputs[name]
       full_mask = A.combine_masks(mask, A.causal_mask(t, s) if causal else None)
-      want = _out_and_grads(lambda q, k, v, b: A.reference_attention(q, k, v, mask=full_mask,
-                                                                       bias=b), q, k, v, bias)
+      want = _out_and_grads(
+        lambda q, k, v, b: A.reference_attention(q, k, v, mask=full_mask, bias=b), q, k, v, bias
+      )
       for impl in ('xla', 'chunked'):
         got = _out_and_grads(
-            lambda q, k, v, b: A.dot_product_attention(q, k, v, mask=mask, bias=b, causal=causal,
-                                                       implementation=impl, chunk_size=CHUNK),
-            q, k, v, bias)
+          lambda q, k, v, b: A.dot_product_attention(
+            q, k, v, mask=mask, bias=b, causal=causal, implementation=impl, chunk_size=CHUNK
+          ),
+          q,
+          k,
+          v,
+          bias,
+        )
         results[name, impl] = (got, want)
     return results
 
@@ -76,7 +88,8 @@ def attention_vs_reference():
 @pytest.mark.parametrize('implementation', ['xla', 'chunked'])
 @pytest.mark.parametrize('case', list(CASES))
 def test_dot_product_attention_matches_reference_values_and_gradients(
-    attention_vs_reference, case, implementation):
+  attention_vs_reference, case, implementation
+):
   t, _, _, _, bias, _ = CASES[case]
   (out, grads), (ref, ref_grads) = attention_vs_reference[case, implementation]
   assert out.shape == (B, t, N, H) and out.dtype == jnp.float32
@@ -97,8 +110,9 @@ def test_fully_masked_rows_give_zeros_and_finite_gradients():
   def run(q, k, v, q6, k4, v4):
     res = {}
     for impl in ('xla', 'chunked'):
-      fn = lambda q, k, v: A.dot_product_attention(q, k, v, mask=mask, implementation=impl,
-                                                   chunk_size=CHUNK)
+      fn = lambda q, k, v: A.dot_product_attention(
+        q, k, v, mask=mask, implementation=impl, chunk_size=CHUNK
+      )
       # Causal with T > S: the first T - S = 2 queries precede every key.
       late = A.dot_product_attention(q6, k4, v4, causal=True, implementation=impl, chunk_size=3)
       res[impl] = _out_and_grads(fn, q, k, v), late
@@ -122,8 +136,12 @@ def test_bfloat16_inputs_give_bfloat16_close_to_float32():
   @jit
   def run(q, k, v):
     f = lambda impl, dtype: A.dot_product_attention(
-        *(x.astype(dtype) for x in (q, k, v)), mask=mask, causal=True, implementation=impl,
-        chunk_size=CHUNK)
+      *(x.astype(dtype) for x in (q, k, v)),
+      mask=mask,
+      causal=True,
+      implementation=impl,
+      chunk_size=CHUNK,
+    )
     return {impl: (f(impl, jnp.bfloat16), f(impl, jnp.float32)) for impl in ('xla', 'chunked')}
 
   for impl, (out, out32) in run(q, k, v).items():
@@ -134,9 +152,15 @@ def test_bfloat16_inputs_give_bfloat16_close_to_float32():
 def test_chunked_handles_any_chunk_size():
   q, k, v = _qkv(K=2)
   sizes = (1, 2, 7, 128)  # 7 = S: one block; 128 > S: one padded block
-  outs, ref = jit(lambda q, k, v: (
-      [A.dot_product_attention(q, k, v, causal=True, implementation='chunked', chunk_size=c)
-       for c in sizes], A.reference_attention(q, k, v, mask=A.causal_mask(T, S))))(q, k, v)
+  outs, ref = jit(
+    lambda q, k, v: (
+      [
+        A.dot_product_attention(q, k, v, causal=True, implementation='chunked', chunk_size=c)
+        for c in sizes
+      ],
+      A.reference_attention(q, k, v, mask=A.causal_mask(T, S)),
+    )
+  )(q, k, v)
   for c, out in zip(sizes, outs):
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5, err_msg=f'chunk_size={c}')
   with pytest.raises(UserError, match='chunk_size=0'):
@@ -171,8 +195,9 @@ def test_dropout_is_deterministic_per_rng_and_unbiased():
     rngs = jax.random.split(jax.random.key(0), 2000)
     res = {}
     for impl in ('xla', 'chunked'):
-      f = lambda rng, rate: A.dot_product_attention(q, k, v, dropout_rate=rate, dropout_rng=rng,
-                                                    implementation=impl, chunk_size=4)
+      f = lambda rng, rate: A.dot_product_attention(
+        q, k, v, dropout_rate=rate, dropout_rng=rng, implementation=impl, chunk_size=4
+      )
       res[impl] = (jax.vmap(lambda r: f(r, 0.5))(rngs), f(rngs[0], 0.5), f(None, 0.0))
     return res
 
@@ -186,35 +211,47 @@ def test_dropout_is_deterministic_per_rng_and_unbiased():
 
 def test_unknown_and_cudnn_implementations_raise_errors():
   q, k, v = _qkv()
-  with pytest.raises(UserError, match=r"config\.model\.kwargs\.attention='flash' is unknown; "
-                                      r"known attention implementations: chunked, cudnn, xla"):
+  with pytest.raises(
+    UserError,
+    match=r"config\.model\.kwargs\.attention='flash' is unknown; "
+    r"known attention implementations: chunked, cudnn, xla",
+  ):
     A.dot_product_attention(q, k, v, implementation='flash')
   with pytest.raises(UserError, match=r"config\.model\.kwargs\.attention='cudnn' needs a GPU"):
     A.dot_product_attention(q, k, v, implementation='cudnn')
   with pytest.raises(UserError, match=r"config\.model\.kwargs\.attention='cudnn' does not support"):
-    A.dot_product_attention(q, k, v, implementation='cudnn', dropout_rate=0.1,
-                            dropout_rng=jax.random.key(0))
+    A.dot_product_attention(
+      q, k, v, implementation='cudnn', dropout_rate=0.1, dropout_rng=jax.random.key(0)
+    )
   # The layer knows nothing of the CLI: a ValueError about its attribute (build() maps it).
-  with pytest.raises(ValueError,
-                     match=r"^attention='flash' is unknown; known: chunked, cudnn, xla"):
+  with pytest.raises(
+    ValueError, match=r"^attention='flash' is unknown; known: chunked, cudnn, xla"
+  ):
     A.MultiHeadAttention(num_heads=4, head_dim=8, attention='flash').init(
-        jax.random.key(0), np.zeros((1, 2, 8), np.float32))
+      jax.random.key(0), np.zeros((1, 2, 8), np.float32)
+    )
 
 
 def test_cudnn_wrapper_masks_align_causally_and_zero_empty_rows(monkeypatch):
   """What the cudnn path hands jax.nn.dot_product_attention, checked with its XLA kernel on CPU."""
   monkeypatch.setattr(A.kernels, '_backend', lambda: 'gpu')
   xla_attention = jax.nn.dot_product_attention
-  monkeypatch.setattr(jax.nn, 'dot_product_attention', lambda *a, implementation, **kw:
-                      xla_attention(*a, implementation='xla', **kw))
+  monkeypatch.setattr(
+    jax.nn,
+    'dot_product_attention',
+    lambda *a, implementation, **kw: xla_attention(*a, implementation='xla', **kw),
+  )
   q, k, v = _qkv(T=3, S=S, K=2)
   with pytest.raises(UserError, match='bfloat16'):
     A.dot_product_attention(q, k, v, implementation='cudnn')
   mask = A.padding_mask(_valid([3, 3], 3), _valid([S, 0], S))
   q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
-  out, ref = jit(lambda q, k, v: (
+  out, ref = jit(
+    lambda q, k, v: (
       A.dot_product_attention(q, k, v, mask=mask, causal=True, implementation='cudnn'),
-      A.reference_attention(q, k, v, mask=A.combine_masks(mask, A.causal_mask(3, S)))))(q, k, v)
+      A.reference_attention(q, k, v, mask=A.combine_masks(mask, A.causal_mask(3, S))),
+    )
+  )(q, k, v)
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(out.astype(np.float32), ref, atol=3e-2, rtol=3e-2)
   np.testing.assert_array_equal(out[1], 0.0)
@@ -230,8 +267,9 @@ def test_mask_helpers():
   np.testing.assert_array_equal(m[1, 0], [[True, False, False], [False, False, False]])
   assert A.padding_mask(valid_q).shape == (2, 1, 2, 2)
   assert A.combine_masks(None, None) is None
-  np.testing.assert_array_equal(A.combine_masks(None, m, A.causal_mask(2, 3)),
-                                np.asarray(m) & np.asarray(A.causal_mask(2, 3)))
+  np.testing.assert_array_equal(
+    A.combine_masks(None, m, A.causal_mask(2, 3)), np.asarray(m) & np.asarray(A.causal_mask(2, 3))
+  )
 
 
 def test_sinusoidal_positions_match_the_paper_formula():
@@ -252,8 +290,9 @@ def test_rotary_matches_rotate_half_preserves_norms_and_is_relative():
 
   @jit
   def run(x, q, k):
-    dot = lambda p, d: (A.apply_rotary(q, jnp.array([[p]])) *
-                        A.apply_rotary(k, jnp.array([[p + d]]))).sum(-1)
+    dot = lambda p, d: (
+      A.apply_rotary(q, jnp.array([[p]])) * A.apply_rotary(k, jnp.array([[p + d]]))
+    ).sum(-1)
     return A.apply_rotary(x, pos), (dot(3, 4), dot(10, 4), dot(3, 5))
 
   y, (d34, d104, d35) = run(x, q, k)
@@ -297,20 +336,24 @@ def test_multi_head_attention_shapes_logical_names_and_gqa_params():
   assert p['out']['kernel'].names == ('heads', 'kv', 'embed')
   assert p['out']['bias'].names == ('embed',)
   up = nn.meta.unbox(p)
-  assert jax.tree.map(jnp.shape, up) == {'query': {'kernel': (12, 4, 8), 'bias': (4, 8)},
-                                         'key': {'kernel': (12, 2, 8), 'bias': (2, 8)},
-                                         'value': {'kernel': (12, 2, 8), 'bias': (2, 8)},
-                                         'out': {'kernel': (4, 8, 12), 'bias': (12,)}}
+  assert jax.tree.map(jnp.shape, up) == {
+    'query': {'kernel': (12, 4, 8), 'bias': (4, 8)},
+    'key': {'kernel': (12, 2, 8), 'bias': (2, 8)},
+    'value': {'kernel': (12, 2, 8), 'bias': (2, 8)},
+    'out': {'kernel': (4, 8, 12), 'bias': (12,)},
+  }
 
   @jit
   def run(variables, x, context):
     # The layer computes what its pieces say: projections, then reference attention.
     proj = lambda name, y: jnp.einsum('bsd,dnh->bsnh', y, up[name]['kernel']) + up[name]['bias']
-    att = A.reference_attention(proj('query', x), proj('key', x), proj('value', x),
-                                mask=A.causal_mask(5))
+    att = A.reference_attention(
+      proj('query', x), proj('key', x), proj('value', x), mask=A.causal_mask(5)
+    )
     want = jnp.einsum('btnh,nhd->btd', att, up['out']['kernel']) + up['out']['bias']
-    cross = model.apply(variables, x, context,
-                        mask=A.padding_mask(np.ones((2, 5), bool), _valid([9, 4], 9)))
+    cross = model.apply(
+      variables, x, context, mask=A.padding_mask(np.ones((2, 5), bool), _valid([9, 4], 9))
+    )
     return model.apply(variables, x), model.clone(causal=True).apply(variables, x), want, cross
 
   out, causal_out, want, cross = run(variables, x, context)
@@ -325,9 +368,12 @@ def test_multi_head_attention_dropout_only_when_training():
   model = A.MultiHeadAttention(num_heads=2, head_dim=4, dropout_rate=0.5)
   x = _normal((2, 5, 8))
   variables = _mha_init(model, x)
-  apply = jit(lambda x, seed, train: model.apply(variables, x, train=train,
-                                                     rngs={'dropout': jax.random.key(seed)}),
-                  static_argnums=2)
+  apply = jit(
+    lambda x, seed, train: model.apply(
+      variables, x, train=train, rngs={'dropout': jax.random.key(seed)}
+    ),
+    static_argnums=2,
+  )
   assert not np.allclose(apply(x, 1, True), apply(x, 2, True))
   np.testing.assert_array_equal(apply(x, 1, False), apply(x, 2, False))
 
@@ -335,9 +381,16 @@ def test_multi_head_attention_dropout_only_when_training():
 @pytest.mark.parametrize('rotary,attention', [(False, 'xla'), (True, 'chunked')])
 def test_incremental_decoding_with_kv_cache_equals_full_causal_pass(rotary, attention):
   L, D = 7, 12
-  model = A.MultiHeadAttention(num_heads=4, head_dim=8, num_kv_heads=2, rotary=rotary,
-                               attention=attention, chunk_size=3, causal=True,
-                               max_decode_length=L)
+  model = A.MultiHeadAttention(
+    num_heads=4,
+    head_dim=8,
+    num_kv_heads=2,
+    rotary=rotary,
+    attention=attention,
+    chunk_size=3,
+    causal=True,
+    max_decode_length=L,
+  )
   x = _normal((2, L, D))
   variables = _mha_init(model, x, decode=True)
   params, cache = variables['params'], variables['cache']
@@ -347,17 +400,20 @@ def test_incremental_decoding_with_kv_cache_equals_full_causal_pass(rotary, atte
   @jit
   def decode(x):
     def step(cache, x_new):
-      out, updates = model.apply({'params': params, 'cache': cache}, x_new, decode=True,
-                                 mutable=['cache'])
+      out, updates = model.apply(
+        {'params': params, 'cache': cache}, x_new, decode=True, mutable=['cache']
+      )
       return updates['cache'], out
 
     # One token at a time (a scan over positions), and a prefill of 3 tokens then single tokens.
     cache_1, outs = jax.lax.scan(step, cache, jnp.swapaxes(x, 0, 1)[:, :, None])
     cache_3, first = step(cache, x[:, :3])
     cache_3, rest = jax.lax.scan(step, cache_3, jnp.swapaxes(x[:, 3:], 0, 1)[:, :, None])
-    return (model.apply({'params': params}, x),
-            (cache_1, jnp.swapaxes(outs[:, :, 0], 0, 1)),
-            (cache_3, jnp.concatenate([first, jnp.swapaxes(rest[:, :, 0], 0, 1)], axis=1)))
+    return (
+      model.apply({'params': params}, x),
+      (cache_1, jnp.swapaxes(outs[:, :, 0], 0, 1)),
+      (cache_3, jnp.concatenate([first, jnp.swapaxes(rest[:, :, 0], 0, 1)], axis=1)),
+    )
 
   full, *decoded = decode(x)
   for c, out in decoded:

@@ -1,4 +1,5 @@
 """A damaged newest checkpoint: warn naming it, fall back to the newest good one, lose nothing."""
+
 import glob
 import logging
 import os
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from bigjax import checkpoint, train
+
 from conftest import load_config
 
 
@@ -26,8 +28,11 @@ def finished_run(tmp_path_factory):
 
 
 def _data_files(step_dir):
-  return [f for f in glob.glob(os.path.join(step_dir, 'default', '**', 'd', '*'), recursive=True)
-          if os.path.isfile(f)]
+  return [
+    f
+    for f in glob.glob(os.path.join(step_dir, 'default', '**', 'd', '*'), recursive=True)
+    if os.path.isfile(f)
+  ]
 
 
 def _truncate(step_dir):
@@ -55,6 +60,7 @@ def _delete_named(name):
     assert paths, name
     for p in paths:
       shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+
   return damage
 
 
@@ -62,14 +68,20 @@ def _delete_item(step_dir):
   shutil.rmtree(os.path.join(step_dir, 'default'))
 
 
-DAMAGE = {'truncated arrays': _truncate, 'deleted arrays': _delete_arrays, 'bit-flipped arrays':
-          _bit_flip, 'missing manifest': _delete_named('manifest.ocdbt'),
-          'missing metadata': _delete_named('_METADATA'), 'missing item folder': _delete_item}
+DAMAGE = {
+  'truncated arrays': _truncate,
+  'deleted arrays': _delete_arrays,
+  'bit-flipped arrays': _bit_flip,
+  'missing manifest': _delete_named('manifest.ocdbt'),
+  'missing metadata': _delete_named('_METADATA'),
+  'missing item folder': _delete_item,
+}
 
 
 @pytest.mark.parametrize('how', list(DAMAGE), ids=list(DAMAGE))
-def test_damaged_newest_step_falls_back_and_retrains_identically(how, finished_run, tmp_path,
-                                                                 caplog):
+def test_damaged_newest_step_falls_back_and_retrains_identically(
+  how, finished_run, tmp_path, caplog
+):
   workdir = tmp_path / 'run'
   shutil.copytree(finished_run, workdir)
   DAMAGE[how](str(workdir / 'checkpoints' / '42'))

@@ -11,9 +11,14 @@ def test_parse_casts_values_and_bare_flags():
   assert config_lib.parse('smoke=false', smoke=True).smoke is False
 
 
-@pytest.mark.parametrize('arg, text', [('bogus=1', "'bogus' is unknown; known args: size, smoke"),
-                                       ('size=big', "size='big' is not a int"),
-                                       ('smoke=maybe', 'not a boolean')])
+@pytest.mark.parametrize(
+  'arg, text',
+  [
+    ('bogus=1', "'bogus' is unknown; known args: size, smoke"),
+    ('size=big', "size='big' is not a int"),
+    ('smoke=maybe', 'not a boolean'),
+  ],
+)
 def test_parse_rejects_bad_args(arg, text):
   with pytest.raises(UserError, match=text):
     config_lib.parse(arg, size=1, smoke=False)
@@ -25,6 +30,9 @@ def test_registry_loads_by_name_and_lists_known_names():
   assert not {'layers', 'attention', 'transformer'} & set(registry.MODELS.names())  # helpers
   with pytest.raises(UserError, match=r"config.model.name='cnnn' is unknown; known models: .*cnn"):
     registry.MODELS.get('cnnn')
-  with pytest.raises(UserError, match=r"config.task.name='clasification' is unknown; known tasks: "
-                                      r"causal_lm, classification, masked_lm, regression"):
+  with pytest.raises(
+    UserError,
+    match=r"config.task.name='clasification' is unknown; known tasks: "
+    r"causal_lm, classification, masked_lm, regression",
+  ):
     registry.TASKS.get('clasification')

@@ -1,4 +1,5 @@
 """Cross-validation folds of the train split, and the final eval's predictions file."""
+
 import os
 
 import numpy as np
@@ -9,6 +10,7 @@ from sklearn.model_selection import StratifiedKFold
 from bigjax import experiment, train
 from bigjax.data import pipeline
 from bigjax.errors import DataError
+
 from conftest import REPO, load_config
 
 
@@ -29,13 +31,15 @@ def test_held_out_folds_partition_the_train_split():
     held_out.append(eval_part)
   sizes = [len(h['index']) for h in held_out]
   assert max(sizes) - min(sizes) <= 1 and sum(sizes) == n == 455
-  np.testing.assert_array_equal(np.sort(np.concatenate([h['index'] for h in held_out])),
-                                np.arange(n))  # disjoint, union = all
+  np.testing.assert_array_equal(
+    np.sort(np.concatenate([h['index'] for h in held_out])), np.arange(n)
+  )  # disjoint, union = all
   positives = [h['label'].sum() for h in held_out]  # stratified: 290 positives, 58 per fold
   assert arrays['label'].sum() == 290 and positives == [58] * 5
   # Fixed assignment: the same every call, and not the identity order.
-  np.testing.assert_array_equal(pipeline.cv_fold_ids(arrays['label'], k),
-                                pipeline.cv_fold_ids(arrays['label'].copy(), k))
+  np.testing.assert_array_equal(
+    pipeline.cv_fold_ids(arrays['label'], k), pipeline.cv_fold_ids(arrays['label'].copy(), k)
+  )
   assert not np.array_equal(held_out[0]['index'], np.arange(sizes[0]))
   # The folds are scikit-learn's StratifiedKFold's (shuffled with CV_SEED), in its order.
   splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=pipeline.CV_SEED)
@@ -46,12 +50,18 @@ def test_held_out_folds_partition_the_train_split():
 def test_a_class_smaller_than_the_fold_count_is_one_line_error():
   labels = np.array([0] * 10 + [1] * 3)
   assert np.bincount(pipeline.cv_fold_ids(labels, 3)[labels == 1]).tolist() == [1, 1, 1]
-  with pytest.raises(DataError, match=r'^config.data.cv_folds=4 is more than the 3 training '
-                                      r'example\(s\) of label 1; .* lower config.data.cv_folds to '
-                                      r'at most 3$'):
+  with pytest.raises(
+    DataError,
+    match=r'^config.data.cv_folds=4 is more than the 3 training '
+    r'example\(s\) of label 1; .* lower config.data.cv_folds to '
+    r'at most 3$',
+  ):
     pipeline.cv_fold_ids(labels, 4)
-  with pytest.raises(DataError, match=r'cv_folds=2 is more than the 1 training example\(s\) of '
-                                      r'label 7; .*no stratified split exists'):
+  with pytest.raises(
+    DataError,
+    match=r'cv_folds=2 is more than the 1 training example\(s\) of '
+    r'label 7; .*no stratified split exists',
+  ):
     pipeline.cv_fold_ids(np.array([0] * 10 + [7]), 2)
 
 
@@ -97,27 +107,42 @@ def test_multiclass_predictions_are_class_probabilities(tmp_path, one_device):
   assert saved['scores'].shape == (360, 10) and saved['labels'].shape == (360,)
   np.testing.assert_allclose(saved['scores'].sum(1), 1.0, rtol=1e-5)
   assert np.mean(saved['scores'].argmax(1) == saved['labels']) == results['eval']['accuracy']
-  np.testing.assert_array_equal(skm.confusion_matrix(saved['labels'], saved['scores'].argmax(1)),
-                                results['eval']['confusion_matrix'])
+  np.testing.assert_array_equal(
+    skm.confusion_matrix(saved['labels'], saved['scores'].argmax(1)),
+    results['eval']['confusion_matrix'],
+  )
 
 
 MLP = os.path.join(REPO, 'configs', 'mlp_breast_cancer.py')
 GPT = os.path.join(REPO, 'configs', 'gpt_shakespeare.py')
 
 
-@pytest.mark.parametrize('argv, expected', [
-    ([f'--config={MLP}', '--config.data.cv_folds=1'],
-     'config.data.cv_folds=1, cv_fold=0: need cv_folds >= 2 and 0 <= cv_fold < cv_folds'),
-    ([f'--config={MLP}', '--config.data.cv_folds=5', '--config.data.cv_fold=5'],
-     'config.data.cv_folds=5, cv_fold=5: need'),
-    ([f'--config={MLP}', '--config.data.cv_fold=2'],
-     'config.data.cv_fold=2 needs config.data.cv_folds >= 2'),
-    ([f'--config={MLP}', '--config.data.cv_folds=1000'],
-     'config.data.cv_folds=1000 must lie in [2, 455]'),
-    ([f'--config={GPT}:smoke', '--config.save_eval_predictions=true'],
-     "config.save_eval_predictions=True needs a classification task, not "
-     "config.task.name='causal_lm'"),
-])
+@pytest.mark.parametrize(
+  'argv, expected',
+  [
+    (
+      [f'--config={MLP}', '--config.data.cv_folds=1'],
+      'config.data.cv_folds=1, cv_fold=0: need cv_folds >= 2 and 0 <= cv_fold < cv_folds',
+    ),
+    (
+      [f'--config={MLP}', '--config.data.cv_folds=5', '--config.data.cv_fold=5'],
+      'config.data.cv_folds=5, cv_fold=5: need',
+    ),
+    (
+      [f'--config={MLP}', '--config.data.cv_fold=2'],
+      'config.data.cv_fold=2 needs config.data.cv_folds >= 2',
+    ),
+    (
+      [f'--config={MLP}', '--config.data.cv_folds=1000'],
+      'config.data.cv_folds=1000 must lie in [2, 455]',
+    ),
+    (
+      [f'--config={GPT}:smoke', '--config.save_eval_predictions=true'],
+      "config.save_eval_predictions=True needs a classification task, not "
+      "config.task.name='causal_lm'",
+    ),
+  ],
+)
 def test_invalid_cv_or_predictions_is_one_line_exit_2(argv, expected, tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_info:
     train.main(['train', *argv, f'--workdir={tmp_path / "run"}'])

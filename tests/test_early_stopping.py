@@ -1,4 +1,5 @@
 """Early stopping, the best checkpoint, and the learning curve kept across restarts (history.jsonl)."""
+
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import pytest
 from bigjax import checkpoint, experiment, steps, train
 from bigjax import history as history_lib
 from bigjax.errors import UserError
+
 from conftest import REPO, load_config
 
 MLP = os.path.join(REPO, 'configs', 'mlp_breast_cancer.py')
@@ -87,13 +89,19 @@ def test_restart_after_a_lost_checkpoint_gives_the_same_run(uninterrupted, tmp_p
   assert results['steps_this_run'] == results['step'] - 140
   assert results['history'] == ref['history']
   assert (results['step'], results['stopped_early'], results['best']) == (
-      ref['step'], True, ref['best'])
+    ref['step'],
+    True,
+    ref['best'],
+  )
   train_steps = [h['step'] for h in results['history'] if h['split'] == 'train']
   assert train_steps == list(range(14, results['step'] + 1, 14))  # strictly increasing, complete
   lines = [json.loads(l) for l in open(workdir / 'history.jsonl')]
   assert lines == results['history']
-  jax.tree.map(np.testing.assert_array_equal, checkpoint.load_latest(workdir / 'best'),
-               checkpoint.load_latest(ref_dir / 'best'))
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    checkpoint.load_latest(workdir / 'best'),
+    checkpoint.load_latest(ref_dir / 'best'),
+  )
 
 
 def test_history_file_drops_entries_after_the_restored_step(tmp_path):
@@ -107,14 +115,18 @@ def test_history_file_drops_entries_after_the_restored_step(tmp_path):
   history.append({'step': 30, 'split': 'eval', 'loss': 0.5})
   history.close()
   assert [json.loads(l) for l in open(path)] == [
-      {'step': 10, 'split': 'train', 'loss': 1.0}, {'step': 20, 'split': 'train', 'loss': 2.0},
-      {'step': 30, 'split': 'eval', 'loss': 0.5}]
+    {'step': 10, 'split': 'train', 'loss': 1.0},
+    {'step': 20, 'split': 'train', 'loss': 2.0},
+    {'step': 30, 'split': 'eval', 'loss': 0.5},
+  ]
   assert history_lib.History(path, restored_step=0).entries == []  # a fresh run starts empty
 
 
 def test_max_mode_and_min_delta(tmp_path):
   cfg = ml_collections.ConfigDict(dict(metric='accuracy', mode='max', patience=2, min_delta=0.05))
-  history = [{'step': s, 'split': 'eval', 'accuracy': a} for s, a in ((1, 0.5), (2, 0.6), (3, 0.64))]
+  history = [
+    {'step': s, 'split': 'eval', 'accuracy': a} for s, a in ((1, 0.5), (2, 0.6), (3, 0.64))
+  ]
   es = history_lib.EarlyStopping(cfg, str(tmp_path), history)  # replayed from the history
   assert (es.best_step, es.best_value, es.bad_evals, es.stopped) == (2, 0.6, 1, False)
   es.update(4, {'accuracy': 0.649}, state=None)  # +0.049 <= min_delta: no improvement, no save
@@ -125,19 +137,39 @@ def test_max_mode_and_min_delta(tmp_path):
 def test_unknown_metric_names_the_known_ones(tmp_path):
   config = _config(num_steps=2, eval_every=1)
   config.early_stopping.metric = 'acc'
-  with pytest.raises(UserError, match=r"config.early_stopping.metric='acc' is not a scalar of the "
-                                      r"eval report; use one of loss, accuracy, precision"):
+  with pytest.raises(
+    UserError,
+    match=r"config.early_stopping.metric='acc' is not a scalar of the "
+    r"eval report; use one of loss, accuracy, precision",
+  ):
     train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
 
 
-@pytest.mark.parametrize('extra, expected', [
-    (['--config.early_stopping.metric=loss'],
-     "config.early_stopping.metric='loss' needs periodic evals; set config.eval_every > 0"),
-    (['--config.early_stopping.metric=loss', '--config.eval_every=14',
-      '--config.early_stopping.mode=lowest'], "config.early_stopping.mode='lowest' is unknown"),
-    (['--config.early_stopping.metric=loss', '--config.eval_every=14',
-      '--config.early_stopping.patience=-1'], 'config.early_stopping.patience=-1 and min_delta'),
-])
+@pytest.mark.parametrize(
+  'extra, expected',
+  [
+    (
+      ['--config.early_stopping.metric=loss'],
+      "config.early_stopping.metric='loss' needs periodic evals; set config.eval_every > 0",
+    ),
+    (
+      [
+        '--config.early_stopping.metric=loss',
+        '--config.eval_every=14',
+        '--config.early_stopping.mode=lowest',
+      ],
+      "config.early_stopping.mode='lowest' is unknown",
+    ),
+    (
+      [
+        '--config.early_stopping.metric=loss',
+        '--config.eval_every=14',
+        '--config.early_stopping.patience=-1',
+      ],
+      'config.early_stopping.patience=-1 and min_delta',
+    ),
+  ],
+)
 def test_invalid_early_stopping_is_one_line_exit_2(extra, expected, tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_info:
     train.main(['train', f'--config={MLP}', f'--workdir={tmp_path / "run"}', *extra])

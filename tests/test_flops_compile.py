@@ -1,4 +1,5 @@
 """bigjax.flops (model FLOPs, XLA's count, peaks, MFU report) and the bigjax.compile CLI."""
+
 import json
 import os
 import subprocess
@@ -9,8 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from bigjax import experiment, flops, train
+from bigjax import experiment, flops
 from bigjax.errors import UserError
+
 from conftest import REPO, load_config
 
 # analytic / XLA FLOPs of the gpt_shakespeare smoke step. Measured (jax 0.10.2, XLA:CPU): 0.946 on
@@ -32,10 +34,15 @@ def gpt_smoke():
 def test_analytic_flops_of_gpt_smoke_match_the_formula_by_hand(gpt_smoke):
   exp, _ = gpt_smoke
   V, L, d, m, T, B = 260, 2, 32, 128, 32, 16  # configs/gpt_shakespeare.py:smoke
-  layer = (4 * (d * d + d)        # query, key, value, out kernels and biases
-           + 2 * 2 * d            # two LayerNorms
-           + d * m + m + m * d + d)  # MLP
-  n = V * d + L * layer + 2 * d   # tied token embedding, blocks, final LayerNorm
+  layer = (
+    4 * (d * d + d)  # query, key, value, out kernels and biases
+    + 2 * 2 * d  # two LayerNorms
+    + d * m
+    + m
+    + m * d
+    + d
+  )  # MLP
+  n = V * d + L * layer + 2 * d  # tied token embedding, blocks, final LayerNorm
   all_params = sum(np.prod(x.shape) for x in jax.tree.leaves(exp.abstract.params))
   assert n == all_params - T * d  # = every parameter but the position embeddings
   tokens = B * T
@@ -50,9 +57,10 @@ def test_analytic_flops_of_vit_count_patch_embedding_per_patch_and_head_per_exam
   layer = 4 * (d * d + d) + 2 * 2 * d + d * m + m + m * d + d
   per_token = L * layer + 2 * d  # blocks and final LayerNorm
   per_patch = P * P * 1 * d + d  # patch embedding conv, once per patch
-  per_example = d * C + C        # classifier on the class token
-  expected = (6 * per_token * B * T + 6 * per_patch * B * 16 + 6 * per_example * B
-              + 12 * L * T * d * B * T)
+  per_example = d * C + C  # classifier on the class token
+  expected = (
+    6 * per_token * B * T + 6 * per_patch * B * 16 + 6 * per_example * B + 12 * L * T * d * B * T
+  )
   assert flops.analytic_train_flops(exp) == expected
   assert flops.transformer_shape(exp) == ('vit', L, T, d, 16)
 
@@ -76,6 +84,7 @@ def test_xla_flops_reads_dict_and_list_results_and_none_when_missing():
 
   def broken():
     raise NotImplementedError
+
   assert flops.xla_flops(types.SimpleNamespace(cost_analysis=broken)) is None
 
 
@@ -95,9 +104,12 @@ def test_throughput_report_arithmetic(gpt_smoke):
   json.dumps(r)  # ready for results.json
 
   # Not a transformer (no analytic count): XLA's global count is the model FLOPs; no tokens.
-  fake = types.SimpleNamespace(model=object(), config=types.SimpleNamespace(batch_size=64),
-                               sample={'inputs': np.zeros((1, 28, 28, 1), np.float32)},
-                               mesh=exp.mesh)
+  fake = types.SimpleNamespace(
+    model=object(),
+    config=types.SimpleNamespace(batch_size=64),
+    sample={'inputs': np.zeros((1, 28, 28, 1), np.float32)},
+    mesh=exp.mesh,
+  )
   r = flops.throughput_report(fake, _fake_compiled({'flops': 1e6}), 1.0, 10, peak=(1e9, 'x'))
   assert r['tokens_per_s'] is None and r['analytic_flops_per_step'] is None
   assert r['model_flops_per_step'] == 8e6 and r['model_flops_source'] == 'xla'
@@ -107,12 +119,25 @@ def test_throughput_report_arithmetic(gpt_smoke):
   assert r['step_time_s'] is None and r['mfu'] is None and r['model_flops_per_step'] is None
 
 
-@pytest.mark.parametrize('kind, name', [
-    ('NVIDIA H100 80GB HBM3', 'H100 SXM'), ('NVIDIA H100 PCIe', 'H100 PCIe'),
-    ('nvidia h100-pcie-80gb', 'H100 PCIe'), ('NVIDIA H200', 'H200'),
-    ('NVIDIA A100-SXM4-80GB', 'A100'), ('TPU v4', 'TPU v4'), ('TPU v5 lite', 'TPU v5e'),
-    ('TPU v5e', 'TPU v5e'), ('TPU v5', 'TPU v5p'), ('TPU v5p', 'TPU v5p'),
-    ('TPU v6 lite', 'TPU v6e'), ('TPU v6e', 'TPU v6e'), ('Tesla T4', None), ('TPU v3', None)])
+@pytest.mark.parametrize(
+  'kind, name',
+  [
+    ('NVIDIA H100 80GB HBM3', 'H100 SXM'),
+    ('NVIDIA H100 PCIe', 'H100 PCIe'),
+    ('nvidia h100-pcie-80gb', 'H100 PCIe'),
+    ('NVIDIA H200', 'H200'),
+    ('NVIDIA A100-SXM4-80GB', 'A100'),
+    ('TPU v4', 'TPU v4'),
+    ('TPU v5 lite', 'TPU v5e'),
+    ('TPU v5e', 'TPU v5e'),
+    ('TPU v5', 'TPU v5p'),
+    ('TPU v5p', 'TPU v5p'),
+    ('TPU v6 lite', 'TPU v6e'),
+    ('TPU v6e', 'TPU v6e'),
+    ('Tesla T4', None),
+    ('TPU v3', None),
+  ],
+)
 def test_device_kinds_match_the_peak_table(kind, name):
   assert flops.match_device_kind(kind) == name
   peak, source = flops.peak_flops(types.SimpleNamespace(platform='gpu', device_kind=kind))
@@ -130,6 +155,7 @@ def test_cpu_matmul_peak_is_measured_once_then_read_from_the_cache(tmp_path, mon
   def fake_measure():
     calls.append(1)
     return {'median_flops': 1.5e11, 'best_flops': 1.7e11}
+
   monkeypatch.setattr(flops.peaks, 'measure_matmul', fake_measure)
   assert flops.cpu_matmul_peak()[0] == 1.5e11
   path = tmp_path / '.cache' / 'bigjax' / 'cpu_matmul_peak.json'
@@ -158,8 +184,13 @@ def test_measure_matmul_gives_a_positive_rate():
 # python -m bigjax.compile (a subprocess: it sets its own device count before importing jax)
 # ----------------------------------------------------------------------------------------------
 def _compile_cli(*args):
-  cmd = [sys.executable, '-m', 'bigjax.compile',
-         f'--config={os.path.join(REPO, "configs", "gpt_shakespeare.py")}:smoke', *args]
+  cmd = [
+    sys.executable,
+    '-m',
+    'bigjax.compile',
+    f'--config={os.path.join(REPO, "configs", "gpt_shakespeare.py")}:smoke',
+    *args,
+  ]
   return subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
@@ -183,11 +214,14 @@ def test_compile_cli_over_the_memory_limit_exits_1():
   assert 'exceeds --memory_limit_gb=1e-06' in lines[0]
 
 
-@pytest.mark.parametrize('args, expected', [
+@pytest.mark.parametrize(
+  'args, expected',
+  [
     (['--devices=8', '--config.mesh.tensor=3'], 'config.mesh.tensor=3 does not divide 8 devices'),
     (['--devices=0'], '--devices=0 must be a positive integer'),
     (['--devices=2', '--workdir=/tmp/x'], 'takes no workdir'),
-])
+  ],
+)
 def test_compile_cli_user_errors_are_one_line_exit_2(args, expected):
   proc = _compile_cli(*args)
   assert proc.returncode == 2

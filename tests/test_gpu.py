@@ -12,6 +12,7 @@ prints the full tables), asserted at its ATTENTION_TOL and TRAINING_REL_TOL:
   * gpt_shakespeare:size=small trained for a short run in bfloat16 (XLA and cuDNN attention)
     follows the float32 run's logged train losses within TRAINING_REL_TOL, and all of them learn.
 """
+
 import importlib.util
 import os
 
@@ -19,16 +20,22 @@ import jax
 import numpy as np
 import pytest
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(jax.devices()[0].platform != 'gpu', reason='needs a GPU')]
+pytestmark = [
+  pytest.mark.gpu,
+  pytest.mark.skipif(jax.devices()[0].platform != 'gpu', reason='needs a GPU'),
+]
 
 TRAIN_STEPS = 60  # logged every 10 steps: 6 points per curve
 
 
 def _gpu_checks():
   """experiments/bench/gpu_checks.py as a module (a script, not a package: loaded by path)."""
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments',
-                      'bench', 'gpu_checks.py')
+  path = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    'experiments',
+    'bench',
+    'gpu_checks.py',
+  )
   spec = importlib.util.spec_from_file_location('bench_gpu_checks', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

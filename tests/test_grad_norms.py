@@ -1,5 +1,6 @@
 """Training dynamics: per-layer gradient norms (vanishing gradients in deep sigmoid MLPs), and the
 post-LN GPT (original Transformer layout) next to the pre-LN default."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import pytest
 
 from bigjax import train
 from bigjax.models import gpt
+
 from conftest import load_config
 
 
@@ -17,8 +19,9 @@ def _first_step_norms(tmp_path, devices, activation, kernel_init):
   config = load_config('mlp_breast_cancer')
   config.model.kwargs.update(hidden=(32,) * 8, activation=activation, kernel_init=kernel_init)
   config.num_steps, config.log_every, config.log_grad_norms = 1, 1, True
-  results = train.train_and_evaluate(config, str(tmp_path / f'{activation}_{kernel_init}'),
-                                     devices=devices)
+  results = train.train_and_evaluate(
+    config, str(tmp_path / f'{activation}_{kernel_init}'), devices=devices
+  )
   return results['history'][0]
 
 
@@ -29,9 +32,10 @@ def test_sigmoid_stack_gradients_vanish_and_relu_he_does_not(tmp_path, one_devic
     entry = _first_step_norms(tmp_path, one_device, activation, init)
     norms = np.array([entry[f'grad_norm/{n}'] for n in names])
     assert sorted(k for k in entry if k.startswith('grad_norm/')) == sorted(
-        f'grad_norm/{n}' for n in names)
+      f'grad_norm/{n}' for n in names
+    )
     # The per-module norms make up the global one.
-    np.testing.assert_allclose(np.sqrt(np.sum(norms ** 2)), entry['grad_norm'], rtol=1e-5)
+    np.testing.assert_allclose(np.sqrt(np.sum(norms**2)), entry['grad_norm'], rtol=1e-5)
     ratios[activation] = norms[-1] / norms[0]  # output / hidden_0
     if activation == 'sigmoid':  # each layer back shrinks the gradient (0.25 * |W| ~ 0.014)
       assert np.all(np.diff(np.log(norms)) > 0)
@@ -47,8 +51,9 @@ def test_grad_norms_are_off_by_default(tmp_path, one_device):
 
 
 def _gpt(pre_ln):
-  return gpt.Model(vocab_size=16, num_layers=2, num_heads=2, embed_dim=32, max_len=16,
-                   pre_ln=pre_ln)
+  return gpt.Model(
+    vocab_size=16, num_layers=2, num_heads=2, embed_dim=32, max_len=16, pre_ln=pre_ln
+  )
 
 
 def _tokens(n, seed=0):
@@ -64,8 +69,9 @@ def test_post_ln_gpt_is_the_original_transformer_layout():
   params_pre = nn.meta.unbox(pre.init(jax.random.key(1), tokens)['params'])
   # Same parameters but no final norm before the head (the last block's output is normalised).
   assert 'final_norm' in params_pre['stack'] and 'final_norm' not in params_post['stack']
-  shared = dict(params_pre, stack={k: v for k, v in params_pre['stack'].items()
-                                   if k != 'final_norm'})
+  shared = dict(
+    params_pre, stack={k: v for k, v in params_pre['stack'].items() if k != 'final_norm'}
+  )
   jax.tree.map(np.testing.assert_array_equal, shared, params_post)
   # pre_ln=False changes the outputs.
   logits_post = post.apply({'params': params_post}, tokens)
@@ -76,8 +82,9 @@ def test_post_ln_gpt_is_the_original_transformer_layout():
   # token at init; pre-LN blocks output the un-normalised residual stream (per-token std measured
   # 0.2 to 1.0).
   for model, params, normalised in ((post, params_post, True), (pre, params_pre, False)):
-    _, state = model.apply({'params': params}, tokens, capture_intermediates=True,
-                           mutable=['intermediates'])
+    _, state = model.apply(
+      {'params': params}, tokens, capture_intermediates=True, mutable=['intermediates']
+    )
     for i in range(2):
       h = state['intermediates']['stack'][f'layer_{i}']['__call__'][0]
       std = np.asarray(h.std(-1))

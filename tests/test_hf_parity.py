@@ -5,6 +5,7 @@ raise UserError.
 Needs transformers and torch (requirements-dev.txt). Nothing is downloaded: the models are built
 from config objects with HF_HUB_OFFLINE=1.
 """
+
 import os
 
 os.environ['HF_HUB_OFFLINE'] = '1'
@@ -38,18 +39,37 @@ def _perturbed(model):
 
 def _hf_gpt2(**overrides):
   torch.manual_seed(0)
-  kwargs = dict(vocab_size=GPT_VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                bos_token_id=GPT_VOCAB - 1, eos_token_id=GPT_VOCAB - 1, resid_pdrop=0.0,
-                embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.2)
+  kwargs = dict(
+    vocab_size=GPT_VOCAB,
+    n_positions=32,
+    n_embd=32,
+    n_layer=2,
+    n_head=4,
+    bos_token_id=GPT_VOCAB - 1,
+    eos_token_id=GPT_VOCAB - 1,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+    initializer_range=0.2,
+  )
   config = transformers.GPT2Config(**{**kwargs, **overrides})
   return _perturbed(transformers.GPT2LMHeadModel(config))
 
 
 def _hf_bert_config(**overrides):
-  kwargs = dict(vocab_size=BERT_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                intermediate_size=64, max_position_embeddings=32, type_vocab_size=2,
-                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
-                initializer_range=0.2)
+  kwargs = dict(
+    vocab_size=BERT_VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=32,
+    type_vocab_size=2,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    pad_token_id=0,
+    initializer_range=0.2,
+  )
   return transformers.BertConfig(**{**kwargs, **overrides})
 
 
@@ -86,8 +106,11 @@ def _bert_batch():
 def hf_bert_outputs(hf_bert):
   ids, segments = _bert_batch()
   with torch.no_grad():
-    out = hf_bert(input_ids=torch.tensor(ids), token_type_ids=torch.tensor(segments),
-                  attention_mask=torch.tensor(ids != 0, dtype=torch.long))
+    out = hf_bert(
+      input_ids=torch.tensor(ids),
+      token_type_ids=torch.tensor(segments),
+      attention_mask=torch.tensor(ids != 0, dtype=torch.long),
+    )
   return out.prediction_logits.numpy(), out.seq_relationship_logits.numpy()
 
 
@@ -97,11 +120,13 @@ def test_gpt2_lm_logits_match(hf_gpt2, scan):
   assert config['max_len'] == 32 and config['mlp_dim'] == 128
   config['scan'] = scan
   params = gpt.params_from_hf(hf_gpt2.state_dict(), config)
-  init = nn.meta.unbox(jax.eval_shape(gpt.Model(**config).init, jax.random.key(0),
-                                      jnp.zeros((1, 8), jnp.int32)))['params']
+  init = nn.meta.unbox(
+    jax.eval_shape(gpt.Model(**config).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  )['params']
   assert jax.tree.structure(params) == jax.tree.structure(init)
   assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == jax.tree.map(
-      lambda a: (a.shape, a.dtype), init)
+    lambda a: (a.shape, a.dtype), init
+  )
   ids = np.random.default_rng(1).integers(0, GPT_VOCAB, size=(2, 16))
   with torch.no_grad():
     want = hf_gpt2(input_ids=torch.tensor(ids)).logits.numpy()
@@ -138,12 +163,15 @@ def test_gpt2_missing_key_and_wrong_shape_raise(hf_gpt2):
     gpt.params_from_hf(hf_gpt2.state_dict(), {**config, 'positions': 'rotary'})
 
 
-@pytest.mark.parametrize('overrides, match', [
+@pytest.mark.parametrize(
+  'overrides, match',
+  [
     (dict(activation_function='relu'), 'activation_function'),
     (dict(scale_attn_by_inverse_layer_idx=True), 'scale_attn_by_inverse_layer_idx'),
     (dict(reorder_and_upcast_attn=True), 'reorder_and_upcast_attn'),
     (dict(scale_attn_weights=False), 'scale_attn_weights'),
-])
+  ],
+)
 def test_gpt2_unsupported_config_raises(overrides, match):
   config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, **overrides)
   with pytest.raises(UserError, match=match):
@@ -184,8 +212,11 @@ def test_bert_model_state_dict_classify_fills_classifier_from_init(hf_bert):
   filled['classifier'] = {'kernel': np.eye(d, dtype=np.float32), 'bias': np.zeros(d, np.float32)}
   got = jax.jit(model.apply)({'params': filled}, ids, segments)
   with torch.no_grad():
-    want = hf_bert.bert(input_ids=torch.tensor(ids), token_type_ids=torch.tensor(segments),
-                        attention_mask=torch.tensor(ids != 0, dtype=torch.long)).pooler_output
+    want = hf_bert.bert(
+      input_ids=torch.tensor(ids),
+      token_type_ids=torch.tensor(segments),
+      attention_mask=torch.tensor(ids != 0, dtype=torch.long),
+    ).pooler_output
   np.testing.assert_allclose(np.asarray(got), want.numpy(), **TOL)
 
 
@@ -210,8 +241,7 @@ def test_bert_masked_lm_needs_init_params_for_missing_heads(hf_bert, hf_bert_out
   np.testing.assert_array_equal(params['nsp']['kernel'], fresh['nsp']['kernel'])
   out = jax.jit(model.apply)({'params': params}, ids, segments)
   valid = ids != 0
-  np.testing.assert_allclose(np.asarray(out['mlm_logits'])[valid], hf_bert_outputs[0][valid],
-                             **TOL)
+  np.testing.assert_allclose(np.asarray(out['mlm_logits'])[valid], hf_bert_outputs[0][valid], **TOL)
 
 
 def test_bert_missing_key_and_wrong_shape_raise(hf_bert):
@@ -223,17 +253,22 @@ def test_bert_missing_key_and_wrong_shape_raise(hf_bert):
   with pytest.raises(UserError, match=r"intermediate\.dense\.weight' has shape \(64, 32\)"):
     bert.params_from_hf(hf_bert.state_dict(), {**config, 'mlp_dim': 48})
   with pytest.raises(UserError, match='untied'):
-    bert.params_from_hf({**hf_bert.state_dict(),
-                         'cls.predictions.decoder.weight': torch.zeros(BERT_VOCAB, 32)}, config)
+    bert.params_from_hf(
+      {**hf_bert.state_dict(), 'cls.predictions.decoder.weight': torch.zeros(BERT_VOCAB, 32)},
+      config,
+    )
   with pytest.raises(UserError, match="pre_ln=True.*pre_ln=False"):
     bert.params_from_hf(hf_bert.state_dict(), {**config, 'pre_ln': True})
 
 
-@pytest.mark.parametrize('overrides, match', [
+@pytest.mark.parametrize(
+  'overrides, match',
+  [
     (dict(hidden_act='relu'), 'hidden_act'),
     (dict(position_embedding_type='relative_key'), 'position_embedding_type'),
     (dict(is_decoder=True), 'is_decoder'),
-])
+  ],
+)
 def test_bert_unsupported_config_raises(overrides, match):
   config = _hf_bert_config()
   for name, value in overrides.items():

@@ -1,12 +1,12 @@
 import jax
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
 import pytest
-from jax.sharding import PartitionSpec as P
 
-from bigjax import mesh as mesh_lib
 from bigjax import config_lib, optim
+from bigjax import mesh as mesh_lib
 from bigjax.errors import UserError
 
 
@@ -15,18 +15,28 @@ def _mesh(**sizes):
 
 
 def test_mesh_sizes_resolve_minus_one():
-  assert mesh_lib.mesh_shape(ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=2)), 8) == \
-      (2, 2, 2)
-  assert mesh_lib.mesh_shape(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)), 8) == \
-      (1, 8, 1)
+  assert mesh_lib.mesh_shape(ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=2)), 8) == (
+    2,
+    2,
+    2,
+  )
+  assert mesh_lib.mesh_shape(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)), 8) == (
+    1,
+    8,
+    1,
+  )
   with pytest.raises(UserError, match='config.mesh.tensor=3 does not divide 8 devices'):
     mesh_lib.mesh_shape(ml_collections.ConfigDict(dict(data=-1, tensor=3)), 8)
 
 
 def test_spec_for_follows_rules_and_skips_indivisible_or_used_axes():
   mesh = _mesh(data=2, fsdp=2, tensor=2)
-  rules = (('embed', 'fsdp'), ('mlp', 'tensor'), ('conv_out', ('fsdp', 'tensor')),
-           ('conv_out', 'tensor'))
+  rules = (
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('conv_out', ('fsdp', 'tensor')),
+    ('conv_out', 'tensor'),
+  )
   assert mesh_lib.spec_for(('embed', 'mlp'), (64, 128), mesh, rules) == P('fsdp', 'tensor')
   assert mesh_lib.spec_for(('embed', 'mlp'), (3, 128), mesh, rules) == P(None, 'tensor')
   assert mesh_lib.spec_for(('mlp', 'mlp'), (8, 8), mesh, rules) == P('tensor', None)
@@ -42,15 +52,22 @@ def _optim(**fields):
   return cfg
 
 
-@pytest.mark.parametrize('schedule, checks', [
+@pytest.mark.parametrize(
+  'schedule, checks',
+  [
     ('constant', {0: 1.0, 50: 1.0, 99: 1.0}),
     ('warmup_cosine', {0: 0.0, 10: 1.0, 55: 0.5, 100: 0.0}),
     ('warmup_linear', {0: 0.0, 10: 1.0, 55: 0.5, 100: 0.0}),
     ('step', {0: 1.0, 49: 1.0, 50: 0.1, 75: 0.01}),
-])
+  ],
+)
 def test_schedules(schedule, checks):
-  cfg = _optim(name='sgd', lr=1.0, schedule=schedule,
-               warmup_steps=0 if schedule in ('constant', 'step') else 10)
+  cfg = _optim(
+    name='sgd',
+    lr=1.0,
+    schedule=schedule,
+    warmup_steps=0 if schedule in ('constant', 'step') else 10,
+  )
   fn = optim.learning_rate_schedule(cfg, 100)
   for step, lr in checks.items():
     np.testing.assert_allclose(fn(step), lr, atol=1e-6)
@@ -70,5 +87,6 @@ def test_weight_decay_skips_biases_and_clipping_bounds_the_update(name):
   tx = optim.make_optimizer(cfg, 10)
   updates, _ = tx.update(big, tx.init(params), params)
   if name in ('sgd', 'momentum', 'nesterov'):  # first step: update = -lr * clipped gradient
-    np.testing.assert_allclose(optax.tree.norm(updates), 0.1 * 1e-3 * (1 if name != 'nesterov'
-                                                                        else 1.9), rtol=1e-4)
+    np.testing.assert_allclose(
+      optax.tree.norm(updates), 0.1 * 1e-3 * (1 if name != 'nesterov' else 1.9), rtol=1e-4
+    )

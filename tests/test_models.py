@@ -28,22 +28,29 @@ def test_classic_cnn_shapes_parameter_count_and_logical_axes():
   # Keras' summary of this model: 93,322 parameters.
   assert n == 93_322
   assert model.apply(variables, jnp.zeros((3, 28, 28, 1))).shape == (3, 10)
-  assert variables['params']['conv_0']['kernel'].names == ('conv_height', 'conv_width', 'conv_in',
-                                                           'conv_out')
+  assert variables['params']['conv_0']['kernel'].names == (
+    'conv_height',
+    'conv_width',
+    'conv_in',
+    'conv_out',
+  )
   assert variables['params']['dense_0']['kernel'].names == ('embed', 'mlp')
   assert variables['params']['output']['kernel'].names == ('mlp', 'classes')
 
 
 def test_cnn_with_batch_norm_and_dropout_uses_train_flag():
-  model = cnn.Model(conv_features=(8,), pool_after=(True,), dense_features=(16,), batch_norm=True,
-                    dropout=0.5)
+  model = cnn.Model(
+    conv_features=(8,), pool_after=(True,), dense_features=(16,), batch_norm=True, dropout=0.5
+  )
   x = jax.random.normal(jax.random.key(0), (4, 12, 12, 1))
   variables = _init(model, x)
   assert 'batch_stats' in variables
-  out, updates = model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(2)},
-                             mutable=['batch_stats'])
-  assert not np.allclose(updates['batch_stats']['bn_0']['mean'],
-                         variables['batch_stats']['bn_0']['mean'])
+  out, updates = model.apply(
+    variables, x, train=True, rngs={'dropout': jax.random.key(2)}, mutable=['batch_stats']
+  )
+  assert not np.allclose(
+    updates['batch_stats']['bn_0']['mean'], variables['batch_stats']['bn_0']['mean']
+  )
   a = model.apply(variables, x, train=False)
   np.testing.assert_array_equal(a, model.apply(variables, x, train=False))  # eval deterministic
   assert not np.allclose(out, a)
@@ -51,15 +58,17 @@ def test_cnn_with_batch_norm_and_dropout_uses_train_flag():
 
 @pytest.mark.parametrize('activation', ['relu', 'sigmoid', 'tanh', 'gelu'])
 def test_mlp_shapes_and_output_activation(activation):
-  model = mlp.Model(hidden=(8, 8), num_outputs=1, activation=activation,
-                    output_activation='sigmoid')
+  model = mlp.Model(
+    hidden=(8, 8), num_outputs=1, activation=activation, output_activation='sigmoid'
+  )
   x = jax.random.normal(jax.random.key(0), (5, 30))
   out = model.apply(_init(model, x), x)
   assert out.shape == (5, 1) and bool(((out > 0) & (out < 1)).all())
 
 
-@pytest.mark.parametrize('depth, stem, size, n_params', [(18, 'cifar', 32, 11_173_962),
-                                                         (50, 'imagenet', 64, 23_528_522)])
+@pytest.mark.parametrize(
+  'depth, stem, size, n_params', [(18, 'cifar', 32, 11_173_962), (50, 'imagenet', 64, 23_528_522)]
+)
 def test_resnet_parameter_counts(depth, stem, size, n_params):
   # Reference counts: torchvision resnet18/resnet50 with a 10-class head (resnet18's CIFAR stem
   # has a 3x3 instead of a 7x7 stem conv: 11,181,642 - 64*3*(49-9) = 11,173,962).

@@ -4,6 +4,7 @@ on a flat mesh and on a hybrid one (config.mesh.dcn_fsdp=2: fsdp split across th
 Every process is a subprocess with a timeout, so a peer that never arrives fails the test instead
 of hanging it.
 """
+
 import json
 import os
 import signal
@@ -17,10 +18,16 @@ import numpy as np
 import pytest
 
 from bigjax import checkpoint
+
 from conftest import REPO
 
-BASE = ['--config=configs/mlp_breast_cancer.py:smoke', '--config.mesh.data=2',
-        '--config.mesh.fsdp=2', '--config.mesh.tensor=2', '--config.log_every=1']
+BASE = [
+  '--config=configs/mlp_breast_cancer.py:smoke',
+  '--config.mesh.data=2',
+  '--config.mesh.fsdp=2',
+  '--config.mesh.tensor=2',
+  '--config.log_every=1',
+]
 
 
 def _free_port():
@@ -31,23 +38,40 @@ def _free_port():
 
 def _env(devices):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  return dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-              PYTHONPATH=os.pathsep.join(filter(None, [REPO, env.get('PYTHONPATH')])))
+  return dict(
+    env,
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+    PYTHONPATH=os.pathsep.join(filter(None, [REPO, env.get('PYTHONPATH')])),
+  )
 
 
 def _start(workdir, extra, num_processes, devices):
   """Starts the processes of one run; returns the Popen list."""
   cmd = [sys.executable, '-m', 'bigjax.train', f'--workdir={workdir}', *BASE, *extra]
   if num_processes == 1:
-    return [subprocess.Popen(cmd, cwd=REPO, env=_env(devices), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)]
+    return [
+      subprocess.Popen(
+        cmd, cwd=REPO, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+      )
+    ]
   port = _free_port()
-  return [subprocess.Popen(cmd + [f'--config.distributed.coordinator_address=127.0.0.1:{port}',
-                                  f'--config.distributed.num_processes={num_processes}',
-                                  f'--config.distributed.process_id={i}',
-                                  '--config.distributed.timeout_s=60'],
-                           cwd=REPO, env=_env(devices), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True) for i in range(num_processes)]
+  return [
+    subprocess.Popen(
+      cmd
+      + [
+        f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+        f'--config.distributed.num_processes={num_processes}',
+        f'--config.distributed.process_id={i}',
+        '--config.distributed.timeout_s=60',
+      ],
+      cwd=REPO,
+      env=_env(devices),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(num_processes)
+  ]
 
 
 def _wait(procs, timeout=240):
@@ -80,26 +104,38 @@ def one_process_run(tmp_path_factory):
 # flat: config.mesh as in the reference (data spans the processes, device order); hybrid:
 # dcn_fsdp=2 lays the same 2 x 2 x 2 mesh out with each process holding one fsdp column (so each
 # process's batch shards are not contiguous) -- same losses either way.
-@pytest.mark.parametrize('extra, layout', [
+@pytest.mark.parametrize(
+  'extra, layout',
+  [
     ([], 'mesh: data=2 (across 2 processes), fsdp=2, tensor=2'),
-    (['--config.mesh.fsdp=1', '--config.mesh.dcn_fsdp=2'],
-     'mesh: data=2, fsdp=2 (across 2 processes), tensor=2'),
-], ids=['flat', 'hybrid'])
+    (
+      ['--config.mesh.fsdp=1', '--config.mesh.dcn_fsdp=2'],
+      'mesh: data=2, fsdp=2 (across 2 processes), tensor=2',
+    ),
+  ],
+  ids=['flat', 'hybrid'],
+)
 def test_two_processes_equal_one_process(tmp_path, one_process_run, extra, layout):
   codes, errs = _wait(_start(tmp_path / 'two', extra, 2, 4))
   assert codes == [0, 0], errs
   assert open(tmp_path / 'two' / 'sharding.txt').readline().strip() == layout
-  np.testing.assert_allclose(_train_losses(tmp_path / 'two'), _train_losses(one_process_run),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    _train_losses(tmp_path / 'two'), _train_losses(one_process_run), rtol=1e-5
+  )
   _, a = checkpoint.load_latest(one_process_run / 'checkpoints')
   _, b = checkpoint.load_latest(tmp_path / 'two' / 'checkpoints')
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5),
-               a['params'], b['params'])
+  jax.tree.map(
+    lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), a['params'], b['params']
+  )
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
-  procs = _start(tmp_path, ['--config.num_epochs=2000', '--config.checkpoint_every=100000',
-                            '--config.log_every=5'], 2, 4)
+  procs = _start(
+    tmp_path,
+    ['--config.num_epochs=2000', '--config.checkpoint_every=100000', '--config.log_every=5'],
+    2,
+    4,
+  )
   deadline = time.time() + 120
   while not (tmp_path / 'tensorboard').exists() and time.time() < deadline:
     time.sleep(0.1)

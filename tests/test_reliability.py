@@ -1,4 +1,5 @@
 """NaN/Inf guard, preemption, corrupt checkpoints."""
+
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import pytest
 
 from bigjax import checkpoint, experiment, train
 from bigjax.errors import NonFiniteError
+
 from conftest import REPO, load_config
 
 
@@ -23,6 +25,7 @@ def _poisoned(monkeypatch, bad_rows):
     tr['inputs'] = tr['inputs'].copy()
     tr['inputs'][bad_rows] = np.nan
     return tr, ev, name
+
   monkeypatch.setattr(experiment, 'load_data', load_data)
 
 
@@ -33,7 +36,9 @@ def _config():
   return config
 
 
-def test_nan_policy_raise_names_the_step_and_last_good_checkpoint(tmp_path, monkeypatch, one_device):
+def test_nan_policy_raise_names_the_step_and_last_good_checkpoint(
+  tmp_path, monkeypatch, one_device
+):
   config = _config()
   config.batch_size = 65  # 7 steps per epoch; NaN rows reach the batch in epoch 1 at the latest
   _poisoned(monkeypatch, [3])
@@ -57,10 +62,18 @@ def test_nan_policy_skip_drops_bad_updates_and_counts_them(tmp_path, monkeypatch
 
 def test_sigterm_saves_and_rerun_resumes(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  cmd = [sys.executable, '-m', 'bigjax.train', '--config=configs/mnist_cnn.py',
-         f'--workdir={tmp_path}', '--config.checkpoint_every=100000', '--config.num_epochs=4']
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  cmd = [
+    sys.executable,
+    '-m',
+    'bigjax.train',
+    '--config=configs/mnist_cnn.py',
+    f'--workdir={tmp_path}',
+    '--config.checkpoint_every=100000',
+    '--config.num_epochs=4',
+  ]
+  proc = subprocess.Popen(
+    cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   deadline = time.time() + 120
   while not (tmp_path / 'tensorboard').exists() and time.time() < deadline:
     time.sleep(0.1)

@@ -1,4 +1,5 @@
 """Gradient accumulation, bf16 mixed precision, chunked attention memory, scan program size."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 
 from bigjax import checkpoint, train
 from bigjax.models import attention, gpt
+
 from conftest import load_config
 
 
@@ -26,8 +28,9 @@ def test_gradient_accumulation_equals_the_big_batch_step(name, tmp_path, one_dev
   # Adam divides by sqrt(v): for parameters whose gradients are ~0 it turns float rounding into
   # differences of a fraction of a step (lr 1e-2 in the GPT smoke config), so compare to 0.1 * lr.
   atol = 0.1 * config.optim.lr
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=atol),
-               a['params'], b['params'])
+  jax.tree.map(
+    lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=atol), a['params'], b['params']
+  )
 
 
 def test_bf16_compute_follows_the_fp32_loss_curve(tmp_path, one_device):
@@ -44,9 +47,12 @@ def test_bf16_compute_follows_the_fp32_loss_curve(tmp_path, one_device):
 
 def _attention_temp_bytes(implementation, t):
   q = jax.ShapeDtypeStruct((1, t, 2, 32), jnp.float32)
+
   def loss(q, k, v):
-    return attention.dot_product_attention(q, k, v, causal=True, implementation=implementation,
-                                           chunk_size=128).sum()
+    return attention.dot_product_attention(
+      q, k, v, causal=True, implementation=implementation, chunk_size=128
+    ).sum()
+
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, q, q).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
@@ -62,10 +68,12 @@ def test_chunked_attention_memory_grows_linearly_and_xla_quadratically():
 
 def test_scan_keeps_the_program_size_flat_in_depth():
   def hlo_size(layers, scan):
-    model = gpt.Model(vocab_size=64, num_layers=layers, num_heads=2, embed_dim=32, max_len=16,
-                      scan=scan)
+    model = gpt.Model(
+      vocab_size=64, num_layers=layers, num_heads=2, embed_dim=32, max_len=16, scan=scan
+    )
     tokens = jnp.zeros((1, 16), jnp.int32)
     params = jax.eval_shape(model.init, jax.random.key(0), tokens)
     return len(jax.jit(model.apply).lower(params, tokens).as_text())
+
   assert hlo_size(24, scan=True) < 1.2 * hlo_size(2, scan=True)
   assert hlo_size(24, scan=False) > 5 * hlo_size(2, scan=False)

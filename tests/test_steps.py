@@ -1,9 +1,11 @@
 """bigjax/steps.py on one batch: the jitted train step, called directly (no training loop)."""
+
 import jax
 import numpy as np
 import pytest
 
 from bigjax import experiment, steps
+
 from conftest import load_config
 
 
@@ -31,11 +33,13 @@ def test_accumulated_step_equals_the_big_batch_step(name, one_device):
   assert 'while' in acc_text and 'while' not in big_text
   np.testing.assert_allclose(acc_metrics['loss'], big_metrics['loss'], rtol=1e-5)
   np.testing.assert_allclose(acc_metrics['grad_norm'], big_metrics['grad_norm'], rtol=1e-4)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               acc_params, big_params)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), acc_params, big_params
+  )
   # ...and the step changed the parameters (an accumulation that dropped the gradient would not).
   exp = experiment.build(config, one_device)
-  init = jax.device_get(steps.create_state(exp.model, exp.tx, exp.sample, config.seed,
-                                           exp.shardings).params)
+  init = jax.device_get(
+    steps.create_state(exp.model, exp.tx, exp.sample, config.seed, exp.shardings).params
+  )
   moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), acc_params, init)
   assert max(jax.tree.leaves(moved)) > 1e-4

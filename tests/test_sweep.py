@@ -1,6 +1,7 @@
 """bigjax.sweep: a 2-setting x 2-seed sweep end to end (table numbers recomputed from the runs,
 plots), a second invocation that launches nothing, a SIGKILLed sweep that resumes its runs when
 re-run, failed runs, and bad sweep files rejected before anything is written."""
+
 import csv
 import glob
 import json
@@ -16,12 +17,17 @@ import pytest
 
 from bigjax import sweep, train
 from bigjax.errors import UserError
+
 from conftest import REPO
 
 SMOKE = os.path.join(REPO, 'experiments', 'sweep_smoke', 'sweep.py')
 # The smoke sweep's runs: (setting name, lr, warmup, seed).
-EXPECTED = [('lr=0.001,warmup=0', 0.001, 0, 0), ('lr=0.001,warmup=0', 0.001, 0, 1),
-            ('lr=0.01,warmup=5', 0.01, 5, 0), ('lr=0.01,warmup=5', 0.01, 5, 1)]
+EXPECTED = [
+  ('lr=0.001,warmup=0', 0.001, 0, 0),
+  ('lr=0.001,warmup=0', 0.001, 0, 1),
+  ('lr=0.01,warmup=5', 0.01, 5, 0),
+  ('lr=0.01,warmup=5', 0.01, 5, 1),
+]
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -47,16 +53,20 @@ def finished(tmp_path_factory):
   """
   workdir = str(tmp_path_factory.mktemp('sweep'))
   elsewhere = str(tmp_path_factory.mktemp('elsewhere'))  # a sweep runs from any directory
-  proc = subprocess.Popen([sys.executable, '-m', 'bigjax.sweep', f'--sweep={SMOKE}',
-                           f'--workdir={workdir}', '--jobs=2'], cwd=elsewhere,
-                          start_new_session=True,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [sys.executable, '-m', 'bigjax.sweep', f'--sweep={SMOKE}', f'--workdir={workdir}', '--jobs=2'],
+    cwd=elsewhere,
+    start_new_session=True,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   interrupted, deadline = None, time.time() + 150
   try:
     while interrupted is None and time.time() < deadline and proc.poll() is None:
       for run_dir in glob.glob(os.path.join(workdir, 'runs', '*', 'seed_*')):
         if max(_checkpoint_steps(run_dir), default=0) >= 28 and not os.path.exists(
-            os.path.join(run_dir, 'results.json')):
+          os.path.join(run_dir, 'results.json')
+        ):
           interrupted = run_dir
       time.sleep(0.02)
   finally:
@@ -94,11 +104,13 @@ def _write_sweep(tmp_path, body, name='sweep.py'):
 @pytest.mark.slow  # trains the smoke sweep (~70 s on 2 cores, shared)
 def test_sweep_end_to_end_table_and_plots(finished):
   workdir, runs, _ = finished
-  assert [(r.setting, r.seed, r.finished) for r in runs] == [(s, seed, True)
-                                                             for s, _, _, seed in EXPECTED]
+  assert [(r.setting, r.seed, r.finished) for r in runs] == [
+    (s, seed, True) for s, _, _, seed in EXPECTED
+  ]
   rows = _read_csv(workdir)
-  assert [(r['setting'], float(r['optim.lr']), int(r['optim.warmup_steps']), int(r['seed']))
-          for r in rows] == EXPECTED
+  assert [
+    (r['setting'], float(r['optim.lr']), int(r['optim.warmup_steps']), int(r['seed'])) for r in rows
+  ] == EXPECTED
   for row, (setting, lr, warmup, seed) in zip(rows, EXPECTED):
     res = _results(workdir, setting, seed)
     assert row['status'] == 'finished' and int(row['step']) == res['step'] == 210
@@ -107,8 +119,11 @@ def test_sweep_end_to_end_table_and_plots(finished):
     assert float(row['wall_time_s']) > 0
     # The overrides, the setting and the seed reached the run's config (tuple and bool included).
     config = json.load(open(os.path.join(workdir, 'runs', setting, f'seed_{seed}', 'config.json')))
-    assert (config['optim']['lr'], config['optim']['warmup_steps'], config['seed']) == (lr, warmup,
-                                                                                          seed)
+    assert (config['optim']['lr'], config['optim']['warmup_steps'], config['seed']) == (
+      lr,
+      warmup,
+      seed,
+    )
     assert config['model']['kwargs']['hidden'] == [16, 8] and config['checkpoint_every'] == 14
   assert len({float(r['accuracy']) for r in rows} | {float(r['loss']) for r in rows}) > 4
 
@@ -139,11 +154,14 @@ def test_second_invocation_launches_nothing(finished, monkeypatch):
 
   def no_launch(*args, **kwargs):
     raise AssertionError(f'the second invocation launched {args}')
+
   monkeypatch.setattr(sweep.launch.subprocess, 'Popen', no_launch)
   runs = sweep.run_sweep(SMOKE, workdir)
   assert [r.status for r in runs] == ['skipped'] * 4
-  assert len(paths) >= 12 and {p: (os.stat(p).st_mtime_ns, open(p, 'rb').read())
-                               for p in paths} == before
+  assert (
+    len(paths) >= 12
+    and {p: (os.stat(p).st_mtime_ns, open(p, 'rb').read()) for p in paths} == before
+  )
   assert open(os.path.join(workdir, 'results.csv')).read() == csv_before
   assert [r.metrics['accuracy'] for r in runs] == [float(r['accuracy']) for r in _read_csv(workdir)]
 
@@ -162,10 +180,13 @@ def test_killed_sweep_resumes_its_runs_when_rerun(finished):
 
 def test_failed_runs_are_reported_and_the_others_go_on(tmp_path, capsys):
   # Batches larger than the 455-example training split: each run exits 2 at start-up.
-  path = _write_sweep(tmp_path, "def get_sweep():\n  return sweep.Sweep(\n"
-                      "      config='mlp_breast_cancer:smoke', seeds=[0],\n"
-                      "      settings=sweep.axis('batch_size', [8000, 9000]),\n"
-                      "      metrics=['accuracy'])\n")
+  path = _write_sweep(
+    tmp_path,
+    "def get_sweep():\n  return sweep.Sweep(\n"
+    "      config='mlp_breast_cancer:smoke', seeds=[0],\n"
+    "      settings=sweep.axis('batch_size', [8000, 9000]),\n"
+    "      metrics=['accuracy'])\n",
+  )
   workdir = tmp_path / 'out'
   with pytest.raises(SystemExit) as exit_info:
     sweep.main(['bigjax-sweep', f'--sweep={path}', f'--workdir={workdir}', '--jobs=2'])
@@ -178,30 +199,56 @@ def test_failed_runs_are_reported_and_the_others_go_on(tmp_path, capsys):
   assert [row[1:] for row in _md_rows(str(workdir))] == [['—', '0']] * 2
 
 
-@pytest.mark.parametrize('body, expected', [
-    ("  return sweep.Sweep(config=CFG, overrides={'optim.lrr': 1})",
-     "sweep overrides field 'optim.lrr': config.optim has no field 'lrr'; its fields: b1"),
-    ("  return sweep.Sweep(config=CFG, settings=sweep.axis('model.kwargs.dropout', [0.0, 0.5]))",
-     "sweep axis field 'model.kwargs.dropout': config.model.kwargs has no field 'dropout'"),
-    ("  return sweep.Sweep(config=CFG, settings=sweep.zip_axes(\n"
-     "      sweep.axis('optim.lr', [1e-3, 1e-2]), sweep.axis('optim.warmup_steps', [0, 5, 10])))",
-     'sweep.zip_axes needs axes of the same length: optim.lr has 2, optim.warmup_steps has 3 '
-     'values'),
-    ("  return sweep.Sweep(config=CFG, overrides={'optim.lr': 'fast'})",
-     "sweep run base/seed_0: flag --config.optim.lr=fast: could not convert string to float"),
-    ("  return sweep.Sweep(config=CFG, overrides={'data.name': None})",
-     "config.data.name=None cannot be given to bigjax.train"),
-    ("  return sweep.Sweep(config=CFG, settings=sweep.product(sweep.axis('optim.lr', [1]),\n"
-     "                     sweep.axis('optim.lr', [2])))", "field 'optim.lr' is on more than one"),
+@pytest.mark.parametrize(
+  'body, expected',
+  [
+    (
+      "  return sweep.Sweep(config=CFG, overrides={'optim.lrr': 1})",
+      "sweep overrides field 'optim.lrr': config.optim has no field 'lrr'; its fields: b1",
+    ),
+    (
+      "  return sweep.Sweep(config=CFG, settings=sweep.axis('model.kwargs.dropout', [0.0, 0.5]))",
+      "sweep axis field 'model.kwargs.dropout': config.model.kwargs has no field 'dropout'",
+    ),
+    (
+      "  return sweep.Sweep(config=CFG, settings=sweep.zip_axes(\n"
+      "      sweep.axis('optim.lr', [1e-3, 1e-2]), sweep.axis('optim.warmup_steps', [0, 5, 10])))",
+      'sweep.zip_axes needs axes of the same length: optim.lr has 2, optim.warmup_steps has 3 '
+      'values',
+    ),
+    (
+      "  return sweep.Sweep(config=CFG, overrides={'optim.lr': 'fast'})",
+      "sweep run base/seed_0: flag --config.optim.lr=fast: could not convert string to float",
+    ),
+    (
+      "  return sweep.Sweep(config=CFG, overrides={'data.name': None})",
+      "config.data.name=None cannot be given to bigjax.train",
+    ),
+    (
+      "  return sweep.Sweep(config=CFG, settings=sweep.product(sweep.axis('optim.lr', [1]),\n"
+      "                     sweep.axis('optim.lr', [2])))",
+      "field 'optim.lr' is on more than one",
+    ),
     ("  return sweep.Sweep(config=CFG, overrides={'seed': 3})", "field 'seed' is also set by the"),
     ("  return sweep.Sweep(config='configs/nope.py')", "sweep config 'configs/nope.py': no such"),
     ("  return 3", 'get_sweep() returned a int, not a bigjax.sweep.Sweep'),
     ("  pass\nget_sweep = None", 'defines no get_sweep()'),
-], ids=['override', 'axis', 'zip', 'type', 'none', 'twice', 'seed', 'config', 'not_sweep',
-        'no_get_sweep'])
+  ],
+  ids=[
+    'override',
+    'axis',
+    'zip',
+    'type',
+    'none',
+    'twice',
+    'seed',
+    'config',
+    'not_sweep',
+    'no_get_sweep',
+  ],
+)
 def test_bad_sweep_is_one_line_before_anything_is_written(body, expected, tmp_path, capsys):
-  path = _write_sweep(tmp_path, "CFG = 'mlp_breast_cancer:smoke'\n\n\n"
-                      f"def get_sweep():\n{body}\n")
+  path = _write_sweep(tmp_path, f"CFG = 'mlp_breast_cancer:smoke'\n\n\ndef get_sweep():\n{body}\n")
   workdir = tmp_path / 'out'
   with pytest.raises(UserError, match=re.escape(expected)):
     sweep.run_sweep(path, str(workdir))
@@ -218,35 +265,59 @@ def test_missing_sweep_file(tmp_path):
 
 
 def test_settings_names_and_run_flags(tmp_path):
-  grid = sweep.product(sweep.axis('model.kwargs.dropout', [0.0, 0.5]),
-                       sweep.zip_axes(sweep.axis('optim.lr', [1e-3, 3e-3]),
-                                      sweep.axis('optim.warmup_steps', [0, 100], label='wu')))
-  assert [list(s.values()) for s in grid.settings] == [[0.0, 1e-3, 0], [0.0, 3e-3, 100],
-                                                       [0.5, 1e-3, 0], [0.5, 3e-3, 100]]
+  grid = sweep.product(
+    sweep.axis('model.kwargs.dropout', [0.0, 0.5]),
+    sweep.zip_axes(
+      sweep.axis('optim.lr', [1e-3, 3e-3]), sweep.axis('optim.warmup_steps', [0, 100], label='wu')
+    ),
+  )
+  assert [list(s.values()) for s in grid.settings] == [
+    [0.0, 1e-3, 0],
+    [0.0, 3e-3, 100],
+    [0.5, 1e-3, 0],
+    [0.5, 3e-3, 100],
+  ]
   assert grid.groups == ((0,), (1, 2))
   names = sweep.short_names(grid.axes)
   assert [sweep.setting_name(s, names) for s in grid.settings] == [
-      'dropout=0.0,lr=0.001,wu=0', 'dropout=0.0,lr=0.003,wu=100', 'dropout=0.5,lr=0.001,wu=0',
-      'dropout=0.5,lr=0.003,wu=100']
-  twin = sweep.product(sweep.axis('model.kwargs.dropout', [0.1]), sweep.axis('dropout', [0.2]),
-                       sweep.axis('model.kwargs.hidden', [(32, 16), ()]))
+    'dropout=0.0,lr=0.001,wu=0',
+    'dropout=0.0,lr=0.003,wu=100',
+    'dropout=0.5,lr=0.001,wu=0',
+    'dropout=0.5,lr=0.003,wu=100',
+  ]
+  twin = sweep.product(
+    sweep.axis('model.kwargs.dropout', [0.1]),
+    sweep.axis('dropout', [0.2]),
+    sweep.axis('model.kwargs.hidden', [(32, 16), ()]),
+  )
   names = sweep.short_names(twin.axes)
   assert names == ['kwargs.dropout', 'dropout', 'hidden']
-  assert (sweep.setting_name(twin.settings[0], names) ==
-          'kwargs.dropout=0.1,dropout=0.2,hidden=32-16')
+  assert (
+    sweep.setting_name(twin.settings[0], names) == 'kwargs.dropout=0.1,dropout=0.2,hidden=32-16'
+  )
   assert sweep.setting_name(twin.settings[1], names).endswith('hidden=empty')
 
   # A None that the config already holds is left off the command line (flags cannot say None).
-  runs = sweep.plan.plan(sweep.Sweep(config='mlp_breast_cancer:smoke',
-                                     overrides={'data.data_dir': None, 'num_epochs': 2}),
-                         str(tmp_path))
+  runs = sweep.plan.plan(
+    sweep.Sweep(
+      config='mlp_breast_cancer:smoke', overrides={'data.data_dir': None, 'num_epochs': 2}
+    ),
+    str(tmp_path),
+  )
   assert runs[0].args == ['--config.num_epochs=2', '--config.seed=0']
   assert runs[0].workdir == str(tmp_path / 'runs' / 'base' / 'seed_0') and not os.listdir(tmp_path)
 
   # Values reach bigjax.train's own flag parser as the same values.
-  cases = {'model.kwargs.hidden': [4, 2], 'data.standardize': False, 'optim.lr': np.float32(0.5),
-           'model.kwargs.activation': 'tanh', 'num_epochs': np.int64(3), 'data.eval_split': 'a b',
-           'sharding_rules': (('batch', ('data', 'fsdp')),), 'optim.step_boundaries': (0.25,)}
+  cases = {
+    'model.kwargs.hidden': [4, 2],
+    'data.standardize': False,
+    'optim.lr': np.float32(0.5),
+    'model.kwargs.activation': 'tanh',
+    'num_epochs': np.int64(3),
+    'data.eval_split': 'a b',
+    'sharding_rules': (('batch', ('data', 'fsdp')),),
+    'optim.step_boundaries': (0.25,),
+  }
   argv = [f'--config.{k}={sweep.flag_value(v)}' for k, v in cases.items()]
   spec = os.path.join(REPO, 'configs', 'mlp_breast_cancer.py') + ':smoke'
   config, _ = train.parse_flags(['train', f'--config={spec}', '--workdir=x', *argv])
@@ -260,23 +331,29 @@ def test_settings_names_and_run_flags(tmp_path):
 
 def test_folds_set_cv_fields(tmp_path):
   from bigjax import config_lib
-  path = _write_sweep(tmp_path, "def get_sweep():\n  return sweep.Sweep(\n"
-                      "      config='mlp_breast_cancer:smoke', folds=3, seeds=[7])\n")
+
+  path = _write_sweep(
+    tmp_path,
+    "def get_sweep():\n  return sweep.Sweep(\n"
+    "      config='mlp_breast_cancer:smoke', folds=3, seeds=[7])\n",
+  )
   if 'cv_folds' not in config_lib.base_config().data:  # cross-validation not in the config yet
     with pytest.raises(UserError, match="sweep seeds/folds field 'data.cv_folds'"):
       sweep.plan.plan(sweep.load_sweep(path), str(tmp_path))
     return
   runs = sweep.plan.plan(sweep.load_sweep(path), str(tmp_path))
-  assert [(r.name, r.seed, r.config['data']['cv_fold'], r.config['data']['cv_folds'])
-          for r in runs] == [(f'base/fold_{i}', 7, i, 3) for i in range(3)]
+  assert [
+    (r.name, r.seed, r.config['data']['cv_fold'], r.config['data']['cv_folds']) for r in runs
+  ] == [(f'base/fold_{i}', 7, i, 3) for i in range(3)]
 
 
 def test_finished_run_survives_new_config_fields_but_not_changed_values(tmp_path):
   """A field bigjax added since a run (absent from its config.json) keeps it finished; a field the
   sweep now sets differently makes it unfinished."""
   wanted = {'seed': 0, 'num_epochs': 5, 'mesh': {'data': -1, 'dcn_data': 1}}
-  run = sweep.Run(setting='s', values={}, seed=0, fold=None, workdir=str(tmp_path), args=[],
-                  config=wanted)
+  run = sweep.Run(
+    setting='s', values={}, seed=0, fold=None, workdir=str(tmp_path), args=[], config=wanted
+  )
   with open(tmp_path / 'config.json', 'w') as f:
     json.dump({'seed': 0, 'num_epochs': 5, 'mesh': {'data': -1}}, f)
   time.sleep(0.01)
@@ -290,11 +367,18 @@ def test_plan_from_another_directory_with_a_bare_config_name(tmp_path, monkeypat
   """A sweep plans from any directory: a bare config name is the shipped config file, and each
   run's --config and workdir are absolute (runs inherit the caller's directory)."""
   monkeypatch.chdir(tmp_path)
-  _write_sweep(tmp_path, "def get_sweep():\n  return sweep.Sweep(config='mnist_cnn:smoke', "
-               "seeds=[0, 1], settings=sweep.axis('num_epochs', [1, 2], label='epochs'))\n")
+  _write_sweep(
+    tmp_path,
+    "def get_sweep():\n  return sweep.Sweep(config='mnist_cnn:smoke', "
+    "seeds=[0, 1], settings=sweep.axis('num_epochs', [1, 2], label='epochs'))\n",
+  )
   runs = sweep.plan.plan(sweep.load_sweep('sweep.py'), 'out')
-  assert [r.name for r in runs] == ['epochs=1/seed_0', 'epochs=1/seed_1', 'epochs=2/seed_0',
-                                    'epochs=2/seed_1']
+  assert [r.name for r in runs] == [
+    'epochs=1/seed_0',
+    'epochs=1/seed_1',
+    'epochs=2/seed_0',
+    'epochs=2/seed_1',
+  ]
   with open(os.path.join(REPO, 'configs', 'mnist_cnn.py')) as f:
     shipped = f.read()
   for run in runs:
@@ -306,9 +390,11 @@ def test_plan_from_another_directory_with_a_bare_config_name(tmp_path, monkeypat
   assert not (tmp_path / 'out').exists()  # planning writes nothing
 
 
-@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(REPO, 'experiments', '*',
-                                                               'sweep.py'))),
-                         ids=lambda p: os.path.basename(os.path.dirname(p)))
+@pytest.mark.parametrize(
+  'path',
+  sorted(glob.glob(os.path.join(REPO, 'experiments', '*', 'sweep.py'))),
+  ids=lambda p: os.path.basename(os.path.dirname(p)),
+)
 def test_experiment_sweeps_plan_from_any_directory(path, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   runs = sweep.plan.plan(sweep.load_sweep(path), str(tmp_path / 'out'))

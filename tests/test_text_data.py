@@ -18,8 +18,10 @@ def works():
   out = {}
   for split in SPLITS:
     source = pipeline.open_source('shakespeare', split, None)
-    out[split] = [{k: v.decode() if isinstance(v, bytes) else int(v) for k, v in source[i].items()}
-                  for i in range(len(source))]
+    out[split] = [
+      {k: v.decode() if isinstance(v, bytes) else int(v) for k, v in source[i].items()}
+      for i in range(len(source))
+    ]
   return out
 
 
@@ -29,7 +31,10 @@ def test_shakespeare_prepares_offline_quickly(tmp_path):
   builder.download_and_prepare(file_format='array_record')
   assert time.perf_counter() - start < 10
   assert {s: builder.info.splits[s].num_examples for s in SPLITS} == {
-      'train': 34, 'validation': 4, 'test': 4}
+    'train': 34,
+    'validation': 4,
+    'test': 4,
+  }
 
 
 def test_splits_are_whole_works_disjoint_and_cover_every_work(works):
@@ -64,15 +69,19 @@ def test_front_matter_is_stripped(works):
   assert by_id['sonnets'].startswith('I\n\nFrom fairest creatures we desire increase,')
   assert by_id['rape_of_lucrece'].startswith('THE ARGUMENT.')  # dedication dropped
   assert 'WRIOTHESLY' not in by_id['rape_of_lucrece']
-  assert by_id['macbeth'].rstrip().endswith("Whom we invite to see us crown'd at Scone.\n\n"
-                                            '[Flourish. Exeunt.]')
+  assert (
+    by_id['macbeth']
+    .rstrip()
+    .endswith("Whom we invite to see us crown'd at Scone.\n\n[Flourish. Exeunt.]")
+  )
 
 
 def test_tokenizer_roundtrip_and_specials():
   s = "To be, or not to be: \u00c6thelred's na\u00efve \u2014 caf\u00e9\n"
   ids = tokenizers.encode(s)
-  assert ids.dtype == np.int32 and ids.min() >= 0 and ids.max() < 256 and len(ids) == len(
-      s.encode())
+  assert (
+    ids.dtype == np.int32 and ids.min() >= 0 and ids.max() < 256 and len(ids) == len(s.encode())
+  )
   assert tokenizers.decode(ids) == s
   specials = [tokenizers.SEP, tokenizers.PAD, tokenizers.MASK]
   assert tokenizers.decode(np.concatenate([[tokenizers.CLS], ids, specials])) == s
@@ -89,7 +98,7 @@ def test_lm_windows_reconstruct_the_stream(works):
   assert windows.shape == (n, seq_len + 1) and windows.dtype == np.int32
   np.testing.assert_array_equal(windows[:-1, -1], windows[1:, 0])  # one shared byte
   rebuilt = np.concatenate([windows[:, :-1].reshape(-1), windows[-1:, -1]])
-  np.testing.assert_array_equal(rebuilt, stream[:n * seq_len + 1])
+  np.testing.assert_array_equal(rebuilt, stream[: n * seq_len + 1])
   loaded = text.load_text_split('shakespeare', 'validation', 'lm', seq_len)
   np.testing.assert_array_equal(loaded['inputs'], windows)  # records read sorted by id
 
@@ -108,9 +117,10 @@ def test_genre_passages_carry_their_works_label(works):
     assert not any(passage in t for g, t in by_genre.items() if g != label)
   # The cap: every validation work has > 128 passages of 63 bytes, so each gives exactly 128,
   # spread from its beginning to its end.
-  np.testing.assert_array_equal(np.bincount(labels, minlength=4),
-                                text_views.MAX_PASSAGES_PER_WORK)
-  assert by_genre[0].startswith(tokenizers.decode(inputs[labels == 0][0]))  # first passage: the start
+  np.testing.assert_array_equal(np.bincount(labels, minlength=4), text_views.MAX_PASSAGES_PER_WORK)
+  assert by_genre[0].startswith(
+    tokenizers.decode(inputs[labels == 0][0])
+  )  # first passage: the start
   # Short texts give one padded passage, empty ones none; no cap keeps every full passage.
   small = text_views.genre_examples(['abc', '', 'x' * 20], [2, 1, 3], seq_len=8, max_per_work=None)
   assert small['label'].tolist() == [2, 3, 3]
@@ -136,10 +146,10 @@ def test_pair_examples_structure_and_labels(works):
   for row, ids, label in zip(inputs, seg, is_next):
     sep1, sep2 = np.flatnonzero(row == tokenizers.SEP)
     assert sep1 > 1 and sep2 > sep1 + 1  # A and B both non-empty
-    assert (ids[:sep1 + 1] == 0).all() and (ids[sep1 + 1:sep2 + 1] == 1).all()
-    assert (ids[sep2 + 1:] == 0).all() and (row[sep2 + 1:] == tokenizers.PAD).all()
-    assert not (row[:sep2 + 1] == tokenizers.PAD).any()
-    a, b = bytes(row[1:sep1].astype(np.uint8)), bytes(row[sep1 + 1:sep2].astype(np.uint8))
+    assert (ids[: sep1 + 1] == 0).all() and (ids[sep1 + 1 : sep2 + 1] == 1).all()
+    assert (ids[sep2 + 1 :] == 0).all() and (row[sep2 + 1 :] == tokenizers.PAD).all()
+    assert not (row[: sep2 + 1] == tokenizers.PAD).any()
+    a, b = bytes(row[1:sep1].astype(np.uint8)), bytes(row[sep1 + 1 : sep2].astype(np.uint8))
     assert _contains(texts, a) and _contains(texts, b)
     contiguous.append(_contains(texts, a + b'\n\n' + b))  # B follows A in the text
   contiguous = np.asarray(contiguous)
@@ -165,11 +175,17 @@ def test_catalog_text_datasets_through_mock_data(tmp_path):
   assert arrays['inputs'].shape == (6, 32) and arrays['label'].tolist() == labels.tolist()
   assert [tokenizers.decode(r) for r in arrays['inputs']] == [t.decode()[:31] for t in texts]
   assert lm['inputs'].shape[1] == 9 and lm1b['inputs'].shape[1] == 9
-  with pytest.raises(UserError, match=r"config.data.name='wikitext' is unknown; known text "
-                                      r"datasets: glue/sst2, imdb_reviews, lm1b, shakespeare$"):
+  with pytest.raises(
+    UserError,
+    match=r"config.data.name='wikitext' is unknown; known text "
+    r"datasets: glue/sst2, imdb_reviews, lm1b, shakespeare$",
+  ):
     text.load_text_split('wikitext', 'train', 'lm', 8)
-  with pytest.raises(UserError, match=r"config.data.view='words' is unknown; known text views: "
-                                      r"classification, lm, pairs$"):
+  with pytest.raises(
+    UserError,
+    match=r"config.data.view='words' is unknown; known text views: "
+    r"classification, lm, pairs$",
+  ):
     text.load_text_split('shakespeare', 'train', 'words', 8)
 
 
@@ -187,6 +203,7 @@ def test_label_count_of_each_view(tmp_path):
 
 def test_missing_package_names_the_install_command(monkeypatch):
   import builtins
+
   real_import = builtins.__import__
 
   def no_shksprdata(name, *args, **kwargs):
@@ -203,6 +220,7 @@ def test_missing_package_names_the_install_command(monkeypatch):
 
 # -- SentencePiece tokenizer.
 
+
 @pytest.fixture(scope='module')
 def sp_cache(tmp_path_factory):
   """A tokenizer cache root of its own: the tests neither read nor write ~/tensorflow_datasets."""
@@ -211,36 +229,56 @@ def sp_cache(tmp_path_factory):
 
 @pytest.fixture
 def own_cache(sp_cache, monkeypatch):
-  monkeypatch.setattr(text, 'tokenizer_cache_dir',
-                      lambda name, split='train', data_dir=None: str(sp_cache / name / split))
+  monkeypatch.setattr(
+    text,
+    'tokenizer_cache_dir',
+    lambda name, split='train', data_dir=None: str(sp_cache / name / split),
+  )
   return sp_cache
 
 
 @pytest.fixture(scope='module')
 def sp(sp_cache):
-  return tokenizers.get_tokenizer('sentencepiece', text.load_texts('shakespeare', 'train')[0], 0,
-                            str(sp_cache / 'shakespeare' / 'train'))
+  return tokenizers.get_tokenizer(
+    'sentencepiece',
+    text.load_texts('shakespeare', 'train')[0],
+    0,
+    str(sp_cache / 'shakespeare' / 'train'),
+  )
 
 
 def test_tokenizer_objects_and_their_errors():
-  assert tokenizers.get_tokenizer() is tokenizers.get_tokenizer('bytes', vocab_size=260) is (
-      tokenizers.BYTES)
+  assert (
+    tokenizers.get_tokenizer()
+    is tokenizers.get_tokenizer('bytes', vocab_size=260)
+    is (tokenizers.BYTES)
+  )
   b = tokenizers.BYTES
   assert (b.vocab_size, b.num_regular_tokens, b.pad, b.cls, b.sep, b.mask) == (
-      260, 256, 256, 257, 258, 259)
+    260,
+    256,
+    256,
+    257,
+    258,
+    259,
+  )
   assert b.decode(b.encode('caf\u00e9')) == 'caf\u00e9'
   assert tokenizers.bytes_per_token(b, ['caf\u00e9', 'x']) == 1.0
   with pytest.raises(UserError, match=r"'bytes' tokenizer has vocab_size 260, not 1024"):
     tokenizers.get_tokenizer('bytes', vocab_size=1024)
-  with pytest.raises(UserError, match=r"config.data.tokenizer='wordpiece' is unknown; known "
-                                      r"tokenizers: bytes, sentencepiece$"):
+  with pytest.raises(
+    UserError,
+    match=r"config.data.tokenizer='wordpiece' is unknown; known "
+    r"tokenizers: bytes, sentencepiece$",
+  ):
     text.load_text_split('shakespeare', 'validation', 'lm', 64, tokenizer='wordpiece')
   with pytest.raises(UserError, match=r'cannot train a SentencePiece tokenizer of vocab_size=100'):
     tokenizers.get_tokenizer('sentencepiece', ['some text'], 100)
   root = text.tokenizer_cache_dir('shakespeare', 'train')
   assert root.endswith(os.path.join('bigjax_tokenizers', 'shakespeare', '1.0.0', 'train'))
   assert text.tokenizer_cache_dir('shakespeare', 'train[:90%]') != text.tokenizer_cache_dir(
-      'shakespeare', 'train[90%:]')
+    'shakespeare', 'train[90%:]'
+  )
 
 
 def test_sentencepiece_trains_on_the_train_split_only_and_is_cached(own_cache, monkeypatch):
@@ -257,31 +295,55 @@ def test_sentencepiece_trains_on_the_train_split_only_and_is_cached(own_cache, m
   assert path.read_bytes() == tok.model_proto
   # The model is exactly the one trained on the train texts, and training on more (validation
   # included) would give another.
-  train, validation = real_load_texts('shakespeare', 'train')[0], real_load_texts(
-      'shakespeare', 'validation')[0]
+  train, validation = (
+    real_load_texts('shakespeare', 'train')[0],
+    real_load_texts('shakespeare', 'validation')[0],
+  )
   assert tokenizers.train_sentencepiece(train, 512).model_proto == tok.model_proto  # deterministic
   assert tokenizers.train_sentencepiece(train + validation, 512).model_proto != tok.model_proto
   # Second use (another split, another process): loaded from the cache, nothing trained or re-read.
   mtime = path.stat().st_mtime_ns
-  lm = text.load_text_split('shakespeare', 'validation', 'lm', 64, tokenizer='sentencepiece',
-                            vocab_size=512)
+  lm = text.load_text_split(
+    'shakespeare', 'validation', 'lm', 64, tokenizer='sentencepiece', vocab_size=512
+  )
   assert reads == ['train', 'validation'] and path.stat().st_mtime_ns == mtime
   assert lm['inputs'].max() < 512 - 4
   assert tokenizers.get_tokenizer('sentencepiece', None, 512, str(path.parent)).model_proto == (
-      tok.model_proto)
+    tok.model_proto
+  )
 
 
 def test_sentencepiece_roundtrips_text_and_never_yields_specials(sp):
   v = sp.vocab_size
   assert (v, sp.num_regular_tokens, sp.pad, sp.cls, sp.sep, sp.mask) == (
-      1024, 1020, 1020, 1021, 1022, 1023)
-  probes = ['', "To be, or not to be: \u00c6thelred's na\u00efve \u2014 caf\u00e9\n",
-            '  leading, trailing and  double  spaces  ', '\t\r\n\n\x00\x7f', '\u65e5\u672c\u8a9e',
-            '\U0001F600 emoji', 'a\u2581b \u2581\u2581', '[CLS] [SEP] [MASK] <pad> <unk> <s> </s>',
-            '<0x41> \u2047', 'OTHELLO. Iago!\n\nIAGO. My lord?']
+    1024,
+    1020,
+    1020,
+    1021,
+    1022,
+    1023,
+  )
+  probes = [
+    '',
+    "To be, or not to be: \u00c6thelred's na\u00efve \u2014 caf\u00e9\n",
+    '  leading, trailing and  double  spaces  ',
+    '\t\r\n\n\x00\x7f',
+    '\u65e5\u672c\u8a9e',
+    '\U0001f600 emoji',
+    'a\u2581b \u2581\u2581',
+    '[CLS] [SEP] [MASK] <pad> <unk> <s> </s>',
+    '<0x41> \u2047',
+    'OTHELLO. Iago!\n\nIAGO. My lord?',
+  ]
   rng = np.random.default_rng(0)
-  points = np.concatenate([np.arange(32, 127), np.arange(0xa0, 0x800), np.arange(0x4e00, 0x4f00),
-                           [9, 10, 13, 0x2581, 0x1F600]])
+  points = np.concatenate(
+    [
+      np.arange(32, 127),
+      np.arange(0xA0, 0x800),
+      np.arange(0x4E00, 0x4F00),
+      [9, 10, 13, 0x2581, 0x1F600],
+    ]
+  )
   probes += [''.join(map(chr, rng.choice(points, 40))) for _ in range(30)]
   for s in probes:
     ids = sp.encode(s)
@@ -298,14 +360,15 @@ def test_sentencepiece_roundtrips_text_and_never_yields_specials(sp):
 def test_sentencepiece_views(sp, own_cache, works):
   seq_len = 64
   texts = [r['text'] for r in sorted(works['validation'], key=lambda r: r['id'])]
-  load = lambda view: text.load_text_split('shakespeare', 'validation', view, seq_len, None, 0,
-                                           tokenizer='sentencepiece')
+  load = lambda view: text.load_text_split(
+    'shakespeare', 'validation', view, seq_len, None, 0, tokenizer='sentencepiece'
+  )
   lm = load('lm')['inputs']
   stream = sp.encode('\n'.join(texts))
   n = (len(stream) - 1) // seq_len
   assert lm.shape == (n, seq_len + 1) and lm.dtype == np.int32 and lm.max() < sp.num_regular_tokens
   rebuilt = np.concatenate([lm[:, :-1].reshape(-1), lm[-1:, -1]])
-  np.testing.assert_array_equal(rebuilt, stream[:n * seq_len + 1])
+  np.testing.assert_array_equal(rebuilt, stream[: n * seq_len + 1])
   assert '\n'.join(texts).startswith(sp.decode(rebuilt))
 
   arrays = load('classification')
@@ -318,8 +381,11 @@ def test_sentencepiece_views(sp, own_cache, works):
     passage = sp.decode(row).strip('\ufffd')  # a cut may split a character's byte pieces
     assert passage in by_genre[label]
   small = text_views.genre_examples(['abc'], [2], seq_len=8, tokenizer=sp)
-  assert small['inputs'][0].tolist() == [sp.cls, *sp.encode('abc'), *[sp.pad] * (7 - len(
-      sp.encode('abc')))]
+  assert small['inputs'][0].tolist() == [
+    sp.cls,
+    *sp.encode('abc'),
+    *[sp.pad] * (7 - len(sp.encode('abc'))),
+  ]
 
   pairs = load('pairs')
   inputs, seg, is_next = pairs['inputs'], pairs['segment_ids'], pairs['label']
@@ -330,9 +396,9 @@ def test_sentencepiece_views(sp, own_cache, works):
   for row, ids, label in zip(inputs[::7], seg[::7], is_next[::7]):
     sep1, sep2 = np.flatnonzero(row == sp.sep)
     assert sep1 > 1 and sep2 > sep1 + 1
-    assert (ids[:sep1 + 1] == 0).all() and (ids[sep1 + 1:sep2 + 1] == 1).all()
-    assert (ids[sep2 + 1:] == 0).all() and (row[sep2 + 1:] == sp.pad).all()
-    b = sp.decode(row[sep1 + 1:sep2]).strip('\ufffd')
+    assert (ids[: sep1 + 1] == 0).all() and (ids[sep1 + 1 : sep2 + 1] == 1).all()
+    assert (ids[sep2 + 1 :] == 0).all() and (row[sep2 + 1 :] == sp.pad).all()
+    b = sp.decode(row[sep1 + 1 : sep2]).strip('\ufffd')
     assert _contains(texts, b)
     if label:
       assert _contains(texts, sp.decode(row[1:sep1]).strip('\ufffd') + '\n\n' + b)

@@ -1,4 +1,5 @@
 """End to end: the shipped configs train, reach their accuracy bars, and shard and resume exactly."""
+
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from bigjax import checkpoint, train
+
 from conftest import REPO, load_config
 
 
@@ -31,8 +33,9 @@ def test_mnist_cnn_smoke_loss_falls(tmp_path, one_device):
 
 
 def test_mlp_breast_cancer_reaches_95_percent(tmp_path, one_device):
-  results = train.train_and_evaluate(load_config('mlp_breast_cancer'), str(tmp_path),
-                                     devices=one_device)
+  results = train.train_and_evaluate(
+    load_config('mlp_breast_cancer'), str(tmp_path), devices=one_device
+  )
   report = results['eval']
   assert report['accuracy'] >= 0.95
   assert report['roc_auc'] >= 0.98 and report['f1'] >= 0.95
@@ -63,34 +66,53 @@ def test_sharded_training_matches_one_device(name, tmp_path, one_device):
   assert _losses(ref)[-1] < _losses(ref)[0]
   _, a = checkpoint.load_latest(tmp_path / 'one' / 'checkpoints')
   _, b = checkpoint.load_latest(tmp_path / 'mesh' / 'checkpoints')
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4),
-               a['params'], b['params'])
+  jax.tree.map(
+    lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4), a['params'], b['params']
+  )
 
 
 KILL_RUNS = {  # config, overrides, kill after these checkpoint steps, final step
-    'mnist_cnn': ('mnist_cnn', ['--config.num_epochs=4', '--config.checkpoint_every=30'],
-                  (60, 150), 248),  # 62 steps per epoch: both kill points are mid-epoch
-    'mlp_breast_cancer': ('mlp_breast_cancer', ['--config.num_epochs=100',
-                                                '--config.checkpoint_every=50', '--config.mesh.data=1'],
-                          (100, 700), 1400),
-    'gpt_shakespeare': ('gpt_shakespeare:smoke', ['--config.num_steps=240',
-                                                  '--config.checkpoint_every=30'], (60, 150), 240),
+  'mnist_cnn': (
+    'mnist_cnn',
+    ['--config.num_epochs=4', '--config.checkpoint_every=30'],
+    (60, 150),
+    248,
+  ),  # 62 steps per epoch: both kill points are mid-epoch
+  'mlp_breast_cancer': (
+    'mlp_breast_cancer',
+    ['--config.num_epochs=100', '--config.checkpoint_every=50', '--config.mesh.data=1'],
+    (100, 700),
+    1400,
+  ),
+  'gpt_shakespeare': (
+    'gpt_shakespeare:smoke',
+    ['--config.num_steps=240', '--config.checkpoint_every=30'],
+    (60, 150),
+    240,
+  ),
 }
 
 
 def _cli(config, workdir, overrides):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device
   name, _, arg = config.partition(':')
-  cmd = [sys.executable, '-m', 'bigjax.train', f'--config=configs/{name}.py' + (f':{arg}' if arg
-                                                                               else ''),
-         f'--workdir={workdir}', '--config.log_every=10', *overrides]
+  cmd = [
+    sys.executable,
+    '-m',
+    'bigjax.train',
+    f'--config=configs/{name}.py' + (f':{arg}' if arg else ''),
+    f'--workdir={workdir}',
+    '--config.log_every=10',
+    *overrides,
+  ]
   return cmd, dict(env, PYTHONPATH=os.pathsep.join(filter(None, [REPO, env.get('PYTHONPATH')])))
 
 
 def _kill_after_checkpoint(cmd, env, ckpts, step):
   """Starts `cmd`, SIGKILLs it as soon as checkpoint `step` is committed."""
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   deadline = time.time() + 240
   while not (ckpts / str(step)).exists() and time.time() < deadline and proc.poll() is None:
     time.sleep(0.02)

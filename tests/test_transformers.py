@@ -1,4 +1,5 @@
 """GPT / BERT / ViT models, generation, LM tasks, and their end-to-end training."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ from bigjax.data import pipeline, tokenizers
 from bigjax.errors import DataError, UserError
 from bigjax.models import bert, gpt, vit
 from bigjax.tasks import base, masked_lm
+
 from conftest import load_config
 
 
@@ -21,18 +23,21 @@ def _gpt(**kw):
   return model, params, tokens
 
 
-@pytest.mark.parametrize('positions, scan', [('learned', False), ('rotary', True),
-                                             ('sinusoidal', False)])
+@pytest.mark.parametrize(
+  'positions, scan', [('learned', False), ('rotary', True), ('sinusoidal', False)]
+)
 def test_gpt_incremental_decoding_equals_full_forward(positions, scan):
   model, params, tokens = _gpt(positions=positions, scan=scan)
   full = model.apply({'params': params}, tokens)
   cache = model.init(jax.random.key(0), jnp.zeros((2, 16), jnp.int32), decode=True)['cache']
-  logits, cache = model.apply({'params': params, 'cache': cache}, tokens[:, :4], decode=True,
-                              mutable=['cache'])
+  logits, cache = model.apply(
+    {'params': params, 'cache': cache}, tokens[:, :4], decode=True, mutable=['cache']
+  )
   pieces = [logits]
   for i in range(4, 10):
-    logits, cache = model.apply({'params': params, **cache}, tokens[:, i:i + 1], decode=True,
-                                mutable=['cache'])
+    logits, cache = model.apply(
+      {'params': params, **cache}, tokens[:, i : i + 1], decode=True, mutable=['cache']
+    )
     pieces.append(logits)
   np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=1e-5)
 
@@ -50,8 +55,9 @@ def test_generate_greedy_matches_argmax_of_full_forward_and_sampling_is_seeded()
   a = gpt.generate(model, params, prompt, seed=1, **kw)
   np.testing.assert_array_equal(a, gpt.generate(model, params, prompt, seed=1, **kw))
   assert not np.array_equal(a, gpt.generate(model, params, prompt, seed=2, **kw))
-  np.testing.assert_array_equal(out, gpt.generate(model, params, prompt, max_new_tokens=6,
-                                                  temperature=1.0, top_k=1, seed=3))
+  np.testing.assert_array_equal(
+    out, gpt.generate(model, params, prompt, max_new_tokens=6, temperature=1.0, top_k=1, seed=3)
+  )
 
 
 def test_gpt_rejects_bad_lengths_and_token_ids():
@@ -62,8 +68,11 @@ def test_gpt_rejects_bad_lengths_and_token_ids():
     gpt.generate(model, params, np.zeros((1, 10), np.int32), max_new_tokens=7)
   with pytest.raises(ValueError, match=r'prompt token ids must lie in \[0, 50\)'):
     gpt.generate(model, params, np.full((1, 2), 50), max_new_tokens=2)
-  with pytest.raises(DataError, match=r"record 1: token id 300 at position 2 is outside the "
-                                      r"vocabulary \[0, 260\)"):
+  with pytest.raises(
+    DataError,
+    match=r"record 1: token id 300 at position 2 is outside the "
+    r"vocabulary \[0, 260\)",
+  ):
     pipeline.check_tokens({'inputs': np.array([[1, 2, 3], [4, 5, 300]])}, 260, 'toy', 'train')
 
 
@@ -81,12 +90,18 @@ def test_scan_and_remat_give_the_same_function():
   m = gpt.Model(**base, scan=True)
   sp = nn.meta.unbox(m.init(jax.random.key(0), tokens)['params'])
   assert sp['stack']['layers']['mlp']['wi']['kernel'].shape == (2, 32, 128)  # stacked on 'layers'
-  stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), params['stack']['layer_0'],
-                         params['stack']['layer_1'])
-  sp = dict(sp, stack={'layers': stacked, 'final_norm': params['stack']['final_norm']},
-            embed=params['embed'], position_embed=params['position_embed'])
-  np.testing.assert_allclose(m.apply({'params': sp}, tokens), ref_model.apply({'params': params},
-                                                                              tokens), atol=1e-5)
+  stacked = jax.tree.map(
+    lambda a, b: jnp.stack([a, b]), params['stack']['layer_0'], params['stack']['layer_1']
+  )
+  sp = dict(
+    sp,
+    stack={'layers': stacked, 'final_norm': params['stack']['final_norm']},
+    embed=params['embed'],
+    position_embed=params['position_embed'],
+  )
+  np.testing.assert_allclose(
+    m.apply({'params': sp}, tokens), ref_model.apply({'params': params}, tokens), atol=1e-5
+  )
 
 
 def test_bert_ignores_padding_and_has_all_heads():
@@ -102,8 +117,9 @@ def test_bert_ignores_padding_and_has_all_heads():
 
 
 def test_vit_shapes_and_patch_check():
-  model = vit.Model(patch_size=7, num_layers=1, num_heads=2, embed_dim=16, num_classes=3,
-                    pool='mean')
+  model = vit.Model(
+    patch_size=7, num_layers=1, num_heads=2, embed_dim=16, num_classes=3, pool='mean'
+  )
   x = jnp.ones((2, 28, 28, 1))
   assert model.apply(model.init(jax.random.key(0), x), x).shape == (2, 3)
   with pytest.raises(ValueError, match='patch_size=5 does not divide the 28x28 images'):
@@ -111,8 +127,9 @@ def test_vit_shapes_and_patch_check():
 
 
 def test_masked_lm_corruption_statistics():
-  task = masked_lm.Task(base.DataInfo(vocab_size=tokenizers.VOCAB_SIZE, mask_id=tokenizers.MASK,
-                                       num_regular_tokens=256))
+  task = masked_lm.Task(
+    base.DataInfo(vocab_size=tokenizers.VOCAB_SIZE, mask_id=tokenizers.MASK, num_regular_tokens=256)
+  )
   tokens = jax.random.randint(jax.random.key(0), (64, 256), 0, 256)
   tokens = tokens.at[:, 0].set(tokenizers.CLS).at[:, -1].set(tokenizers.PAD)
   out = task.prepare({'inputs': tokens}, jax.random.key(1))
@@ -127,10 +144,15 @@ def test_masked_lm_corruption_statistics():
   np.testing.assert_array_equal(np.asarray(out['inputs'])[~chosen], np.asarray(tokens)[~chosen])
 
 
-@pytest.mark.parametrize('name, arg, metric, factor', [
+@pytest.mark.parametrize(
+  'name, arg, metric, factor',
+  [
     ('gpt_shakespeare', 'smoke', 'loss', 0.8),
     ('gpt_shakespeare', 'smoke,tokenizer=sentencepiece', 'loss', 0.9),  # 6.93 = ln 1024 at start
-    ('bert_shakespeare_mlm', 'smoke', 'mlm_loss', 0.8), ('vit_mnist', 'smoke', 'loss', 0.8)])
+    ('bert_shakespeare_mlm', 'smoke', 'mlm_loss', 0.8),
+    ('vit_mnist', 'smoke', 'loss', 0.8),
+  ],
+)
 def test_transformer_smoke_configs_learn(name, arg, metric, factor, tmp_path, one_device):
   """30 steps: the mean of the last 3 train losses is below `factor` x the first 3."""
   config = load_config(name, arg)
@@ -140,6 +162,7 @@ def test_transformer_smoke_configs_learn(name, arg, metric, factor, tmp_path, on
   assert np.mean(curve[-3:]) < factor * np.mean(curve[:3]), curve
   if name == 'gpt_shakespeare':  # sampling from the run's checkpoint, with its tokenizer
     from bigjax import sample
+
     out = sample.sample(str(tmp_path), 'To be', max_new_tokens=12, temperature=0.0)
     assert out.startswith('To be') and len(out) > len('To be')
 
@@ -166,7 +189,9 @@ def test_fine_tune_from_pretraining_loads_encoder_and_keeps_new_head_fresh(tmp_p
   _, a = checkpoint.load_latest(tmp_path / 'mlm' / 'checkpoints')
   _, b = checkpoint.load_latest(tmp_path / 'genre' / 'checkpoints')
   jax.tree.map(np.testing.assert_array_equal, a['params']['stack'], b['params']['stack'])
-  np.testing.assert_array_equal(a['params']['embed']['embedding'], b['params']['embed']['embedding'])
+  np.testing.assert_array_equal(
+    a['params']['embed']['embedding'], b['params']['embed']['embedding']
+  )
   assert 'classifier' in b['params'] and 'nsp' not in b['params']
   bad = load_config('bert_genre', f'smoke,init={tmp_path / "mlm"}')
   bad.model.kwargs.embed_dim = 64

@@ -4,6 +4,7 @@ All functions take and return NHWC batches `(B, H, W, C)`; they run inside the j
 so augmentation costs no host time and is reproduced exactly on resume (the key is derived from the
 step).
 """
+
 import chex
 import jax
 import jax.numpy as jnp

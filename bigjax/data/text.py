@@ -7,6 +7,7 @@ on first use, catalog sets must already be prepared; nothing is downloaded), tok
 `dataset_tokenizer` (bigjax.data.tokenizers) and applies the view (bigjax.data.text_views: 'lm',
 'classification', 'pairs'). `label_count` is the number of classes of a view's labels.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +31,7 @@ ALL_VIEWS = ('lm', 'classification', 'pairs')
 @dataclasses.dataclass(frozen=True)
 class TextDataset:
   """How to read a TFDS text dataset: its text and label features and the views it supports."""
+
   text_key: str
   label_key: str | None
   views: tuple
@@ -39,12 +41,16 @@ class TextDataset:
 
 
 TEXT_DATASETS = registry.Registry('text datasets', 'config.data.name')
-TEXT_DATASETS.add('shakespeare', TextDataset('text', 'genre', ALL_VIEWS,
-                                             text_views.MAX_PASSAGES_PER_WORK, sort_key='id'))
+TEXT_DATASETS.add(
+  'shakespeare',
+  TextDataset('text', 'genre', ALL_VIEWS, text_views.MAX_PASSAGES_PER_WORK, sort_key='id'),
+)
 TEXT_DATASETS.add('lm1b', TextDataset('text', None, ('lm',), None))
 TEXT_DATASETS.add('imdb_reviews', TextDataset('text', 'label', ('lm', 'classification'), 1))
-TEXT_DATASETS.add('glue/sst2', TextDataset('sentence', 'label', ('lm', 'classification'), 1,
-                                           module='tensorflow_datasets.text'))
+TEXT_DATASETS.add(
+  'glue/sst2',
+  TextDataset('sentence', 'label', ('lm', 'classification'), 1, module='tensorflow_datasets.text'),
+)
 
 
 def _text_dataset(name: str, view: str | None = None) -> TextDataset:
@@ -53,15 +59,18 @@ def _text_dataset(name: str, view: str | None = None) -> TextDataset:
   if view is not None:
     text_views.VIEWS.check(view)
     if view not in dataset.views:
-      raise UserError(f'view {view!r} is not available for dataset {name!r}; its views: '
-                      f'{", ".join(dataset.views)}')
+      raise UserError(
+        f'view {view!r} is not available for dataset {name!r}; its views: '
+        f'{", ".join(dataset.views)}'
+      )
   if dataset.module:
     importlib.import_module(dataset.module)
   return dataset
 
 
-def load_texts(name: str, split: str, data_dir: str | None = None
-               ) -> tuple[list[bytes], np.ndarray | None]:
+def load_texts(
+  name: str, split: str, data_dir: str | None = None
+) -> tuple[list[bytes], np.ndarray | None]:
   """Reads a text split whole: (texts, labels) with texts a list of N bytes and labels (N,) int32
   (None for unlabelled datasets). Offline datasets are prepared on first use; nothing downloads."""
   dataset = _text_dataset(name)
@@ -71,8 +80,10 @@ def load_texts(name: str, split: str, data_dir: str | None = None
     raise DataError(f'split {split!r} of dataset {name!r} is empty')
   missing = {k for k in (dataset.text_key, dataset.label_key) if k} - set(records[0])
   if missing:
-    raise DataError(f'dataset {name!r} records have keys {sorted(records[0])}, not '
-                    f'{sorted(missing)}; fix its entry in bigjax.data.text.TEXT_DATASETS')
+    raise DataError(
+      f'dataset {name!r} records have keys {sorted(records[0])}, not '
+      f'{sorted(missing)}; fix its entry in bigjax.data.text.TEXT_DATASETS'
+    )
   if dataset.sort_key:
     records.sort(key=lambda r: tokenizers.as_bytes(r[dataset.sort_key]))
   texts = [tokenizers.as_bytes(r[dataset.text_key]) for r in records]
@@ -105,20 +116,35 @@ def tokenizer_cache_dir(name: str, train_split: str = 'train', data_dir: str | N
   return os.path.join(builder.data_dir_root, 'bigjax_tokenizers', name, str(builder.version), safe)
 
 
-def dataset_tokenizer(name: str, tokenizer: str = 'bytes', vocab_size: int = 0,
-                      data_dir: str | None = None, train_split: str = 'train'
-                      ) -> tokenizers.Tokenizer:
+def dataset_tokenizer(
+  name: str,
+  tokenizer: str = 'bytes',
+  vocab_size: int = 0,
+  data_dir: str | None = None,
+  train_split: str = 'train',
+) -> tokenizers.Tokenizer:
   """The tokenizer of a text dataset: tokenizers.get_tokenizer(tokenizer, ...) trained on
   `train_split` only and cached in `tokenizer_cache_dir` (the train split is read, and the cache
   folder looked up, only by a tokenizer that needs them and has no cached model)."""
-  return tokenizers.get_tokenizer(tokenizer, lambda: load_texts(name, train_split, data_dir)[0],
-                                  vocab_size,
-                                  lambda: tokenizer_cache_dir(name, train_split, data_dir))
+  return tokenizers.get_tokenizer(
+    tokenizer,
+    lambda: load_texts(name, train_split, data_dir)[0],
+    vocab_size,
+    lambda: tokenizer_cache_dir(name, train_split, data_dir),
+  )
 
 
-def load_text_split(name: str, split: str, view: str, seq_len: int, data_dir: str | None = None,
-                    seed: int = 0, tokenizer: str | tokenizers.Tokenizer = 'bytes',
-                    vocab_size: int = 0, train_split: str = 'train') -> dict:
+def load_text_split(
+  name: str,
+  split: str,
+  view: str,
+  seq_len: int,
+  data_dir: str | None = None,
+  seed: int = 0,
+  tokenizer: str | tokenizers.Tokenizer = 'bytes',
+  vocab_size: int = 0,
+  train_split: str = 'train',
+) -> dict:
   """A text split as host arrays in one of text_views.VIEWS (see bigjax.data.text_views for the
   shapes: e.g. 'lm' {'inputs': (N, seq_len + 1)}, 'classification' {'inputs': (N, seq_len),
   'label': (N,)}, 'pairs' adds 'segment_ids': (N, seq_len)), all int32.

@@ -12,11 +12,12 @@ are in tokens, which for the 'bytes' tokenizer are bytes):
                     BERT-style [CLS] A [SEP] B [SEP] PAD... for next-segment prediction (and, with
                     MASK, masked-LM).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import dataclasses
 import re
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -41,6 +42,7 @@ class View:
   min_seq_len: the shortest seq_len it accepts; num_classes: classes of its 'label' array, an int,
   DATASET_LABELS (the dataset's label feature) or None (no labels).
   """
+
   make: Callable[..., dict]
   min_seq_len: int
   num_classes: int | str | None
@@ -52,8 +54,10 @@ VIEWS = registry.Registry('text views', 'config.data.view')
 def check_seq_len(seq_len: int, minimum: int) -> None:
   """Raises UserError unless seq_len is an integer >= minimum."""
   if int(seq_len) != seq_len or seq_len < minimum:
-    raise UserError(f'seq_len={seq_len} is too short for this view; use an integer >= {minimum} '
-                    '(e.g. config.data.seq_len=256)')
+    raise UserError(
+      f'seq_len={seq_len} is too short for this view; use an integer >= {minimum} '
+      '(e.g. config.data.seq_len=256)'
+    )
 
 
 def lm_examples(texts: Sequence[Text], seq_len: int, tokenizer: Tokenizer = BYTES) -> dict:
@@ -67,15 +71,21 @@ def lm_examples(texts: Sequence[Text], seq_len: int, tokenizer: Tokenizer = BYTE
   tokens = tokenizer.encode(b'\n'.join(tokenizers.as_bytes(t) for t in texts))
   n = (len(tokens) - 1) // seq_len
   if n < 1:
-    raise DataError(f'the texts hold {len(tokens)} tokens, fewer than one window of seq_len + 1 = '
-                    f'{seq_len + 1}; lower seq_len')
+    raise DataError(
+      f'the texts hold {len(tokens)} tokens, fewer than one window of seq_len + 1 = '
+      f'{seq_len + 1}; lower seq_len'
+    )
   idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)
   return {'inputs': tokens[idx]}
 
 
-def genre_examples(texts: Sequence[Text], genres: np.ndarray, seq_len: int,
-                   max_per_work: int | None = MAX_PASSAGES_PER_WORK,
-                   tokenizer: Tokenizer = BYTES) -> dict:
+def genre_examples(
+  texts: Sequence[Text],
+  genres: np.ndarray,
+  seq_len: int,
+  max_per_work: int | None = MAX_PASSAGES_PER_WORK,
+  tokenizer: Tokenizer = BYTES,
+) -> dict:
   """Labelled passages: [CLS] + seq_len - 1 tokens of one text, labelled with that text's label.
 
   texts: sequence of str/bytes; genres: (len(texts),) int labels. Each text is cut into
@@ -99,9 +109,10 @@ def genre_examples(texts: Sequence[Text], genres: np.ndarray, seq_len: int,
       keep = n if max_per_work is None else min(n, max_per_work)
       starts = width * np.unique(np.linspace(0, n - 1, keep).round().astype(int))
     for start in starts:
-      passage = tokens[start:start + width]
-      rows.append(np.concatenate([[tokenizer.cls], passage,
-                                  np.full(width - len(passage), tokenizer.pad)]))
+      passage = tokens[start : start + width]
+      rows.append(
+        np.concatenate([[tokenizer.cls], passage, np.full(width - len(passage), tokenizer.pad)])
+      )
       labels.append(genre)
   if not rows:
     raise DataError('the texts are empty: no passage to classify')
@@ -126,8 +137,9 @@ def segments(text: Text, min_bytes: int, length: Callable[[bytes], int] = len) -
   return out
 
 
-def pair_examples(texts: Sequence[Text], seq_len: int, seed: int,
-                  tokenizer: Tokenizer = BYTES) -> dict:
+def pair_examples(
+  texts: Sequence[Text], seq_len: int, seed: int, tokenizer: Tokenizer = BYTES
+) -> dict:
   """BERT-style segment pairs for next-segment prediction.
 
   The texts are cut into `segments` of >= (seq_len - 3) // 4 tokens. Every segment A that has a
@@ -150,8 +162,10 @@ def pair_examples(texts: Sequence[Text], seq_len: int, seed: int,
     firsts.extend([True] * (len(parts) - 1) + [False] * min(len(parts), 1))
   anchors = np.flatnonzero(firsts)
   if len(anchors) == 0 or len(segs) < 3:
-    raise DataError(f'the texts give {len(segs)} segments and no two consecutive ones; pair '
-                    'examples need texts of several blank-line separated paragraphs')
+    raise DataError(
+      f'the texts give {len(segs)} segments and no two consecutive ones; pair '
+      'examples need texts of several blank-line separated paragraphs'
+    )
   rng = np.random.default_rng(seed)
   is_next = rng.random(len(anchors)) < 0.5
   r = rng.integers(0, len(segs) - 2, size=len(anchors))  # uniform over segments other than i, i+1
@@ -162,15 +176,16 @@ def pair_examples(texts: Sequence[Text], seq_len: int, seed: int,
     a, b = tokenizer.encode(segs[i]), tokenizer.encode(segs[i + 1] if nxt else segs[other])
     keep_a = min(len(a), max(budget // 2, budget - len(b)))
     keep_b = min(len(b), budget - keep_a)
-    a, b = a[len(a) - keep_a:], b[:keep_b]
+    a, b = a[len(a) - keep_a :], b[:keep_b]
     tokens = np.concatenate([[tokenizer.cls], a, [tokenizer.sep], b, [tokenizer.sep]])
-    inputs[row, :len(tokens)] = tokens
-    segment_ids[row, keep_a + 2:len(tokens)] = 1
+    inputs[row, : len(tokens)] = tokens
+    segment_ids[row, keep_a + 2 : len(tokens)] = 1
   return {'inputs': inputs, 'segment_ids': segment_ids, 'label': is_next.astype(np.int32)}
 
 
 # The registered views, one uniform signature: make(texts, labels (N,) int32 or None, seq_len,
 # seed, tokenizer, max_per_text) -> arrays.
+
 
 def _lm(texts, labels, seq_len, seed, tokenizer, max_per_text):
   return lm_examples(texts, seq_len, tokenizer)

@@ -14,10 +14,11 @@ Both round-trip every UTF-8 text exactly, and encoding text never yields a speci
 A tokenizer object exposes `.name`, `.vocab_size`, `.num_regular_tokens`, the special ids `.pad`,
 `.cls`, `.sep`, `.mask`, `.encode(text) -> (L,) int32` and `.decode(ids) -> str`.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 import io
-from typing import Callable, Iterable, Sequence, Union
 
 import numpy as np
 
@@ -33,7 +34,7 @@ SP_MAX_TRAIN_BYTES = 16 << 20
 _SP_RECIPE = 1  # part of the cache file name: bump it when the training options below change
 _WHITESPACE = '\u2581'  # SentencePiece's escaped space: in the input it would decode as ' '
 
-Text = Union[str, bytes]
+Text = str | bytes
 # Name -> factory(train_texts, vocab_size, cache_dir) -> tokenizer; see `get_tokenizer`.
 TOKENIZERS = registry.Registry('tokenizers', 'config.data.tokenizer')
 
@@ -56,6 +57,7 @@ def decode(ids: np.ndarray) -> str:
 
 class ByteTokenizer:
   """The byte-level tokenizer: `encode` / `decode` above, specials PAD..MASK = 256..259."""
+
   name = 'bytes'
   vocab_size = VOCAB_SIZE
   num_regular_tokens = 256
@@ -77,8 +79,9 @@ def _sentencepiece():
   try:
     import sentencepiece
   except ImportError as e:
-    raise UserError("tokenizer='sentencepiece' needs the sentencepiece package: "
-                    "pip install 'sentencepiece>=0.2'") from e
+    raise UserError(
+      "tokenizer='sentencepiece' needs the sentencepiece package: pip install 'sentencepiece>=0.2'"
+    ) from e
   return sentencepiece
 
 
@@ -89,6 +92,7 @@ class SentencePieceTokenizer:
   byte pieces <0x00>..<0xFF>), 1 is the newline (user-defined: no piece spans a line break);
   PAD, CLS, SEP, MASK = n, n+1, n+2, n+3 are not in the model, so encoding never yields them.
   """
+
   name = 'sentencepiece'
 
   def __init__(self, model_proto: bytes):
@@ -116,7 +120,7 @@ class SentencePieceTokenizer:
     return self._sp.decode(ids[ids < self.num_regular_tokens].tolist())
 
 
-Tokenizer = Union[ByteTokenizer, SentencePieceTokenizer]
+Tokenizer = ByteTokenizer | SentencePieceTokenizer
 
 
 def _training_lines(texts: Iterable[Text], max_bytes: int) -> list[str]:
@@ -129,8 +133,9 @@ def _training_lines(texts: Iterable[Text], max_bytes: int) -> list[str]:
   return [line.decode('utf-8', errors='replace') for line in lines]
 
 
-def train_sentencepiece(texts: Sequence[Text], vocab_size: int,
-                        max_bytes: int = SP_MAX_TRAIN_BYTES) -> SentencePieceTokenizer:
+def train_sentencepiece(
+  texts: Sequence[Text], vocab_size: int, max_bytes: int = SP_MAX_TRAIN_BYTES
+) -> SentencePieceTokenizer:
   """Trains a SentencePieceTokenizer of `vocab_size` ids (specials included) on the texts' lines.
 
   BPE (deterministic, ~1 s on Shakespeare), byte_fallback, identity normalization with whitespace
@@ -143,40 +148,60 @@ def train_sentencepiece(texts: Sequence[Text], vocab_size: int,
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type='bpe',
-        vocab_size=vocab_size - 4, byte_fallback=True, character_coverage=0.9995,
-        normalization_rule_name='identity', remove_extra_whitespaces=False,
-        add_dummy_prefix=False, allow_whitespace_only_pieces=True, user_defined_symbols=['\n'],
-        unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, input_sentence_size=0,
-        max_sentence_length=1 << 20, num_threads=1, minloglevel=2)
+      sentence_iterator=iter(lines),
+      model_writer=model,
+      model_type='bpe',
+      vocab_size=vocab_size - 4,
+      byte_fallback=True,
+      character_coverage=0.9995,
+      normalization_rule_name='identity',
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,
+      allow_whitespace_only_pieces=True,
+      user_defined_symbols=['\n'],
+      unk_id=0,
+      bos_id=-1,
+      eos_id=-1,
+      pad_id=-1,
+      input_sentence_size=0,
+      max_sentence_length=1 << 20,
+      num_threads=1,
+      minloglevel=2,
+    )
   except RuntimeError as e:
-    raise UserError(f'cannot train a SentencePiece tokenizer of vocab_size={vocab_size} on this '
-                    f'train split ({e}); pick another config.data.vocab_size (at least ~300 for '
-                    'the 256 byte pieces and the characters)') from e
+    raise UserError(
+      f'cannot train a SentencePiece tokenizer of vocab_size={vocab_size} on this '
+      f'train split ({e}); pick another config.data.vocab_size (at least ~300 for '
+      'the 256 byte pieces and the characters)'
+    ) from e
   return SentencePieceTokenizer(model.getvalue())
 
 
-Texts = Union[Sequence[Text], Callable[[], Sequence[Text]], None]
-CacheDir = Union[str, Callable[[], str], None]
+Texts = Sequence[Text] | Callable[[], Sequence[Text]] | None
+CacheDir = str | Callable[[], str] | None
 
 
 @TOKENIZERS.register('bytes')
 def _bytes(train_texts: Texts, vocab_size: int, cache_dir: CacheDir) -> ByteTokenizer:
   del train_texts, cache_dir  # nothing to train or cache
   if vocab_size not in (0, VOCAB_SIZE):
-    raise UserError(f"the 'bytes' tokenizer has vocab_size {VOCAB_SIZE}, not {vocab_size}; use "
-                    "config.data.vocab_size=0 (or tokenizer='sentencepiece')")
+    raise UserError(
+      f"the 'bytes' tokenizer has vocab_size {VOCAB_SIZE}, not {vocab_size}; use "
+      "config.data.vocab_size=0 (or tokenizer='sentencepiece')"
+    )
   return BYTES
 
 
 @TOKENIZERS.register('sentencepiece')
-def _sentencepiece_model(train_texts: Texts, vocab_size: int,
-                         cache_dir: CacheDir) -> SentencePieceTokenizer:
+def _sentencepiece_model(
+  train_texts: Texts, vocab_size: int, cache_dir: CacheDir
+) -> SentencePieceTokenizer:
   vocab_size = vocab_size or SP_DEFAULT_VOCAB_SIZE
   cache_dir = cache_dir() if callable(cache_dir) else cache_dir
   path = None
   if cache_dir is not None:
     from etils import epath
+
     path = epath.Path(cache_dir) / f'spm_bpe_{vocab_size}_r{_SP_RECIPE}.model'
     if path.exists():
       return SentencePieceTokenizer(path.read_bytes())
@@ -190,8 +215,9 @@ def _sentencepiece_model(train_texts: Texts, vocab_size: int,
   return tokenizer
 
 
-def get_tokenizer(name: str = 'bytes', train_texts: Texts = None, vocab_size: int = 0,
-                  cache_dir: CacheDir = None) -> Tokenizer:
+def get_tokenizer(
+  name: str = 'bytes', train_texts: Texts = None, vocab_size: int = 0, cache_dir: CacheDir = None
+) -> Tokenizer:
   """The tokenizer called `name` in TOKENIZERS (unknown names: UserError naming them all).
 
   name: 'bytes' (vocab_size 0 or 260) or 'sentencepiece' (vocab_size 0: SP_DEFAULT_VOCAB_SIZE).

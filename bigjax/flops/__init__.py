@@ -28,17 +28,50 @@ Conventions (all counts are FLOPs = floating-point operations; one multiply-add 
 Modules: `counting` (analytic and XLA counts), `peaks` (peak table, CPU measurement and cache),
 `report` (throughput_report).
 """
+
 from bigjax.flops import counting, peaks
-from bigjax.flops.counting import (LOOKUP_TABLES, PER_EXAMPLE_HEADS, analytic_train_flops,
-                                   param_count, transformer_shape, transformer_train_flops,
-                                   xla_flops)
-from bigjax.flops.peaks import (CPU_MATMUL_N, CPU_PEAK_ENV, PEAK_FLOPS_PER_DEVICE, cpu_matmul_peak,
-                                cpu_peak_cache_path, cpu_peak_key, match_device_kind,
-                                measure_matmul, peak_flops, peak_units)
+from bigjax.flops.counting import (
+  LOOKUP_TABLES,
+  PER_EXAMPLE_HEADS,
+  analytic_train_flops,
+  param_count,
+  transformer_shape,
+  transformer_train_flops,
+  xla_flops,
+)
+from bigjax.flops.peaks import (
+  CPU_MATMUL_N,
+  CPU_PEAK_ENV,
+  PEAK_FLOPS_PER_DEVICE,
+  cpu_matmul_peak,
+  cpu_peak_cache_path,
+  cpu_peak_key,
+  match_device_kind,
+  measure_matmul,
+  peak_flops,
+  peak_units,
+)
 from bigjax.flops.report import throughput_report
 
-__all__ = ['CPU_MATMUL_N', 'CPU_PEAK_ENV', 'LOOKUP_TABLES', 'PEAK_FLOPS_PER_DEVICE',
-           'PER_EXAMPLE_HEADS', 'analytic_train_flops', 'counting', 'cpu_matmul_peak',
-           'cpu_peak_cache_path', 'cpu_peak_key', 'match_device_kind', 'measure_matmul',
-           'param_count', 'peak_flops', 'peak_units', 'peaks', 'throughput_report',
-           'transformer_shape', 'transformer_train_flops', 'xla_flops']
+__all__ = [
+  'CPU_MATMUL_N',
+  'CPU_PEAK_ENV',
+  'LOOKUP_TABLES',
+  'PEAK_FLOPS_PER_DEVICE',
+  'PER_EXAMPLE_HEADS',
+  'analytic_train_flops',
+  'counting',
+  'cpu_matmul_peak',
+  'cpu_peak_cache_path',
+  'cpu_peak_key',
+  'match_device_kind',
+  'measure_matmul',
+  'param_count',
+  'peak_flops',
+  'peak_units',
+  'peaks',
+  'throughput_report',
+  'transformer_shape',
+  'transformer_train_flops',
+  'xla_flops',
+]

@@ -11,7 +11,9 @@ and this module multiplies by the batch size. It imports no model class: adding 
 edits bigjax.flops. Models without `train_flops_per_example` have no analytic count (None).
 `transformer_train_flops` is the shared 6 * N * T + 12 * L * T^2 * d formula transformers use.
 """
-from typing import Any, Iterable, Mapping, Optional
+
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -26,14 +28,21 @@ PER_EXAMPLE_HEADS = ('pooler', 'classifier', 'nsp', 'head')
 def param_count(tree: Any) -> int:
   """Number of parameters (array elements) in a pytree of arrays or ShapeDtypeStructs."""
   import jax
+
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def transformer_train_flops(params: Mapping[str, Any], *, num_layers: int, seq_len: int,
-                            embed_dim: int, patches: int = 0,
-                            lookup: Iterable[str] = LOOKUP_TABLES,
-                            per_example: Iterable[str] = (),
-                            per_patch: Iterable[str] = ()) -> int:
+def transformer_train_flops(
+  params: Mapping[str, Any],
+  *,
+  num_layers: int,
+  seq_len: int,
+  embed_dim: int,
+  patches: int = 0,
+  lookup: Iterable[str] = LOOKUP_TABLES,
+  per_example: Iterable[str] = (),
+  per_patch: Iterable[str] = (),
+) -> int:
   """Training FLOPs of one example through a transformer: forward + backward = 3x forward.
 
   6 * N_token * T + 6 * N_patch * patches + 6 * N_example + 12 * L * T * d * T, where the N_* are
@@ -54,15 +63,19 @@ def transformer_train_flops(params: Mapping[str, Any], *, num_layers: int, seq_l
       n_example += n
     else:
       n_token += n
-  return (6 * n_token * seq_len + 6 * n_patch * patches + 6 * n_example
-          + 12 * num_layers * seq_len * embed_dim * seq_len)
+  return (
+    6 * n_token * seq_len
+    + 6 * n_patch * patches
+    + 6 * n_example
+    + 12 * num_layers * seq_len * embed_dim * seq_len
+  )
 
 
 def _input_shape(exp) -> tuple[int, ...]:
   return tuple(int(n) for n in exp.sample['inputs'].shape[1:])
 
 
-def transformer_shape(exp: Any) -> Optional[tuple[str, int, int, int, int]]:
+def transformer_shape(exp: Any) -> tuple[str, int, int, int, int] | None:
   """(kind, L, T, d, patches) of an Experiment whose model is a transformer, else None.
 
   From `exp.model.transformer_shape(input_shape)`. T: sequence length the transformer stack sees
@@ -71,7 +84,7 @@ def transformer_shape(exp: Any) -> Optional[tuple[str, int, int, int, int]]:
   return None if shape is None else shape(_input_shape(exp))
 
 
-def analytic_train_flops(exp: Any) -> Optional[float]:
+def analytic_train_flops(exp: Any) -> float | None:
   """Model FLOPs of one training step (forward + backward = 3x forward) for the global batch.
 
   exp.model.train_flops_per_example(exp.abstract.params, per-example input shape) times
@@ -89,7 +102,7 @@ def analytic_train_flops(exp: Any) -> Optional[float]:
   return None if per_example is None else float(per_example * exp.config.batch_size)
 
 
-def xla_flops(compiled: Any) -> Optional[float]:
+def xla_flops(compiled: Any) -> float | None:
   """FLOPs of one call of a jax AOT `Compiled` per XLA's cost analysis, or None if unavailable.
 
   Per device: on a mesh this is the SPMD-partitioned program of one device (multiply by the

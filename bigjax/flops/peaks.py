@@ -5,11 +5,12 @@ Peaks (`PEAK_FLOPS_PER_DEVICE`) are dense (no sparsity) bfloat16 tensor-core / M
 float32 model on a GPU/TPU is measured against the bf16 peak too. On CPU the peak is a measured
 float32 2048^3 jax matmul of the whole host (`cpu_matmul_peak`), not a datasheet value.
 """
+
 import json
 import os
 import platform
 import time
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -17,14 +18,14 @@ from bigjax.errors import UserError
 
 # Dense bfloat16 peak FLOP/s per device (chip) from the vendors' datasheets, no sparsity.
 PEAK_FLOPS_PER_DEVICE = {
-    'H100 SXM': 989.5e12,
-    'H100 PCIe': 756e12,
-    'H200': 989.5e12,
-    'A100': 312e12,
-    'TPU v4': 275e12,
-    'TPU v5e': 197e12,
-    'TPU v5p': 459e12,
-    'TPU v6e': 918e12,
+  'H100 SXM': 989.5e12,
+  'H100 PCIe': 756e12,
+  'H200': 989.5e12,
+  'A100': 312e12,
+  'TPU v4': 275e12,
+  'TPU v5e': 197e12,
+  'TPU v5p': 459e12,
+  'TPU v6e': 918e12,
 }
 
 # (substrings that must all occur in the normalised device kind, PEAK_FLOPS_PER_DEVICE key), most
@@ -32,25 +33,25 @@ PEAK_FLOPS_PER_DEVICE = {
 # 'NVIDIA H100 80GB HBM3' (SXM), 'NVIDIA H100 PCIe', 'NVIDIA H200', 'NVIDIA A100-SXM4-80GB',
 # 'TPU v4', 'TPU v5 lite' (v5e), 'TPU v5' / 'TPU v5p', 'TPU v6 lite' (v6e).
 _KIND_PATTERNS = (
-    (('h100', 'pcie'), 'H100 PCIe'),
-    (('h100',), 'H100 SXM'),
-    (('h200',), 'H200'),
-    (('a100',), 'A100'),
-    (('tpuv5lite',), 'TPU v5e'),
-    (('tpuv5e',), 'TPU v5e'),
-    (('tpuv6lite',), 'TPU v6e'),
-    (('tpuv6e',), 'TPU v6e'),
-    (('tpuv5',), 'TPU v5p'),  # 'TPU v5' and 'TPU v5p' (after the lite / e kinds above)
-    (('tpuv4',), 'TPU v4'),
+  (('h100', 'pcie'), 'H100 PCIe'),
+  (('h100',), 'H100 SXM'),
+  (('h200',), 'H200'),
+  (('a100',), 'A100'),
+  (('tpuv5lite',), 'TPU v5e'),
+  (('tpuv5e',), 'TPU v5e'),
+  (('tpuv6lite',), 'TPU v6e'),
+  (('tpuv6e',), 'TPU v6e'),
+  (('tpuv5',), 'TPU v5p'),  # 'TPU v5' and 'TPU v5p' (after the lite / e kinds above)
+  (('tpuv4',), 'TPU v4'),
 )
 
 CPU_PEAK_ENV = 'BIGJAX_CPU_PEAK_FLOPS'
 CPU_MATMUL_N = 2048
 
-Peak = tuple[Optional[float], str]  # (FLOP/s per device or None, where it came from)
+Peak = tuple[float | None, str]  # (FLOP/s per device or None, where it came from)
 
 
-def match_device_kind(kind: str) -> Optional[str]:
+def match_device_kind(kind: str) -> str | None:
   """`jax.Device.device_kind` -> its PEAK_FLOPS_PER_DEVICE key, or None if unknown."""
   norm = ''.join(c for c in str(kind).lower() if c not in ' -_')
   for needles, name in _KIND_PATTERNS:
@@ -85,6 +86,7 @@ def cpu_peak_cache_path() -> str:
 def cpu_peak_key() -> str:
   """The cache key: CPU model, usable cores and jax version (a change of any re-measures)."""
   import jax
+
   return f'{_cpu_model()} | {_num_cores()} cores | jax {jax.__version__}'
 
 
@@ -95,6 +97,7 @@ def measure_matmul(n: int = CPU_MATMUL_N, reps: int = 5) -> dict[str, float]:
   Returns {'median_flops', 'best_flops'} in FLOP/s (2 n^3 FLOPs per matmul)."""
   import jax
   import jax.numpy as jnp
+
   mm = jax.jit(lambda a, b: a @ b)
   rng = np.random.default_rng(0)
   a, b = (jnp.asarray(rng.standard_normal((n, n), dtype=np.float32)) for _ in range(2))
@@ -105,8 +108,10 @@ def measure_matmul(n: int = CPU_MATMUL_N, reps: int = 5) -> dict[str, float]:
     t0 = time.perf_counter()
     mm(a, b).block_until_ready()
     times.append(time.perf_counter() - t0)
-  return {'median_flops': 2.0 * n**3 / float(np.median(times)),
-          'best_flops': 2.0 * n**3 / min(times)}
+  return {
+    'median_flops': 2.0 * n**3 / float(np.median(times)),
+    'best_flops': 2.0 * n**3 / min(times),
+  }
 
 
 def _read_cache(path):
@@ -143,8 +148,10 @@ def cpu_matmul_peak() -> tuple[float, str]:
     except ValueError:
       value = -1.0
     if not value > 0:
-      raise UserError(f'{CPU_PEAK_ENV}={override!r} must be a positive number of FLOP/s, e.g. '
-                      '1.3e11; fix or unset it')
+      raise UserError(
+        f'{CPU_PEAK_ENV}={override!r} must be a positive number of FLOP/s, e.g. '
+        '1.3e11; fix or unset it'
+      )
     return value, f'{CPU_PEAK_ENV}={override}'
   path, key = cpu_peak_cache_path(), cpu_peak_key()
   cache = _read_cache(path)
@@ -154,12 +161,19 @@ def cpu_matmul_peak() -> tuple[float, str]:
     return float(cached), f'float32 {CPU_MATMUL_N}^3 jax matmul on {key}, cached in {path}'
   load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
   measured = measure_matmul()
-  cache[key] = dict(measured, flops=measured['median_flops'], n=CPU_MATMUL_N, load_average=load,
-                    measured_at=time.strftime('%Y-%m-%dT%H:%M:%S'))
+  cache[key] = dict(
+    measured,
+    flops=measured['median_flops'],
+    n=CPU_MATMUL_N,
+    load_average=load,
+    measured_at=time.strftime('%Y-%m-%dT%H:%M:%S'),
+  )
   _write_cache(path, cache)
   busy = f' at load average {load:.2f} (busy: may be low)' if load and load > 0.5 else ''
-  return (measured['median_flops'],
-          f'float32 {CPU_MATMUL_N}^3 jax matmul on {key}, measured now{busy}, cached in {path}')
+  return (
+    measured['median_flops'],
+    f'float32 {CPU_MATMUL_N}^3 jax matmul on {key}, measured now{busy}, cached in {path}',
+  )
 
 
 def peak_flops(device: Any = None) -> Peak:
@@ -170,13 +184,15 @@ def peak_flops(device: Any = None) -> Peak:
   ...')."""
   if device is None:
     import jax
+
     device = jax.devices()[0]
   if device.platform == 'cpu':
     return cpu_matmul_peak()
   name = match_device_kind(device.device_kind)
   if name is None:
-    return None, (f'unknown device kind {device.device_kind!r}: no peak in '
-                  'bigjax.flops.PEAK_FLOPS_PER_DEVICE')
+    return None, (
+      f'unknown device kind {device.device_kind!r}: no peak in bigjax.flops.PEAK_FLOPS_PER_DEVICE'
+    )
   return PEAK_FLOPS_PER_DEVICE[name], f'dense bf16 peak of {name} (datasheet)'
 
 

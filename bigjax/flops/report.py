@@ -1,13 +1,15 @@
 """`throughput_report`: step time, examples/tokens per second, model FLOPs and MFU of a run."""
-from typing import Any, Optional
+
+from typing import Any
 
 import numpy as np
 
 from bigjax.flops import counting, peaks
 
 
-def throughput_report(exp: Any, compiled: Any, step_seconds: float, steps_timed: int, *,
-                      peak: Optional[peaks.Peak] = None) -> dict[str, Any]:
+def throughput_report(
+  exp: Any, compiled: Any, step_seconds: float, steps_timed: int, *, peak: peaks.Peak | None = None
+) -> dict[str, Any]:
   """Throughput and MFU of training `exp` -> a JSON-ready dict.
 
   step_seconds: wall seconds of the timed steps ALL TOGETHER (e.g. train.py's train_s);
@@ -36,20 +38,21 @@ def throughput_report(exp: Any, compiled: Any, step_seconds: float, steps_timed:
   rate = lambda amount: amount / step_time if amount is not None and step_time else None
   model_rate = rate(model_flops)
   return {
-      'step_time_s': step_time,
-      'steps_timed': steps_timed,
-      'examples_per_s': rate(batch),
-      'tokens_per_s': rate(tokens_per_step),
-      'model_flops_per_step': model_flops,
-      'model_flops_source': ('analytic' if analytic is not None else
-                             'xla' if xla_global is not None else None),
-      'analytic_flops_per_step': analytic,
-      'xla_flops_per_device': per_device,
-      'xla_flops_per_step': xla_global,
-      'analytic_over_xla': analytic / xla_global if analytic and xla_global else None,
-      'model_flops_per_s': model_rate,
-      'peak_flops_per_device': peak_value,
-      'peak_units': units,
-      'peak_source': peak_source,
-      'mfu': model_rate / (peak_value * units) if model_rate and peak_value else None,
+    'step_time_s': step_time,
+    'steps_timed': steps_timed,
+    'examples_per_s': rate(batch),
+    'tokens_per_s': rate(tokens_per_step),
+    'model_flops_per_step': model_flops,
+    'model_flops_source': (
+      'analytic' if analytic is not None else 'xla' if xla_global is not None else None
+    ),
+    'analytic_flops_per_step': analytic,
+    'xla_flops_per_device': per_device,
+    'xla_flops_per_step': xla_global,
+    'analytic_over_xla': analytic / xla_global if analytic and xla_global else None,
+    'model_flops_per_s': model_rate,
+    'peak_flops_per_device': peak_value,
+    'peak_units': units,
+    'peak_source': peak_source,
+    'mfu': model_rate / (peak_value * units) if model_rate and peak_value else None,
   }

@@ -1,7 +1,8 @@
 """BERT-style encoder: token + position + segment embeddings, post-LN encoder stack, tied MLM head,
 next-sentence head, pooled classification head; and a converter from HuggingFace BERT weights.
 """
-from typing import ClassVar, Optional
+
+from typing import ClassVar
 
 import chex
 import flax.linen as nn
@@ -18,10 +19,14 @@ class Model(nn.Module):
   head='classify': (B, num_classes) logits from the pooled [CLS] representation.
   Tokens equal to pad_id are masked out of attention. mlp_dim 0 means 4 * embed_dim.
   """
+
   # Fields that build() fills from the data (DataInfo attribute or the task's output_size);
   # configs do not set them.
-  data_fields: ClassVar[dict[str, str]] = {'vocab_size': 'vocab_size', 'pad_id': 'pad_id',
-                                           'num_classes': 'output_size'}
+  data_fields: ClassVar[dict[str, str]] = {
+    'vocab_size': 'vocab_size',
+    'pad_id': 'pad_id',
+    'num_classes': 'output_size',
+  }
   vocab_size: int = 260
   num_layers: int = 4
   num_heads: int = 4
@@ -39,7 +44,7 @@ class Model(nn.Module):
   scan: bool = False
   remat: str = 'none'
   attention: str = 'xla'
-  num_kv_heads: Optional[int] = None
+  num_kv_heads: int | None = None
   dtype: str = 'float32'
   param_dtype: str = 'float32'
 
@@ -48,50 +53,85 @@ class Model(nn.Module):
     chex.assert_rank(inputs, 2)
     b, t = inputs.shape
     if t > self.max_len:
-      raise ValueError(f'sequence length {t} exceeds max_len={self.max_len}; shorten the '
-                       'sequences or raise max_len')
+      raise ValueError(
+        f'sequence length {t} exceeds max_len={self.max_len}; shorten the '
+        'sequences or raise max_len'
+      )
     if self.head not in ('pretrain', 'classify'):
-      raise ValueError(f"head={self.head!r} is unknown; use 'pretrain' or "
-                      "'classify'")
+      raise ValueError(f"head={self.head!r} is unknown; use 'pretrain' or 'classify'")
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     init = nn.initializers.normal(0.02)
     kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=init)
-    embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=dtype, param_dtype=param_dtype,
-                     embedding_init=layers.partitioned(init, ('vocab', 'embed')), name='embed')
+    embed = nn.Embed(
+      self.vocab_size,
+      self.embed_dim,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      embedding_init=layers.partitioned(init, ('vocab', 'embed')),
+      name='embed',
+    )
     segment_ids = jnp.zeros_like(inputs) if segment_ids is None else segment_ids
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    x = (embed(inputs)
-         + attention.LearnedPositions(self.max_len, self.embed_dim, self.dtype, self.param_dtype,
-                                      name='position_embed')(positions)
-         + nn.Embed(self.type_vocab_size, self.embed_dim, dtype=dtype, param_dtype=param_dtype,
-                    embedding_init=layers.partitioned(init, ('segments', 'embed')),
-                    name='segment_embed')(segment_ids))
+    x = (
+      embed(inputs)
+      + attention.LearnedPositions(
+        self.max_len, self.embed_dim, self.dtype, self.param_dtype, name='position_embed'
+      )(positions)
+      + nn.Embed(
+        self.type_vocab_size,
+        self.embed_dim,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        embedding_init=layers.partitioned(init, ('segments', 'embed')),
+        name='segment_embed',
+      )(segment_ids)
+    )
     x = transformer.norm('layernorm', self.norm_eps, dtype, param_dtype, 'embed_norm')(x)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     mask = attention.padding_mask(inputs != self.pad_id)
     x = transformer.Stack(
-        self.num_layers, scan=self.scan, remat=self.remat, name='stack',
-        block=dict(num_heads=self.num_heads, head_dim=self.embed_dim // self.num_heads,
-                   mlp_dim=self.mlp_dim or 4 * self.embed_dim, num_kv_heads=self.num_kv_heads,
-                   activation=self.activation, dropout_rate=self.dropout,
-                   attention_dropout_rate=self.dropout, norm='layernorm', norm_eps=self.norm_eps,
-                   pre_ln=self.pre_ln, attention=self.attention, dtype=dtype,
-                   param_dtype=param_dtype),
+      self.num_layers,
+      scan=self.scan,
+      remat=self.remat,
+      name='stack',
+      block=dict(
+        num_heads=self.num_heads,
+        head_dim=self.embed_dim // self.num_heads,
+        mlp_dim=self.mlp_dim or 4 * self.embed_dim,
+        num_kv_heads=self.num_kv_heads,
+        activation=self.activation,
+        dropout_rate=self.dropout,
+        attention_dropout_rate=self.dropout,
+        norm='layernorm',
+        norm_eps=self.norm_eps,
+        pre_ln=self.pre_ln,
+        attention=self.attention,
+        dtype=dtype,
+        param_dtype=param_dtype,
+      ),
     )(x, mask, train=train)
     pooled = nn.tanh(layers.dense(self.embed_dim, ('embed', 'mlp'), name='pooler', **kw)(x[:, 0]))
     if self.head == 'classify':
       pooled = nn.Dropout(self.dropout)(pooled, deterministic=not train)
-      return layers.dense(self.num_classes, ('mlp', 'classes'), name='classifier',
-                          **kw)(pooled).astype(jnp.float32)
+      return layers.dense(self.num_classes, ('mlp', 'classes'), name='classifier', **kw)(
+        pooled
+      ).astype(jnp.float32)
     h = layers.dense(self.embed_dim, ('embed', 'mlp'), name='mlm_dense', **kw)(x)
     h = transformer.norm('layernorm', self.norm_eps, dtype, param_dtype, 'mlm_norm')(
-        nn.gelu(h, approximate=False))
-    mlm_bias = self.param('mlm_bias', layers.partitioned(nn.initializers.zeros_init(), ('vocab',)),
-                          (self.vocab_size,), param_dtype)
+      nn.gelu(h, approximate=False)
+    )
+    mlm_bias = self.param(
+      'mlm_bias',
+      layers.partitioned(nn.initializers.zeros_init(), ('vocab',)),
+      (self.vocab_size,),
+      param_dtype,
+    )
     mlm_logits = embed.attend(h) + mlm_bias
     nsp_logits = layers.dense(2, ('mlp', 'classes'), name='nsp', **kw)(pooled)
-    return {'mlm_logits': mlm_logits.astype(jnp.float32),
-            'nsp_logits': nsp_logits.astype(jnp.float32)}
+    return {
+      'mlm_logits': mlm_logits.astype(jnp.float32),
+      'nsp_logits': nsp_logits.astype(jnp.float32),
+    }
 
   @nn.nowrap
   def transformer_shape(self, input_shape: tuple[int, ...]) -> tuple[str, int, int, int, int]:
@@ -104,10 +144,17 @@ class Model(nn.Module):
     + 12 * L * T^2 * d, N leaving out lookup tables (and the token embedding when head='classify'
     does not reuse it); pooler, classifier and NSP head count 6 * params once per example."""
     from bigjax.flops import counting  # pylint: disable=import-outside-toplevel
+
     _, num_layers, t, d, _ = self.transformer_shape(input_shape)
     lookup = counting.LOOKUP_TABLES + (('embed',) if self.head == 'classify' else ())
-    return counting.transformer_train_flops(params, num_layers=num_layers, seq_len=t, embed_dim=d,
-                                            lookup=lookup, per_example=counting.PER_EXAMPLE_HEADS)
+    return counting.transformer_train_flops(
+      params,
+      num_layers=num_layers,
+      seq_len=t,
+      embed_dim=d,
+      lookup=lookup,
+      per_example=counting.PER_EXAMPLE_HEADS,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,29 +177,46 @@ def config_from_hf(hf_config, head='pretrain', num_classes=2):
   is_decoder, add_cross_attention; and for an unknown head.
   """
   from bigjax.models import hf_convert
+
   get = lambda name, default=None: hf_convert.hf_field(hf_config, name, default)
   if head not in ('pretrain', 'classify'):
     raise UserError(f"bert.config_from_hf: head={head!r} is unknown; use 'pretrain' or 'classify'")
   act = get('hidden_act', 'gelu')
   if act not in _HF_BERT_ACTIVATIONS:
-    raise UserError(f'HF BERT config hidden_act={act!r} is not supported: bert.Model uses the '
-                    f'exact GELU ({" / ".join(_HF_BERT_ACTIVATIONS)}); this checkpoint cannot be '
-                    'converted')
+    raise UserError(
+      f'HF BERT config hidden_act={act!r} is not supported: bert.Model uses the '
+      f'exact GELU ({" / ".join(_HF_BERT_ACTIVATIONS)}); this checkpoint cannot be '
+      'converted'
+    )
   positions = get('position_embedding_type', 'absolute') or 'absolute'
   if positions != 'absolute':
-    raise UserError(f'HF BERT config position_embedding_type={positions!r} is not supported: '
-                    "bert.Model has absolute learned positions only ('absolute')")
+    raise UserError(
+      f'HF BERT config position_embedding_type={positions!r} is not supported: '
+      "bert.Model has absolute learned positions only ('absolute')"
+    )
   for name in ('is_decoder', 'add_cross_attention'):
     if get(name, False):
-      raise UserError(f'HF BERT config {name}=True is not supported: bert.Model is an encoder '
-                      'without causal or cross-attention; this checkpoint cannot be converted')
+      raise UserError(
+        f'HF BERT config {name}=True is not supported: bert.Model is an encoder '
+        'without causal or cross-attention; this checkpoint cannot be converted'
+      )
   pad = get('pad_token_id')
-  return dict(vocab_size=get('vocab_size'), num_layers=get('num_hidden_layers'),
-              num_heads=get('num_attention_heads'), embed_dim=get('hidden_size'),
-              mlp_dim=get('intermediate_size'), max_len=get('max_position_embeddings'),
-              type_vocab_size=get('type_vocab_size', 2), dropout=0.0, head=head,
-              num_classes=num_classes, pad_id=-1 if pad is None else pad,
-              activation='gelu_exact', norm_eps=get('layer_norm_eps', 1e-12), pre_ln=False)
+  return dict(
+    vocab_size=get('vocab_size'),
+    num_layers=get('num_hidden_layers'),
+    num_heads=get('num_attention_heads'),
+    embed_dim=get('hidden_size'),
+    mlp_dim=get('intermediate_size'),
+    max_len=get('max_position_embeddings'),
+    type_vocab_size=get('type_vocab_size', 2),
+    dropout=0.0,
+    head=head,
+    num_classes=num_classes,
+    pad_id=-1 if pad is None else pad,
+    activation='gelu_exact',
+    norm_eps=get('layer_norm_eps', 1e-12),
+    pre_ln=False,
+  )
 
 
 def params_from_hf(state_dict, config, init_params=None):
@@ -181,17 +245,21 @@ def params_from_hf(state_dict, config, init_params=None):
   entry or shape mismatch, and for config fields that HF BERT weights cannot fill.
   """
   from bigjax.models import hf_convert
+
   what = 'bert.params_from_hf'
   model = hf_convert.build(Model, hf_convert.model_kwargs(config, what), what)
   hf_convert.require(model, dict(activation='gelu_exact', pre_ln=False), what)
   if model.num_kv_heads not in (None, model.num_heads):
-    raise UserError(f'{what}: config field num_kv_heads={model.num_kv_heads} does not match BERT '
-                    'weights, which need num_kv_heads=None; start from config_from_hf(...)')
+    raise UserError(
+      f'{what}: config field num_kv_heads={model.num_kv_heads} does not match BERT '
+      'weights, which need num_kv_heads=None; start from config_from_hf(...)'
+    )
   if model.head not in ('pretrain', 'classify'):
     raise UserError(f"{what}: config head={model.head!r} is unknown; use 'pretrain' or 'classify'")
   if model.embed_dim % model.num_heads:
-    raise UserError(f'{what}: config embed_dim={model.embed_dim} is not divisible by '
-                    f'num_heads={model.num_heads}')
+    raise UserError(
+      f'{what}: config embed_dim={model.embed_dim} is not divisible by num_heads={model.num_heads}'
+    )
   target = hf_convert.abstract_params(model, min(8, model.max_len))
   fresh = None
   if init_params is not None:
@@ -204,12 +272,16 @@ def params_from_hf(state_dict, config, init_params=None):
   m, h = model.mlp_dim or 4 * d, d // n
 
   def norm(name):  # original-BERT conversions name LayerNorm's parameters gamma/beta
-    return {'scale': sd.take((d,), f'{name}.weight', f'{name}.gamma'),
-            'bias': sd.take((d,), f'{name}.bias', f'{name}.beta')}
+    return {
+      'scale': sd.take((d,), f'{name}.weight', f'{name}.gamma'),
+      'bias': sd.take((d,), f'{name}.bias', f'{name}.beta'),
+    }
 
   def linear(name, d_in, d_out):  # nn.Linear: y = x @ weight.T + bias, weight (out, in)
-    return {'kernel': sd.take((d_out, d_in), f'{name}.weight').T,
-            'bias': sd.take((d_out,), f'{name}.bias')}
+    return {
+      'kernel': sd.take((d_out, d_in), f'{name}.weight').T,
+      'bias': sd.take((d_out,), f'{name}.bias'),
+    }
 
   def layer(i):
     p = f'encoder.layer.{i}.'
@@ -219,35 +291,53 @@ def params_from_hf(state_dict, config, init_params=None):
       attn[name] = {'kernel': proj['kernel'].reshape(d, n, h), 'bias': proj['bias'].reshape(n, h)}
     out = linear(p + 'attention.output.dense', d, d)
     attn['out'] = {'kernel': out['kernel'].reshape(n, h, d), 'bias': out['bias']}
-    return {'self_attention': attn, 'attention_norm': norm(p + 'attention.output.LayerNorm'),
-            'mlp': {'wi': linear(p + 'intermediate.dense', d, m),
-                    'wo': linear(p + 'output.dense', m, d)},
-            'mlp_norm': norm(p + 'output.LayerNorm')}
+    return {
+      'self_attention': attn,
+      'attention_norm': norm(p + 'attention.output.LayerNorm'),
+      'mlp': {'wi': linear(p + 'intermediate.dense', d, m), 'wo': linear(p + 'output.dense', m, d)},
+      'mlp_norm': norm(p + 'output.LayerNorm'),
+    }
 
   word = sd.take((v, d), 'embeddings.word_embeddings.weight')
   params = {
-      'embed': {'embedding': word},
-      'position_embed': {'embedding': sd.take((model.max_len, d),
-                                              'embeddings.position_embeddings.weight')},
-      'segment_embed': {'embedding': sd.take((model.type_vocab_size, d),
-                                             'embeddings.token_type_embeddings.weight')},
-      'embed_norm': norm('embeddings.LayerNorm'),
-      'stack': hf_convert.stack_layers([layer(i) for i in range(model.num_layers)], model.scan)}
+    'embed': {'embedding': word},
+    'position_embed': {
+      'embedding': sd.take((model.max_len, d), 'embeddings.position_embeddings.weight')
+    },
+    'segment_embed': {
+      'embedding': sd.take((model.type_vocab_size, d), 'embeddings.token_type_embeddings.weight')
+    },
+    'embed_norm': norm('embeddings.LayerNorm'),
+    'stack': hf_convert.stack_layers([layer(i) for i in range(model.num_layers)], model.scan),
+  }
 
   def mlm():
     sd.check_tied('cls.predictions.decoder.weight', word)
-    return {'mlm_dense': linear('cls.predictions.transform.dense', d, d),
-            'mlm_norm': norm('cls.predictions.transform.LayerNorm'),
-            'mlm_bias': sd.take((v,), 'cls.predictions.bias', 'cls.predictions.decoder.bias')}
+    return {
+      'mlm_dense': linear('cls.predictions.transform.dense', d, d),
+      'mlm_norm': norm('cls.predictions.transform.LayerNorm'),
+      'mlm_bias': sd.take((v,), 'cls.predictions.bias', 'cls.predictions.decoder.bias'),
+    }
 
   # (description, entry that marks the head as present, its params, converter)
-  heads = [('pooler', 'pooler.dense.weight', ('pooler',),
-            lambda: {'pooler': linear('pooler.dense', d, d)})]
+  heads = [
+    ('pooler', 'pooler.dense.weight', ('pooler',), lambda: {'pooler': linear('pooler.dense', d, d)})
+  ]
   if model.head == 'pretrain':
-    heads += [('MLM head', 'cls.predictions.transform.dense.weight',
-               ('mlm_dense', 'mlm_norm', 'mlm_bias'), mlm),
-              ('NSP head', 'cls.seq_relationship.weight', ('nsp',),
-               lambda: {'nsp': linear('cls.seq_relationship', d, 2)})]
+    heads += [
+      (
+        'MLM head',
+        'cls.predictions.transform.dense.weight',
+        ('mlm_dense', 'mlm_norm', 'mlm_bias'),
+        mlm,
+      ),
+      (
+        'NSP head',
+        'cls.seq_relationship.weight',
+        ('nsp',),
+        lambda: {'nsp': linear('cls.seq_relationship', d, 2)},
+      ),
+    ]
   for label, marker, names, convert in heads:
     if sd.has(marker):
       params.update(convert())
@@ -255,10 +345,11 @@ def params_from_hf(state_dict, config, init_params=None):
       params.update({name: fresh[name] for name in names})
     else:
       raise UserError(
-          f'{what}: state dict has no {label} ({marker!r}) for head={model.head!r} (BertModel '
-          'checkpoints lack the MLM/NSP heads, BertForMaskedLM ones the pooler and NSP head); '
-          'pass init_params=<params from model.init> to start missing heads fresh'
-          + (", or convert with head='classify'" if label == 'NSP head' else ''))
+        f'{what}: state dict has no {label} ({marker!r}) for head={model.head!r} (BertModel '
+        'checkpoints lack the MLM/NSP heads, BertForMaskedLM ones the pooler and NSP head); '
+        'pass init_params=<params from model.init> to start missing heads fresh'
+        + (", or convert with head='classify'" if label == 'NSP head' else '')
+      )
   if model.head == 'classify':
     if fresh is not None:
       params['classifier'] = fresh['classifier']

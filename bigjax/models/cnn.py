@@ -2,7 +2,9 @@
 
 Conv32-Pool-Conv64-Pool-Conv64-Dense64-Dense10, 3x3 VALID convs, ReLU, 2x2 max-pools.
 """
-from typing import ClassVar, Sequence
+
+from collections.abc import Sequence
+from typing import ClassVar
 
 import chex
 import flax.linen as nn
@@ -18,6 +20,7 @@ class Model(nn.Module):
   dense_features hidden widths before the classifier. batch_norm after each conv, dropout after each
   hidden dense layer. kernel_init: kernel initializer (see layers.INITIALIZERS).
   """
+
   # Fields that build() fills from the data (DataInfo attribute or the task's output_size);
   # configs do not set them.
   data_fields: ClassVar[dict[str, str]] = {'num_classes': 'output_size'}
@@ -37,17 +40,29 @@ class Model(nn.Module):
   def __call__(self, x, *, train=False):
     chex.assert_rank(x, 4)
     if len(self.pool_after) != len(self.conv_features):
-      raise ValueError(f'pool_after has {len(self.pool_after)} entries but '
-                      f'conv_features has {len(self.conv_features)}; give one per conv layer')
-    kw = dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
-              kernel_init=layers.initializer(self.kernel_init))
+      raise ValueError(
+        f'pool_after has {len(self.pool_after)} entries but '
+        f'conv_features has {len(self.conv_features)}; give one per conv layer'
+      )
+    kw = dict(
+      dtype=jnp.dtype(self.dtype),
+      param_dtype=jnp.dtype(self.param_dtype),
+      kernel_init=layers.initializer(self.kernel_init),
+    )
     x = x.astype(kw['dtype'])
     for i, (features, pool) in enumerate(zip(self.conv_features, self.pool_after)):
-      x = layers.conv(features, self.kernel_size, padding=self.padding,
-                      use_bias=not self.batch_norm, name=f'conv_{i}', **kw)(x)
+      x = layers.conv(
+        features,
+        self.kernel_size,
+        padding=self.padding,
+        use_bias=not self.batch_norm,
+        name=f'conv_{i}',
+        **kw,
+      )(x)
       if self.batch_norm:
-        x = layers.batch_norm(train, name=f'bn_{i}', dtype=kw['dtype'],
-                              param_dtype=kw['param_dtype'])(x)
+        x = layers.batch_norm(
+          train, name=f'bn_{i}', dtype=kw['dtype'], param_dtype=kw['param_dtype']
+        )(x)
       x = nn.relu(x)
       if pool:
         x = layers.max_pool_2x2(x)

@@ -4,8 +4,9 @@ converter from HuggingFace GPT-2 weights.
   logits = Model(...).apply(variables, tokens_BT)            # (B, T, V) float32
   tokens = generate(model, params, prompt_BT, max_new_tokens=100, temperature=0.8, top_k=40, seed=0)
 """
+
 import functools
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import chex
 import flax.linen as nn
@@ -27,6 +28,7 @@ class Model(nn.Module):
   normalises each sublayer's input and the stack's output before the head; False is the original
   Transformer's post-LN, LayerNorm(x + sublayer(x)) after every residual add and no final norm.
   """
+
   # Fields that build() fills from the data (DataInfo attribute or the task's output_size);
   # configs do not set them.
   data_fields: ClassVar[dict[str, str]] = {'vocab_size': 'vocab_size'}
@@ -35,7 +37,7 @@ class Model(nn.Module):
   num_heads: int = 6
   embed_dim: int = 384
   mlp_dim: int = 0
-  num_kv_heads: Optional[int] = None
+  num_kv_heads: int | None = None
   max_len: int = 256
   dropout: float = 0.0
   positions: str = 'learned'
@@ -56,14 +58,16 @@ class Model(nn.Module):
     chex.assert_rank(inputs, 2)
     b, t = inputs.shape
     if t > self.max_len:
-      raise ValueError(f'sequence length {t} exceeds max_len={self.max_len}; shorten the '
-                       'sequences or raise max_len')
+      raise ValueError(
+        f'sequence length {t} exceeds max_len={self.max_len}; shorten the '
+        'sequences or raise max_len'
+      )
     if self.embed_dim % self.num_heads:
-      raise ValueError(f'embed_dim={self.embed_dim} is not divisible by '
-                      f'num_heads={self.num_heads}')
+      raise ValueError(f'embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}')
     if self.positions not in ('learned', 'sinusoidal', 'rotary'):
-      raise ValueError(f"positions={self.positions!r} is unknown; use 'learned', "
-                      "'sinusoidal' or 'rotary'")
+      raise ValueError(
+        f"positions={self.positions!r} is unknown; use 'learned', 'sinusoidal' or 'rotary'"
+      )
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     start = 0
     if decode:  # position of the first new token = number of tokens already in the cache
@@ -72,13 +76,19 @@ class Model(nn.Module):
       if not self.is_initializing():
         index.value = start + t
     positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
-    embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=dtype, param_dtype=param_dtype,
-                     embedding_init=layers.partitioned(nn.initializers.normal(0.02),
-                                                       ('vocab', 'embed')), name='embed')
+    embed = nn.Embed(
+      self.vocab_size,
+      self.embed_dim,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      embedding_init=layers.partitioned(nn.initializers.normal(0.02), ('vocab', 'embed')),
+      name='embed',
+    )
     x = embed(inputs)
     if self.positions == 'learned':
-      x = x + attention.LearnedPositions(self.max_len, self.embed_dim, self.dtype, self.param_dtype,
-                                         name='position_embed')(positions)
+      x = x + attention.LearnedPositions(
+        self.max_len, self.embed_dim, self.dtype, self.param_dtype, name='position_embed'
+      )(positions)
     elif self.positions == 'sinusoidal':
       # As in Vaswani et al. (2017, sec. 3.4): token embeddings times sqrt(d) before adding the
       # fixed sinusoids (entries of size ~1); unscaled N(0, 0.02) tokens are drowned by them and the
@@ -88,14 +98,29 @@ class Model(nn.Module):
       x = x + jnp.take(table, positions, axis=0).astype(x.dtype)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     x = transformer.Stack(
-        self.num_layers, scan=self.scan, remat=self.remat, name='stack',
-        block=dict(num_heads=self.num_heads, head_dim=self.embed_dim // self.num_heads,
-                   mlp_dim=self.mlp_dim or 4 * self.embed_dim, num_kv_heads=self.num_kv_heads,
-                   activation=self.activation, dropout_rate=self.dropout,
-                   attention_dropout_rate=self.dropout, norm=self.norm, norm_eps=self.norm_eps,
-                   pre_ln=self.pre_ln, causal=True, rotary=self.positions == 'rotary',
-                   attention=self.attention, use_bias=self.use_bias,
-                   max_decode_length=self.max_len, dtype=dtype, param_dtype=param_dtype),
+      self.num_layers,
+      scan=self.scan,
+      remat=self.remat,
+      name='stack',
+      block=dict(
+        num_heads=self.num_heads,
+        head_dim=self.embed_dim // self.num_heads,
+        mlp_dim=self.mlp_dim or 4 * self.embed_dim,
+        num_kv_heads=self.num_kv_heads,
+        activation=self.activation,
+        dropout_rate=self.dropout,
+        attention_dropout_rate=self.dropout,
+        norm=self.norm,
+        norm_eps=self.norm_eps,
+        pre_ln=self.pre_ln,
+        causal=True,
+        rotary=self.positions == 'rotary',
+        attention=self.attention,
+        use_bias=self.use_bias,
+        max_decode_length=self.max_len,
+        dtype=dtype,
+        param_dtype=param_dtype,
+      ),
     )(x, None, positions, train=train, decode=decode)
     return embed.attend(x).astype(jnp.float32)
 
@@ -109,6 +134,7 @@ class Model(nn.Module):
     """Analytic training FLOPs of one example of tokens (T,): 6 * N * T + 12 * L * T^2 * d with
     N = all parameters but the position table (bigjax.flops conventions)."""
     from bigjax.flops import counting  # pylint: disable=import-outside-toplevel
+
     _, num_layers, t, d, _ = self.transformer_shape(input_shape)
     return counting.transformer_train_flops(params, num_layers=num_layers, seq_len=t, embed_dim=d)
 
@@ -131,14 +157,17 @@ def _sample(logits_BV, rng, temperature, top_k, top_p):
   return jax.random.categorical(rng, logits, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',
-                                             'top_p'))
+@functools.partial(
+  jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k', 'top_p')
+)
 def _generate(model, params, prompt, rng, max_new_tokens, temperature, top_k, top_p):
   b, t = prompt.shape
-  cache = model.init(jax.random.key(0), jnp.zeros((b, model.max_len), jnp.int32),
-                     decode=True)['cache']
-  logits, updates = model.apply({'params': params, 'cache': cache}, prompt, decode=True,
-                                mutable=['cache'])
+  cache = model.init(jax.random.key(0), jnp.zeros((b, model.max_len), jnp.int32), decode=True)[
+    'cache'
+  ]
+  logits, updates = model.apply(
+    {'params': params, 'cache': cache}, prompt, decode=True, mutable=['cache']
+  )
   out = jnp.zeros((b, max_new_tokens), jnp.int32)
 
   def step(i, carry):
@@ -146,17 +175,20 @@ def _generate(model, params, prompt, rng, max_new_tokens, temperature, top_k, to
     rng, k = jax.random.split(rng)
     token = _sample(last_logits, k, temperature, top_k, top_p).astype(jnp.int32)
     out = out.at[:, i].set(token)
-    logits, updates = model.apply({'params': params, 'cache': cache}, token[:, None], decode=True,
-                                  mutable=['cache'])
+    logits, updates = model.apply(
+      {'params': params, 'cache': cache}, token[:, None], decode=True, mutable=['cache']
+    )
     return out, updates['cache'], logits[:, -1], rng
 
-  out, _, _, _ = jax.lax.fori_loop(0, max_new_tokens, step,
-                                   (out, updates['cache'], logits[:, -1], rng))
+  out, _, _, _ = jax.lax.fori_loop(
+    0, max_new_tokens, step, (out, updates['cache'], logits[:, -1], rng)
+  )
   return out
 
 
-def generate(model, params, prompt, *, max_new_tokens=100, temperature=1.0, top_k=0, top_p=1.0,
-             seed=0):
+def generate(
+  model, params, prompt, *, max_new_tokens=100, temperature=1.0, top_k=0, top_p=1.0, seed=0
+):
   """Samples continuations with the KV cache, compiled once per (shapes, sampling settings).
 
   prompt: (B, T) int token ids, 1 <= T and T + max_new_tokens <= model.max_len. temperature 0 is
@@ -167,13 +199,24 @@ def generate(model, params, prompt, *, max_new_tokens=100, temperature=1.0, top_
   if prompt.ndim != 2 or prompt.shape[1] < 1:
     raise ValueError(f'prompt must be (batch, length >= 1) token ids, got shape {prompt.shape}')
   if prompt.shape[1] + max_new_tokens > model.max_len:
-    raise ValueError(f'prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds '
-                     f'max_len={model.max_len}')
+    raise ValueError(
+      f'prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds '
+      f'max_len={model.max_len}'
+    )
   if prompt.min() < 0 or prompt.max() >= model.vocab_size:
-    raise ValueError(f'prompt token ids must lie in [0, {model.vocab_size}); got '
-                     f'{prompt.min()}..{prompt.max()}')
-  return _generate(model, params, jnp.asarray(prompt, jnp.int32), jax.random.key(seed),
-                   max_new_tokens, float(temperature), int(top_k), float(top_p))
+    raise ValueError(
+      f'prompt token ids must lie in [0, {model.vocab_size}); got {prompt.min()}..{prompt.max()}'
+    )
+  return _generate(
+    model,
+    params,
+    jnp.asarray(prompt, jnp.int32),
+    jax.random.key(seed),
+    max_new_tokens,
+    float(temperature),
+    int(top_k),
+    float(top_p),
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,25 +236,41 @@ def config_from_hf(hf_config):
   add_cross_attention, untied word embeddings.
   """
   from bigjax.models import hf_convert
+
   get = lambda name, default=None: hf_convert.hf_field(hf_config, name, default)
   act = get('activation_function', 'gelu_new')
   if act not in _HF_GPT2_ACTIVATIONS:
-    raise UserError(f'HF GPT-2 config activation_function={act!r} is not supported: gpt.Model '
-                    f'uses the tanh GELU ({" / ".join(_HF_GPT2_ACTIVATIONS)}); this checkpoint '
-                    'cannot be converted')
-  for name, default, unsupported in (('scale_attn_by_inverse_layer_idx', False, True),
-                                     ('reorder_and_upcast_attn', False, True),
-                                     ('scale_attn_weights', True, False),
-                                     ('add_cross_attention', False, True),
-                                     ('tie_word_embeddings', True, False)):
+    raise UserError(
+      f'HF GPT-2 config activation_function={act!r} is not supported: gpt.Model '
+      f'uses the tanh GELU ({" / ".join(_HF_GPT2_ACTIVATIONS)}); this checkpoint '
+      'cannot be converted'
+    )
+  for name, default, unsupported in (
+    ('scale_attn_by_inverse_layer_idx', False, True),
+    ('reorder_and_upcast_attn', False, True),
+    ('scale_attn_weights', True, False),
+    ('add_cross_attention', False, True),
+    ('tie_word_embeddings', True, False),
+  ):
     if bool(get(name, default)) == unsupported:
-      raise UserError(f'HF GPT-2 config {name}={get(name)!r} is not supported by gpt.Model (it '
-                      f'needs {name}={not unsupported}); this checkpoint cannot be converted')
+      raise UserError(
+        f'HF GPT-2 config {name}={get(name)!r} is not supported by gpt.Model (it '
+        f'needs {name}={not unsupported}); this checkpoint cannot be converted'
+      )
   d = get('n_embd')
-  return dict(vocab_size=get('vocab_size'), num_layers=get('n_layer'), num_heads=get('n_head'),
-              embed_dim=d, mlp_dim=get('n_inner') or 4 * d, max_len=get('n_positions'),
-              norm_eps=get('layer_norm_epsilon', 1e-5), positions='learned', activation='gelu',
-              dropout=0.0, use_bias=True)
+  return dict(
+    vocab_size=get('vocab_size'),
+    num_layers=get('n_layer'),
+    num_heads=get('n_head'),
+    embed_dim=d,
+    mlp_dim=get('n_inner') or 4 * d,
+    max_len=get('n_positions'),
+    norm_eps=get('layer_norm_epsilon', 1e-5),
+    positions='learned',
+    activation='gelu',
+    dropout=0.0,
+    use_bias=True,
+  )
 
 
 def params_from_hf(state_dict, config):
@@ -231,16 +290,23 @@ def params_from_hf(state_dict, config):
   for config fields that HF GPT-2 weights cannot fill.
   """
   from bigjax.models import hf_convert
+
   what = 'gpt.params_from_hf'
   model = hf_convert.build(Model, hf_convert.model_kwargs(config, what), what)
-  hf_convert.require(model, dict(positions='learned', norm='layernorm', activation='gelu',
-                                 use_bias=True, pre_ln=True), what)
+  hf_convert.require(
+    model,
+    dict(positions='learned', norm='layernorm', activation='gelu', use_bias=True, pre_ln=True),
+    what,
+  )
   if model.num_kv_heads not in (None, model.num_heads):
-    raise UserError(f'{what}: config field num_kv_heads={model.num_kv_heads} does not match GPT-2 '
-                    'weights, which need num_kv_heads=None; start from config_from_hf(...)')
+    raise UserError(
+      f'{what}: config field num_kv_heads={model.num_kv_heads} does not match GPT-2 '
+      'weights, which need num_kv_heads=None; start from config_from_hf(...)'
+    )
   if model.embed_dim % model.num_heads:
-    raise UserError(f'{what}: config embed_dim={model.embed_dim} is not divisible by '
-                    f'num_heads={model.num_heads}')
+    raise UserError(
+      f'{what}: config embed_dim={model.embed_dim} is not divisible by num_heads={model.num_heads}'
+    )
   sd = hf_convert.StateDict(state_dict, 'transformer.', what)
   d, n, m = model.embed_dim, model.num_heads, model.mlp_dim or 4 * model.embed_dim
   h = d // n
@@ -249,27 +315,38 @@ def params_from_hf(state_dict, config):
     return {'scale': sd.take((d,), f'{name}.weight'), 'bias': sd.take((d,), f'{name}.bias')}
 
   def conv1d(name, d_in, d_out):  # Conv1D: y = x @ weight + bias, weight (in, out)
-    return {'kernel': sd.take((d_in, d_out), f'{name}.weight'),
-            'bias': sd.take((d_out,), f'{name}.bias')}
+    return {
+      'kernel': sd.take((d_in, d_out), f'{name}.weight'),
+      'bias': sd.take((d_out,), f'{name}.bias'),
+    }
 
   def layer(i):
     p = f'h.{i}.'
     qkv = conv1d(p + 'attn.c_attn', d, 3 * d)  # output columns [q | k | v], each head-major
-    attn = {name: {'kernel': qkv['kernel'][:, j * d:(j + 1) * d].reshape(d, n, h),
-                   'bias': qkv['bias'][j * d:(j + 1) * d].reshape(n, h)}
-            for j, name in enumerate(('query', 'key', 'value'))}
+    attn = {
+      name: {
+        'kernel': qkv['kernel'][:, j * d : (j + 1) * d].reshape(d, n, h),
+        'bias': qkv['bias'][j * d : (j + 1) * d].reshape(n, h),
+      }
+      for j, name in enumerate(('query', 'key', 'value'))
+    }
     out = conv1d(p + 'attn.c_proj', d, d)
     attn['out'] = {'kernel': out['kernel'].reshape(n, h, d), 'bias': out['bias']}
-    return {'attention_norm': norm(p + 'ln_1'), 'self_attention': attn,
-            'mlp_norm': norm(p + 'ln_2'),
-            'mlp': {'wi': conv1d(p + 'mlp.c_fc', d, m), 'wo': conv1d(p + 'mlp.c_proj', m, d)}}
+    return {
+      'attention_norm': norm(p + 'ln_1'),
+      'self_attention': attn,
+      'mlp_norm': norm(p + 'ln_2'),
+      'mlp': {'wi': conv1d(p + 'mlp.c_fc', d, m), 'wo': conv1d(p + 'mlp.c_proj', m, d)},
+    }
 
   wte = sd.take((model.vocab_size, d), 'wte.weight')
   sd.check_tied('lm_head.weight', wte)
   stack = hf_convert.stack_layers([layer(i) for i in range(model.num_layers)], model.scan)
   stack['final_norm'] = norm('ln_f')
-  params = {'embed': {'embedding': wte},
-            'position_embed': {'embedding': sd.take((model.max_len, d), 'wpe.weight')},
-            'stack': stack}
+  params = {
+    'embed': {'embedding': wte},
+    'position_embed': {'embedding': sd.take((model.max_len, d), 'wpe.weight')},
+    'stack': stack,
+  }
   target = hf_convert.abstract_params(model, min(8, model.max_len))
   return hf_convert.check_tree(params, target, what)

@@ -6,6 +6,7 @@ a converted tree against the tree the model's `init` builds.
 Nothing here imports torch or transformers: state-dict values may be torch tensors (any float
 dtype, any device), numpy or jax arrays.
 """
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -27,8 +28,10 @@ def model_kwargs(config, what):
     return dict(config.to_dict())
   if isinstance(config, dict):
     return dict(config)
-  raise UserError(f'{what}: config must be the kwargs dict (or ConfigDict) that config_from_hf '
-                  f'returns, got {type(config).__name__}; pass config_from_hf(hf_model.config)')
+  raise UserError(
+    f'{what}: config must be the kwargs dict (or ConfigDict) that config_from_hf '
+    f'returns, got {type(config).__name__}; pass config_from_hf(hf_model.config)'
+  )
 
 
 def build(model_cls, kwargs, what):
@@ -36,8 +39,10 @@ def build(model_cls, kwargs, what):
   try:
     return model_cls(**kwargs)
   except TypeError as e:
-    raise UserError(f'{what}: config does not fit {model_cls.__module__}.Model ({e}); start from '
-                    'config_from_hf(hf_model.config)') from None
+    raise UserError(
+      f'{what}: config does not fit {model_cls.__module__}.Model ({e}); start from '
+      'config_from_hf(hf_model.config)'
+    ) from None
 
 
 def require(model, fixed, what):
@@ -45,8 +50,10 @@ def require(model, fixed, what):
   for name, want in fixed.items():
     got = getattr(model, name)
     if got != want:
-      raise UserError(f'{what}: config field {name}={got!r} does not match HuggingFace weights, '
-                      f'which need {name}={want!r}; start from config_from_hf(hf_model.config)')
+      raise UserError(
+        f'{what}: config field {name}={got!r} does not match HuggingFace weights, '
+        f'which need {name}={want!r}; start from config_from_hf(hf_model.config)'
+      )
 
 
 def to_numpy(value):
@@ -65,10 +72,13 @@ class StateDict:
 
   def __init__(self, state_dict, prefix, what):
     if not hasattr(state_dict, 'items'):
-      raise UserError(f'{what}: state_dict must map parameter names to arrays (e.g. '
-                      f'hf_model.state_dict()), got {type(state_dict).__name__}')
-    self._values = {(k[len(prefix):] if k.startswith(prefix) else k): v
-                    for k, v in state_dict.items()}
+      raise UserError(
+        f'{what}: state_dict must map parameter names to arrays (e.g. '
+        f'hf_model.state_dict()), got {type(state_dict).__name__}'
+      )
+    self._values = {
+      (k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state_dict.items()
+    }
     self._prefix, self._what = prefix, what
 
   def has(self, name):
@@ -80,22 +90,28 @@ class StateDict:
       if candidate in self._values:
         value = to_numpy(self._values[candidate])
         if value.shape != tuple(shape):
-          raise UserError(f'{self._what}: state dict entry {candidate!r} has shape {value.shape} '
-                          f'but the config expects {tuple(shape)}; build the config with '
-                          'config_from_hf(hf_model.config) of this checkpoint')
+          raise UserError(
+            f'{self._what}: state dict entry {candidate!r} has shape {value.shape} '
+            f'but the config expects {tuple(shape)}; build the config with '
+            'config_from_hf(hf_model.config) of this checkpoint'
+          )
         return value
-    raise UserError(f'{self._what}: state dict has no {name!r} (looked with and without the '
-                    f'{self._prefix!r} prefix); pass the complete state dict of a checkpoint of '
-                    'this architecture')
+    raise UserError(
+      f'{self._what}: state dict has no {name!r} (looked with and without the '
+      f'{self._prefix!r} prefix); pass the complete state dict of a checkpoint of '
+      'this architecture'
+    )
 
   def check_tied(self, name, embedding_VD):
     """UserError if `name` (an output projection) is present and differs from the embedding."""
     if name in self._values:
       value = to_numpy(self._values[name])
       if value.shape != embedding_VD.shape or not np.array_equal(value, embedding_VD):
-        raise UserError(f'{self._what}: {name!r} differs from the token embedding (an untied '
-                        'output layer); bigjax models tie them, so this checkpoint cannot be '
-                        'converted')
+        raise UserError(
+          f'{self._what}: {name!r} differs from the token embedding (an untied '
+          'output layer); bigjax models tie them, so this checkpoint cannot be '
+          'converted'
+        )
 
 
 def abstract_params(model, seq_len):
@@ -119,11 +135,17 @@ def check_tree(params, target, what):
   want = flax.traverse_util.flatten_dict(target, sep='/')
   missing = sorted(set(want) - set(got))
   extra = sorted(set(got) - set(want))
-  bad = [f'{k} {got[k].shape} vs {want[k].shape}' for k in sorted(want)
-         if k in got and got[k].shape != want[k].shape]
+  bad = [
+    f'{k} {got[k].shape} vs {want[k].shape}'
+    for k in sorted(want)
+    if k in got and got[k].shape != want[k].shape
+  ]
   if missing or extra or bad:
-    raise UserError(f'{what}: the converted parameters do not fit the model this config builds '
-                    f'(missing {missing[:4]}, unexpected {extra[:4]}, shapes {bad[:4]}); start '
-                    'from config_from_hf(hf_model.config)')
+    raise UserError(
+      f'{what}: the converted parameters do not fit the model this config builds '
+      f'(missing {missing[:4]}, unexpected {extra[:4]}, shapes {bad[:4]}); start '
+      'from config_from_hf(hf_model.config)'
+    )
   return flax.traverse_util.unflatten_dict(
-      {k: np.ascontiguousarray(v, np.float32) for k, v in got.items()}, sep='/')
+    {k: np.ascontiguousarray(v, np.float32) for k, v in got.items()}, sep='/'
+  )

@@ -1,4 +1,5 @@
 """ResNet-18/34/50 (He et al. 2016) with CIFAR (3x3 stem) or ImageNet (7x7/2 + max-pool) stems."""
+
 from typing import ClassVar
 
 import chex
@@ -7,11 +8,16 @@ import jax.numpy as jnp
 
 from bigjax.models import layers
 
-STAGES = {18: ('basic', (2, 2, 2, 2)), 34: ('basic', (3, 4, 6, 3)), 50: ('bottleneck', (3, 4, 6, 3))}
+STAGES = {
+  18: ('basic', (2, 2, 2, 2)),
+  34: ('basic', (3, 4, 6, 3)),
+  50: ('bottleneck', (3, 4, 6, 3)),
+}
 
 
 class Block(nn.Module):
   """Residual block: (B, H, W, Cin) -> (B, H/strides, W/strides, features * expansion)."""
+
   kind: str
   features: int
   strides: int
@@ -48,6 +54,7 @@ class Model(nn.Module):
   depth: 18, 34 or 50. stem: 'cifar' (3x3 conv, stride 1, no pool; for 32x32 inputs) or 'imagenet'
   (7x7 conv stride 2 + 3x3 max-pool stride 2). width: channels of the first stage.
   """
+
   # Fields that build() fills from the data (DataInfo attribute or the task's output_size);
   # configs do not set them.
   data_fields: ClassVar[dict[str, str]] = {'num_classes': 'output_size'}
@@ -62,8 +69,7 @@ class Model(nn.Module):
   def __call__(self, x, *, train=False):
     chex.assert_rank(x, 4)
     if self.depth not in STAGES:
-      raise ValueError(f'depth={self.depth} is unsupported; use one of '
-                      f'{sorted(STAGES)}')
+      raise ValueError(f'depth={self.depth} is unsupported; use one of {sorted(STAGES)}')
     if self.stem not in ('cifar', 'imagenet'):
       raise ValueError(f"stem={self.stem!r} is unknown; use 'cifar' or 'imagenet'")
     kw = dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
@@ -79,7 +85,9 @@ class Model(nn.Module):
     for stage, n in enumerate(blocks):
       for b in range(n):
         strides = 2 if stage > 0 and b == 0 else 1
-        x = Block(kind, self.width * 2**stage, strides, train, name=f'stage{stage}_block{b}', **kw)(x)
+        x = Block(kind, self.width * 2**stage, strides, train, name=f'stage{stage}_block{b}', **kw)(
+          x
+        )
     x = x.mean(axis=(1, 2))
     x = layers.dense(self.num_classes, ('embed', 'classes'), name='output', **kw)(x)
     return x.astype(jnp.float32)

@@ -1,4 +1,5 @@
 """Vision Transformer (Dosovitskiy et al. 2021): patch embedding, class token or mean pooling."""
+
 from typing import ClassVar
 
 import chex
@@ -15,6 +16,7 @@ class Model(nn.Module):
   pool: 'cls' (a learned class token, its final state classifies) or 'mean' (mean over patches).
   Pre-LN blocks, learned position embeddings. mlp_dim 0 means 4 * embed_dim.
   """
+
   # Fields that build() fills from the data (DataInfo attribute or the task's output_size);
   # configs do not set them.
   data_fields: ClassVar[dict[str, str]] = {'num_classes': 'output_size'}
@@ -42,26 +44,49 @@ class Model(nn.Module):
     if self.pool not in ('cls', 'mean'):
       raise ValueError(f"pool={self.pool!r} is unknown; use 'cls' or 'mean'")
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    x = layers.conv(self.embed_dim, p, strides=p, padding='VALID', dtype=dtype,
-                    param_dtype=param_dtype, name='patch_embed')(x.astype(dtype))
+    x = layers.conv(
+      self.embed_dim,
+      p,
+      strides=p,
+      padding='VALID',
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name='patch_embed',
+    )(x.astype(dtype))
     x = x.reshape(b, -1, self.embed_dim)
     if self.pool == 'cls':
-      cls = self.param('cls', layers.partitioned(nn.initializers.zeros_init(), ('length', 'embed')),
-                       (1, self.embed_dim), param_dtype)
+      cls = self.param(
+        'cls',
+        layers.partitioned(nn.initializers.zeros_init(), ('length', 'embed')),
+        (1, self.embed_dim),
+        param_dtype,
+      )
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (b, 1, self.embed_dim)), x], 1)
     n = x.shape[1]
-    x = x + attention.LearnedPositions(n, self.embed_dim, self.dtype, self.param_dtype,
-                                       name='position_embed')(jnp.broadcast_to(jnp.arange(n), (b, n)))
+    x = x + attention.LearnedPositions(
+      n, self.embed_dim, self.dtype, self.param_dtype, name='position_embed'
+    )(jnp.broadcast_to(jnp.arange(n), (b, n)))
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     x = transformer.Stack(
-        self.num_layers, scan=self.scan, remat=self.remat, name='stack',
-        block=dict(num_heads=self.num_heads, head_dim=self.embed_dim // self.num_heads,
-                   mlp_dim=self.mlp_dim or 4 * self.embed_dim, dropout_rate=self.dropout,
-                   pre_ln=True, attention=self.attention, dtype=dtype, param_dtype=param_dtype),
+      self.num_layers,
+      scan=self.scan,
+      remat=self.remat,
+      name='stack',
+      block=dict(
+        num_heads=self.num_heads,
+        head_dim=self.embed_dim // self.num_heads,
+        mlp_dim=self.mlp_dim or 4 * self.embed_dim,
+        dropout_rate=self.dropout,
+        pre_ln=True,
+        attention=self.attention,
+        dtype=dtype,
+        param_dtype=param_dtype,
+      ),
     )(x, train=train)
     x = x[:, 0] if self.pool == 'cls' else x.mean(1)
-    return layers.dense(self.num_classes, ('embed', 'classes'), name='head', dtype=dtype,
-                        param_dtype=param_dtype)(x).astype(jnp.float32)
+    return layers.dense(
+      self.num_classes, ('embed', 'classes'), name='head', dtype=dtype, param_dtype=param_dtype
+    )(x).astype(jnp.float32)
 
   @nn.nowrap
   def transformer_shape(self, input_shape: tuple[int, ...]) -> tuple[str, int, int, int, int]:
@@ -75,7 +100,14 @@ class Model(nn.Module):
     + 12 * L * T^2 * d over the T tokens, plus the patch embedding 6 * params once per patch and
     the head 6 * params once per image."""
     from bigjax.flops import counting  # pylint: disable=import-outside-toplevel
+
     _, num_layers, t, d, patches = self.transformer_shape(input_shape)
-    return counting.transformer_train_flops(params, num_layers=num_layers, seq_len=t, embed_dim=d,
-                                            patches=patches, per_patch=('patch_embed',),
-                                            per_example=counting.PER_EXAMPLE_HEADS)
+    return counting.transformer_train_flops(
+      params,
+      num_layers=num_layers,
+      seq_len=t,
+      embed_dim=d,
+      patches=patches,
+      per_patch=('patch_embed',),
+      per_example=counting.PER_EXAMPLE_HEADS,
+    )

@@ -26,6 +26,7 @@ gets results.csv (one row per run), results.md (one row per setting: mean ± std
 folds), metric_vs_<axis>.png for each axis with several values, learning_curves.png, and whatever
 the sweep's plot(runs, DIR) draws.
 """
+
 # Modules: grid (axes, products, zips; names of settings and values), plan (Sweep, Run, planning,
 # finished runs), launch (the bigjax.train subprocesses, run_sweep), report (results.csv/.md,
 # plots), __main__ (the command line).
@@ -33,16 +34,43 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bigjax.sweep.grid import (Axis, Grid, axis, flag_value, product, setting_name, short_names,
-                               to_builtin, zip_axes)
+from bigjax.sweep.grid import (
+  Axis,
+  Grid,
+  axis,
+  flag_value,
+  product,
+  setting_name,
+  short_names,
+  to_builtin,
+  zip_axes,
+)
 from bigjax.sweep.launch import run_sweep
 from bigjax.sweep.plan import Run, Sweep, is_finished, load_sweep, unfinished_reason
 from bigjax.sweep.report import metric_value, setting_stats, write_reports
 
 # `bigjax.sweep.plan` stays the module; its planning function is `bigjax.sweep.plan.plan`.
-__all__ = ['Axis', 'Grid', 'Run', 'Sweep', 'axis', 'flag_value', 'is_finished', 'load_sweep',
-           'main', 'metric_value', 'product', 'run_sweep', 'setting_name', 'setting_stats',
-           'short_names', 'to_builtin', 'unfinished_reason', 'write_reports', 'zip_axes']
+__all__ = [
+  'Axis',
+  'Grid',
+  'Run',
+  'Sweep',
+  'axis',
+  'flag_value',
+  'is_finished',
+  'load_sweep',
+  'main',
+  'metric_value',
+  'product',
+  'run_sweep',
+  'setting_name',
+  'setting_stats',
+  'short_names',
+  'to_builtin',
+  'unfinished_reason',
+  'write_reports',
+  'zip_axes',
+]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -50,4 +78,5 @@ def main(argv: Sequence[str] | None = None) -> None:
   # Imported here, not at the top: `python -m bigjax.sweep` must find bigjax.sweep.__main__ not yet
   # imported when it runs that file as __main__.
   from bigjax.sweep.__main__ import main as cli_main
+
   cli_main(argv)

@@ -1,13 +1,14 @@
 """The bigjax-sweep command (`python -m bigjax.sweep`); see bigjax.sweep for sweep files."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 import os
 import signal
 import sys
-from collections.abc import Sequence
 
-import bigjax.sweep
 from bigjax import cli
+import bigjax.sweep
 from bigjax.sweep.launch import run_sweep
 
 
@@ -36,8 +37,11 @@ def _main(argv: Sequence[str]) -> int:
     print(f.read())
   failed = [r.name for r in runs if r.status == 'failed']
   if failed:
-    print(f'bigjax: sweep: {len(failed)} of {len(runs)} runs failed: {", ".join(failed)} (their '
-          f'log.txt is under {os.path.join(fv.workdir, "runs")})', file=sys.stderr)
+    print(
+      f'bigjax: sweep: {len(failed)} of {len(runs)} runs failed: {", ".join(failed)} (their '
+      f'log.txt is under {os.path.join(fv.workdir, "runs")})',
+      file=sys.stderr,
+    )
     return 1
   return 0
 

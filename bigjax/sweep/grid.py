@@ -1,10 +1,11 @@
 """Declaring what a sweep varies (axes of config values, combined by `product` and `zip_axes`),
 and how its settings and values are named."""
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 import dataclasses
 import re
-from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ from bigjax.errors import UserError
 @dataclasses.dataclass(frozen=True)
 class Axis:
   """One config field and the values it takes."""
+
   field: str  # dotted config field, e.g. 'optim.lr'
   values: tuple
   label: str | None = None  # short name in setting names, tables and plots
@@ -24,6 +26,7 @@ class Axis:
 class Grid:
   """Settings over some axes. `settings` holds one {field: value} dict per setting (fields in axis
   order); `groups` holds the tuples of axis indices that vary in lock-step (one per zip_axes)."""
+
   axes: tuple
   settings: tuple
   groups: tuple
@@ -41,8 +44,9 @@ def axis(field: str, values: Iterable[Any], label: str | None = None) -> Grid:
   part, or more parts where two axes share it)."""
   values = tuple(values)
   if not isinstance(field, str) or not field:
-    raise UserError(f'sweep.axis({field!r}): the field must be a dotted config path, e.g. '
-                    '"optim.lr"')
+    raise UserError(
+      f'sweep.axis({field!r}): the field must be a dotted config path, e.g. "optim.lr"'
+    )
   if not values:
     raise UserError(f'sweep.axis({field!r}) has no values')
   return Grid((Axis(field, values, label),), tuple({field: v} for v in values), ((0,),))
@@ -51,7 +55,9 @@ def axis(field: str, values: Iterable[Any], label: str | None = None) -> Grid:
 def product(*grids: Grid) -> Grid:
   """All combinations of the settings of `grids` (axes, products, zips); the last varies fastest."""
   _check_grids(grids, 'product')
-  axes, groups, settings = (), (), [{}]
+  axes: tuple = ()
+  groups: tuple = ()
+  settings: list[dict] = [{}]
   for g in grids:
     groups += tuple(tuple(i + len(axes) for i in group) for group in g.groups)
     axes += g.axes
@@ -64,12 +70,14 @@ def zip_axes(*grids: Grid) -> Grid:
   _check_grids(grids, 'zip_axes')
   lengths = [len(g.settings) for g in grids]
   if len(set(lengths)) > 1:
-    sizes = ', '.join(f'{"+".join(a.field for a in g.axes)} has {n}'
-                      for g, n in zip(grids, lengths))
+    sizes = ', '.join(
+      f'{"+".join(a.field for a in g.axes)} has {n}' for g, n in zip(grids, lengths)
+    )
     raise UserError(f'sweep.zip_axes needs axes of the same length: {sizes} values')
   axes = sum((g.axes for g in grids), ())
-  settings = tuple({k: v for part in parts for k, v in part.items()}
-                   for parts in zip(*(g.settings for g in grids)))
+  settings = tuple(
+    {k: v for part in parts for k, v in part.items()} for parts in zip(*(g.settings for g in grids))
+  )
   return Grid(axes, settings, (tuple(range(len(axes))),))
 
 

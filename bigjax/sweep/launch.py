@@ -1,14 +1,15 @@
 """Running a sweep: each run a `python -m bigjax.train` subprocess, a progress bar over the runs,
 then the reports."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 import os
 import re
 import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 
 import tqdm
 
@@ -22,8 +23,11 @@ LOG_TAIL_LINES = 15
 def _log_tail(run, n=LOG_TAIL_LINES):
   try:
     with open(os.path.join(run.workdir, 'log.txt'), errors='replace') as f:
-      lines = [l.rstrip() for l in f.read().replace('\r', '\n').splitlines()
-               if l.strip() and not re.search(r'\d%\|', l)]  # not tqdm progress bars
+      lines = [
+        l.rstrip()
+        for l in f.read().replace('\r', '\n').splitlines()
+        if l.strip() and not re.search(r'\d%\|', l)
+      ]  # not tqdm progress bars
   except OSError:
     return '(no log.txt)'
   return '\n'.join('    ' + l for l in lines[-n:])
@@ -37,16 +41,25 @@ class _Launch:
   def __init__(self, run):
     os.makedirs(run.workdir, exist_ok=True)
     self.run, self.start = run, time.time()
-    cmd = [sys.executable, '-m', 'bigjax.train', f'--config={run.spec}',
-           f'--workdir={os.path.abspath(run.workdir)}', *run.args]
+    cmd = [
+      sys.executable,
+      '-m',
+      'bigjax.train',
+      f'--config={run.spec}',
+      f'--workdir={os.path.abspath(run.workdir)}',
+      *run.args,
+    ]
     self.log = open(os.path.join(run.workdir, 'log.txt'), 'a')
-    self.log.write(f'\n==== bigjax.sweep {time.strftime("%Y-%m-%d %H:%M:%S")}: '
-                   f'(cd {shlex.quote(os.getcwd())} && {shlex.join(cmd)})\n')
+    self.log.write(
+      f'\n==== bigjax.sweep {time.strftime("%Y-%m-%d %H:%M:%S")}: '
+      f'(cd {shlex.quote(os.getcwd())} && {shlex.join(cmd)})\n'
+    )
     self.log.flush()
     env = dict(os.environ, PYTHONUNBUFFERED='1')  # a killed run's log keeps its last lines
     # Same process group as the sweep: Ctrl-C (or killing the group) reaches the runs too.
-    self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, env=env)
+    self.proc = subprocess.Popen(
+      cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+    )
 
   def close(self):
     self.log.close()
@@ -56,9 +69,15 @@ def _prepare_datasets(runs):
   """Prepares the offline datasets the runs read, here, before launching several runs at once:
   concurrent runs would otherwise all prepare the same dataset into one TFDS dir on first use."""
   from bigjax.data import offline, pipeline
-  for name, data_dir, split in sorted({(r.config['data']['name'], r.config['data']['data_dir'],
-                                        r.config['data'][key]) for r in runs
-                                       for key in ('train_split', 'eval_split')}, key=str):
+
+  for name, data_dir, split in sorted(
+    {
+      (r.config['data']['name'], r.config['data']['data_dir'], r.config['data'][key])
+      for r in runs
+      for key in ('train_split', 'eval_split')
+    },
+    key=str,
+  ):
     if name in offline.NAMES:
       pipeline.check_available(name, split, data_dir)
 
@@ -88,9 +107,10 @@ def run_sweep(sweep_path: str, workdir: str, jobs: int = 1) -> list[Run]:
 def _launch_all(sw: Sweep, runs: Sequence[Run], pending: list[Run], jobs: int) -> None:
   """Launches `pending`, `jobs` at a time, until all have ended; on any exception (Ctrl-C,
   SIGTERM) SIGTERMs the runs still going (they save a checkpoint and exit) and waits for them."""
-  running = []
-  bar = tqdm.tqdm(total=len(runs), initial=len(runs) - len(pending), unit='run', desc='sweep',
-                  dynamic_ncols=True)
+  running: list = []
+  bar = tqdm.tqdm(
+    total=len(runs), initial=len(runs) - len(pending), unit='run', desc='sweep', dynamic_ncols=True
+  )
   try:
     while pending or running:
       while pending and len(running) < jobs:

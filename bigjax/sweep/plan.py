@@ -2,14 +2,15 @@
 
 Nothing here writes a file or launches anything.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import dataclasses
 import importlib.util
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
 from typing import Any
 
 from bigjax import cli, config_lib
@@ -30,6 +31,7 @@ class Sweep:
   interval), 'best/accuracy' results['best']['eval']['accuracy'] (early stopping's best state).
   derived: {name: fn(metrics dict) -> float}, computed per run after `metrics` and reported like
   them, e.g. {'gap': lambda m: m['train/accuracy'] - m['accuracy']}."""
+
   config: str
   overrides: dict = dataclasses.field(default_factory=dict)
   settings: Grid | None = None
@@ -57,13 +59,14 @@ class Run:
   status: 'pending' (to launch), 'done' (finished by this invocation), 'skipped' (finished before
   it), or 'failed' (`message` says why, with the end of its log). `metrics` maps each of the
   sweep's metrics to its value in results.json['eval'] (NaN when missing)."""
+
   setting: str  # the setting's name, e.g. 'dropout=0.5,lr=0.003'
   values: dict  # {field: value} of the setting
   seed: int | None
   fold: int | None
   workdir: str  # absolute
   args: list  # bigjax.train flags after --config and --workdir
-  config: dict = None  # the config bigjax.train will run, as in its config.json
+  config: dict | None = None  # the config bigjax.train will run, as in its config.json
   status: str = 'pending'
   results: dict | None = None
   metrics: dict = dataclasses.field(default_factory=dict)
@@ -86,24 +89,28 @@ class Run:
 def load_sweep(path: str) -> Sweep:
   """Imports the sweep file at `path` and returns its get_sweep(), a Sweep; else UserError."""
   if not os.path.isfile(path):
-    raise UserError(f'--sweep={path}: no such sweep file; sweeps live in '
-                    'experiments/<name>/sweep.py')
+    raise UserError(
+      f'--sweep={path}: no such sweep file; sweeps live in experiments/<name>/sweep.py'
+    )
   name = 'bigjax_sweep_' + re.sub(r'\W', '_', os.path.splitext(os.path.abspath(path))[0])
   spec = importlib.util.spec_from_file_location(name, path)
+  assert spec is not None and spec.loader is not None  # a .py path always gives both
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not callable(getattr(module, 'get_sweep', None)):
     raise UserError(f'--sweep={path} defines no get_sweep(); it must return a bigjax.sweep.Sweep')
   result = module.get_sweep()
   if not isinstance(result, Sweep):
-    raise UserError(f'--sweep={path}: get_sweep() returned a {type(result).__name__}, not a '
-                    'bigjax.sweep.Sweep')
+    raise UserError(
+      f'--sweep={path}: get_sweep() returned a {type(result).__name__}, not a bigjax.sweep.Sweep'
+    )
   return result
 
 
 def _jsonable(value):
-  return json.loads(json.dumps(value, default=lambda x: x.to_dict() if hasattr(x, 'to_dict')
-                               else to_builtin(x)))
+  return json.loads(
+    json.dumps(value, default=lambda x: x.to_dict() if hasattr(x, 'to_dict') else to_builtin(x))
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,8 +122,10 @@ def resolve_spec(spec: str) -> str:
   try:
     path, colon, arg = cli.resolve_config(spec).partition(':')
   except UserError as e:
-    raise UserError(f'sweep config {spec.partition(":")[0]!r}: no such config file or shipped '
-                    f'config ({" ".join(str(e).split())})') from None
+    raise UserError(
+      f'sweep config {spec.partition(":")[0]!r}: no such config file or shipped '
+      f'config ({" ".join(str(e).split())})'
+    ) from None
   return os.path.abspath(path) + colon + arg
 
 
@@ -127,8 +136,9 @@ def check_field(config: Any, field: str, where: str) -> Any:
     if not hasattr(node, 'keys') or part not in node:
       parent = 'config' + ''.join(f'.{p}' for p in parts[:i])
       known = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else '(not a group)'
-      raise UserError(f'sweep {where} field {field!r}: {parent} has no field {part!r}; its fields: '
-                      f'{known}')
+      raise UserError(
+        f'sweep {where} field {field!r}: {parent} has no field {part!r}; its fields: {known}'
+      )
     node = node[part]
   return node
 
@@ -164,22 +174,27 @@ def plan(sw: Sweep, workdir: str) -> list[Run]:
   base = config_lib.load_config_file(spec)
   grid = sw.grid
   set_by_sweep = ['seed'] + (['data.cv_folds', 'data.cv_fold'] if sw.folds else [])
-  for where, fields in (('overrides', list(sw.overrides)), ('axis', [a.field for a in grid.axes])):
-    for field in fields:
+  for where, checked in (('overrides', list(sw.overrides)), ('axis', [a.field for a in grid.axes])):
+    for field in checked:
       check_field(base, field, where)
       if field in set_by_sweep or (where == 'overrides' and field in grid.settings[0]):
-        raise UserError(f'sweep {where} field {field!r} is also set by '
-                        f'{"an axis" if field in grid.settings[0] else "the sweep seeds/folds"}')
+        raise UserError(
+          f'sweep {where} field {field!r} is also set by '
+          f'{"an axis" if field in grid.settings[0] else "the sweep seeds/folds"}'
+        )
   for field in set_by_sweep:
     check_field(base, field, 'seeds/folds')
   names = short_names(grid.axes)
   replicas = [(seeds[0], i) for i in range(sw.folds)] if sw.folds else [(s, None) for s in seeds]
-  runs, seen = [], {}
+  runs: list[Run] = []
+  seen: dict[str, dict] = {}
   for setting in grid.settings:
     name = setting_name(setting, names)
     if name in seen:
-      raise UserError(f'sweep settings {seen[name]} and {setting} are both named {name!r}; give '
-                      'the axes labels or values that differ in their names')
+      raise UserError(
+        f'sweep settings {seen[name]} and {setting} are both named {name!r}; give '
+        'the axes labels or values that differ in their names'
+      )
     seen[name] = setting
     for seed, fold in replicas:
       run = Run(name, dict(setting), seed, fold, '', [], spec=spec)
@@ -206,9 +221,11 @@ def _run_flags(spec, base, fields, run_name):
   for field, value in fields.items():
     parsed = check_field(config, field, '')
     if _jsonable(parsed) != _jsonable(value):
-      raise UserError(f'sweep run {run_name}: config.{field}={value!r} cannot be given to '
-                      f'bigjax.train (--config.{field}={flag_value(value)} reads as {parsed!r}); '
-                      'use a value of the type the field has')
+      raise UserError(
+        f'sweep run {run_name}: config.{field}={value!r} cannot be given to '
+        f'bigjax.train (--config.{field}={flag_value(value)} reads as {parsed!r}); '
+        'use a value of the type the field has'
+      )
   return args, json.loads(config.to_json())
 
 
@@ -238,7 +255,7 @@ def unfinished_reason(run: Run) -> str | None:
     saved, wanted = _flatten(json.load(f)), _flatten(run.config)
   changed = sorted(k for k in saved.keys() & wanted.keys() if saved[k] != wanted[k])
   if changed:
-    return (f"its config.json differs from the config the sweep asks for in {', '.join(changed)}")
+    return f"its config.json differs from the config the sweep asks for in {', '.join(changed)}"
   return None
 
 

@@ -1,12 +1,13 @@
 """A sweep's results: each run's metrics, results.csv, results.md and the plots."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 import csv
 import io
 import json
 import math
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,8 +20,11 @@ from bigjax.sweep.plan import Run, Sweep
 def metric_value(results: dict, name: str) -> float:
   """A metric of a results.json dict by name (see Sweep.metrics); NaN when absent."""
   section, _, key = name.rpartition('/')
-  report = {'': results.get('eval'), 'train': results.get('train'),
-            'best': (results.get('best') or {}).get('eval')}.get(section) or {}
+  report = {
+    '': results.get('eval'),
+    'train': results.get('train'),
+    'best': (results.get('best') or {}).get('eval'),
+  }.get(section) or {}
   value = report.get(key)
   return float(value) if value is not None and np.ndim(value) == 0 else math.nan
 
@@ -38,19 +42,22 @@ def load_results(run: Run, sw: Sweep) -> None:
 def setting_stats(runs: Sequence[Run], metrics: Sequence[str]) -> dict[str, dict[str, tuple]]:
   """{setting name: {metric: (mean, std, n)}} over the finished runs of each setting; std has
   ddof=0 (population), n counts the finished seeds/folds with a finite value."""
-  stats = {}
+  stats: dict[str, list] = {}
   for run in runs:
     stats.setdefault(run.setting, [])
     if run.finished:
       stats[run.setting].append(run)
-  out = {}
+  out: dict[str, dict] = {}
   for name, done in stats.items():
     out[name] = {}
     for m in metrics:
       values = np.array([r.metrics[m] for r in done], float)
       values = values[np.isfinite(values)]
-      out[name][m] = ((float(values.mean()), float(values.std()), len(values)) if len(values)
-                      else (math.nan, math.nan, 0))
+      out[name][m] = (
+        (float(values.mean()), float(values.std()), len(values))
+        if len(values)
+        else (math.nan, math.nan, 0)
+      )
   return out
 
 
@@ -63,30 +70,43 @@ def write_reports(sw: Sweep, runs: Sequence[Run], outdir: str, sweep_path: str =
   replica = 'fold' if sw.folds else 'seed'
   table = io.StringIO(newline='')
   writer = csv.writer(table)
-  writer.writerow(['setting', *(a.field for a in grid.axes), replica, *metrics, 'step',
-                   'wall_time_s', 'status'])
+  writer.writerow(
+    ['setting', *(a.field for a in grid.axes), replica, *metrics, 'step', 'wall_time_s', 'status']
+  )
   for r in runs:
     res = r.results or {}
-    writer.writerow([r.setting, *(show(r.values[a.field]) for a in grid.axes),
-                     r.fold if sw.folds else r.seed,
-                     *(repr(r.metrics[m]) if r.finished else '' for m in metrics),
-                     # wall time of the bigjax.train launch that finished the run
-                     res.get('step', ''), res.get('wall_time_s', ''),
-                     'finished' if r.finished else r.status])
+    writer.writerow(
+      [
+        r.setting,
+        *(show(r.values[a.field]) for a in grid.axes),
+        r.fold if sw.folds else r.seed,
+        *(repr(r.metrics[m]) if r.finished else '' for m in metrics),
+        # wall time of the bigjax.train launch that finished the run
+        res.get('step', ''),
+        res.get('wall_time_s', ''),
+        'finished' if r.finished else r.status,
+      ]
+    )
   write_atomic(os.path.join(outdir, 'results.csv'), table.getvalue())
   # One row per setting, in sweep order.
-  lines = [f'| {" | ".join([*names, *metrics, "n"])} |',
-           '|' + ' --- |' * (len(names) + len(metrics) + 1)]
+  lines = [
+    f'| {" | ".join([*names, *metrics, "n"])} |',
+    '|' + ' --- |' * (len(names) + len(metrics) + 1),
+  ]
   settings = {r.setting: r.values for r in runs}
   for name, values in settings.items():
     cells = [show(values[a.field]) for a in grid.axes]
-    cells += [f'{mean:.4g} ± {std:.4g}' if n else '—' for mean, std, n in
-              (stats[name][m] for m in metrics)]
+    cells += [
+      f'{mean:.4g} ± {std:.4g}' if n else '—' for mean, std, n in (stats[name][m] for m in metrics)
+    ]
     n_done = sum(r.finished for r in runs if r.setting == name)
     lines.append(f'| {" | ".join([*cells, str(n_done)])} |')
   failed = [r.name for r in runs if r.status == 'failed']
-  lines += ['', f'mean ± std (population std, ddof=0) over {replica}s; n = finished {replica}s. '
-            f'Config {sw.config}' + (f', sweep {sweep_path}' if sweep_path else '') + '.']
+  lines += [
+    '',
+    f'mean ± std (population std, ddof=0) over {replica}s; n = finished {replica}s. '
+    f'Config {sw.config}' + (f', sweep {sweep_path}' if sweep_path else '') + '.',
+  ]
   if failed:
     lines.append(f'Failed runs (not in the table): {", ".join(failed)}.')
   write_atomic(os.path.join(outdir, 'results.md'), '\n'.join(lines) + '\n')
@@ -98,14 +118,22 @@ def write_reports(sw: Sweep, runs: Sequence[Run], outdir: str, sweep_path: str =
 
 def _pyplot():
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+
   return plt
 
 
-def plot_metric_vs_axes(grid: Grid, names: Sequence[str], runs: Sequence[Run],
-                        stats: dict[str, dict[str, tuple]], metric: str, replica: str,
-                        outdir: str) -> None:
+def plot_metric_vs_axes(
+  grid: Grid,
+  names: Sequence[str],
+  runs: Sequence[Run],
+  stats: dict[str, dict[str, tuple]],
+  metric: str,
+  replica: str,
+  outdir: str,
+) -> None:
   """metric_vs_<axis>.png for each axis with more than one value: the metric (mean, error bars =
   std over seeds/folds) against the axis, one line per combination of the axes not zipped with
   it."""
@@ -118,7 +146,7 @@ def plot_metric_vs_axes(grid: Grid, names: Sequence[str], runs: Sequence[Run],
     others = [j for j in range(len(grid.axes)) if j not in locked]
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     position = {show(v): (v if numeric else k) for k, v in enumerate(values)}
-    lines = {}
+    lines: dict[str, list] = {}
     for setting, vals in settings.items():
       key = ', '.join(f'{names[j]}={show(vals[grid.axes[j].field])}' for j in others)
       mean, std, _ = stats[setting][metric]
@@ -160,14 +188,16 @@ def plot_learning_curves(runs: Sequence[Run], metric: str, outdir: str) -> None:
   for r in runs:
     if r.finished:
       done.setdefault(r.setting, []).append(r)
-  curves = {name: (_curve(rs, 'train', 'loss'), _curve(rs, 'eval', metric))
-            for name, rs in done.items()}
+  curves = {
+    name: (_curve(rs, 'train', 'loss'), _curve(rs, 'eval', metric)) for name, rs in done.items()
+  }
   has_eval = any(ev[0] for _, ev in curves.values())
   plt = _pyplot()
-  fig, axes = plt.subplots(1, 2 if has_eval else 1, figsize=(11 if has_eval else 6, 4),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    1, 2 if has_eval else 1, figsize=(11 if has_eval else 6, 4), squeeze=False
+  )
   for name, (train, ev) in curves.items():
-    line, = axes[0, 0].plot(*train, label=name)
+    (line,) = axes[0, 0].plot(*train, label=name)
     if has_eval and ev[0]:
       axes[0, 1].plot(*ev, marker='o', color=line.get_color(), label=name)
   axes[0, 0].set(xlabel='step', ylabel='train loss (mean over runs)', title='train loss')

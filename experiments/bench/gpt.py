@@ -32,6 +32,7 @@ jax loop, torch, bigjax, ...) so all three see the same machine state; the table
 and [min-max] over rounds. The plain loops are adapted from the reference anchors (gpt_jax.py,
 gpt_torch.py, matmul_peak.py) and self-contained.
 """
+
 import argparse
 import importlib.util
 import os
@@ -52,6 +53,7 @@ LECUN_TRUNC = 0.87962566103423978  # std of a unit normal truncated to [-2, 2] (
 def shakespeare_windows():
   """bigjax's 'lm' view of the shakespeare train split: {'inputs': (N, BLOCK + 1) int32}."""
   from bigjax.data import text
+
   return text.load_text_split('shakespeare', 'train', 'lm', BLOCK)['inputs']
 
 
@@ -62,7 +64,7 @@ def batch_indices(n, steps):
     e, i = divmod(step, per_epoch)
     if e != epoch:
       epoch, perm = e, np.random.default_rng([SEED, e]).permutation(n)
-    yield perm[i * BATCH:(i + 1) * BATCH]
+    yield perm[i * BATCH : (i + 1) * BATCH]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -71,41 +73,66 @@ def batch_indices(n, steps):
 def run_matmul(n=2048, reps=10):
   """float32 n^3 jax matmul GFLOP/s: median over `reps` after 2 warm-ups (as matmul_peak.py)."""
   from bigjax import flops
+
   measured = flops.measure_matmul(n, reps)
-  return {'median_gflops': measured['median_flops'] / 1e9,
-          'best_gflops': measured['best_flops'] / 1e9}
+  return {
+    'median_gflops': measured['median_flops'] / 1e9,
+    'best_gflops': measured['best_flops'] / 1e9,
+  }
 
 
 def run_bigjax(steps):
   import jax
+
   from bigjax import config_lib, experiment, train
+
   config = config_lib.load_config_file('gpt_shakespeare:size=small')
   config.num_steps = steps
-  config.optim.update(schedule='constant', warmup_steps=0, clip_norm=0.0, b1=B1, b2=B2, eps=EPS,
-                      lr=LR, weight_decay=WD)
+  config.optim.update(
+    schedule='constant',
+    warmup_steps=0,
+    clip_norm=0.0,
+    b1=B1,
+    b2=B2,
+    eps=EPS,
+    lr=LR,
+    weight_decay=WD,
+  )
   config.eval_every = 0
   config.data.eval_max_examples = 64
   kw = config.model.kwargs
   vocab = experiment.tokenizer_for(config).vocab_size  # what build() gives the model and task
-  assert (kw.num_layers, kw.num_heads, kw.embed_dim, kw.max_len, vocab, kw.dropout,
-          config.data.seq_len, config.batch_size, config.seed) == (
-              N_LAYER, N_HEAD, N_EMBD, BLOCK, VOCAB, 0.0, BLOCK, BATCH, SEED), 'config drifted'
+  assert (
+    kw.num_layers,
+    kw.num_heads,
+    kw.embed_dim,
+    kw.max_len,
+    vocab,
+    kw.dropout,
+    config.data.seq_len,
+    config.batch_size,
+    config.seed,
+  ) == (N_LAYER, N_HEAD, N_EMBD, BLOCK, VOCAB, 0.0, BLOCK, BATCH, SEED), 'config drifted'
   with tempfile.TemporaryDirectory(prefix='bench_gpt_') as workdir:
     r = train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   # train metrics are the mean over the steps since the previous log step
   window = steps - (steps - 1) // config.log_every * config.log_every
-  return {'tokens_per_s': r['train_examples_per_s'] * config.data.seq_len,
-          'compile_s': r['compile_s'], 'loss': r['train']['loss'], 'loss_window': window,
-          'num_params': r['num_params'],
-          'flop_params': r['num_params'] - kw.max_len * kw.embed_dim}  # minus position embeddings
+  return {
+    'tokens_per_s': r['train_examples_per_s'] * config.data.seq_len,
+    'compile_s': r['compile_s'],
+    'loss': r['train']['loss'],
+    'loss_window': window,
+    'num_params': r['num_params'],
+    'flop_params': r['num_params'] - kw.max_len * kw.embed_dim,
+  }  # minus position embeddings
 
 
 def run_jax_loop(steps):
   import flax.linen as nn
+  from flax.training import train_state
   import jax
   import jax.numpy as jnp
   import optax
-  from flax.training import train_state
 
   emb_init = nn.initializers.normal(0.02)
   attn_init = nn.initializers.lecun_normal()  # bigjax's MultiHeadAttention default
@@ -130,7 +157,7 @@ def run_jax_loop(steps):
     def __call__(self, idx):
       wte = nn.Embed(VOCAB, N_EMBD, embedding_init=emb_init)
       wpe = self.param('wpe', emb_init, (BLOCK, N_EMBD))
-      x = wte(idx) + wpe[:idx.shape[1]]
+      x = wte(idx) + wpe[: idx.shape[1]]
       for _ in range(N_LAYER):
         x = Block()(x)
       return wte.attend(nn.LayerNorm(epsilon=1e-5)(x))  # tied LM head
@@ -139,6 +166,7 @@ def run_jax_loop(steps):
     def loss_fn(params):
       logits = state.apply_fn({'params': params}, w[:, :-1])
       return optax.softmax_cross_entropy_with_integer_labels(logits, w[:, 1:]).mean()
+
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     return state.apply_gradients(grads=grads), loss
 
@@ -162,15 +190,19 @@ def run_jax_loop(steps):
       t0 = time.perf_counter()
   jax.block_until_ready((state, losses))
   train_s = time.perf_counter() - t0
-  return {'tokens_per_s': (steps - 1) * BATCH * BLOCK / train_s, 'compile_s': compile_s,
-          'losses': [float(l) for l in jax.device_get(losses)],
-          'num_params': int(sum(p.size for p in jax.tree.leaves(params)))}
+  return {
+    'tokens_per_s': (steps - 1) * BATCH * BLOCK / train_s,
+    'compile_s': compile_s,
+    'losses': [float(l) for l in jax.device_get(losses)],
+    'num_params': int(sum(p.size for p in jax.tree.leaves(params))),
+  }
 
 
 def run_torch(steps):
   import torch
-  import torch.nn.functional as F
   from torch import nn
+  import torch.nn.functional as F
+
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   torch.manual_seed(SEED)
 
@@ -206,7 +238,7 @@ def run_torch(steps):
           nn.init.zeros_(p)
 
     def forward(self, idx):
-      x = self.wte(idx) + self.wpe[:idx.shape[1]]
+      x = self.wte(idx) + self.wpe[: idx.shape[1]]
       for blk in self.blocks:
         x = blk(x)
       return self.ln_f(x) @ self.wte.weight.T  # tied LM head
@@ -215,9 +247,13 @@ def run_torch(steps):
   model = GPT()
   decay = [p for p in model.parameters() if p.dim() >= 2]
   no_decay = [p for p in model.parameters() if p.dim() < 2]
-  opt = torch.optim.AdamW([{'params': decay, 'weight_decay': WD},
-                           {'params': no_decay, 'weight_decay': 0.0}],
-                          lr=LR, betas=(B1, B2), eps=EPS, fused=True)
+  opt = torch.optim.AdamW(
+    [{'params': decay, 'weight_decay': WD}, {'params': no_decay, 'weight_decay': 0.0}],
+    lr=LR,
+    betas=(B1, B2),
+    eps=EPS,
+    fused=True,
+  )
   batches = [windows[torch.from_numpy(idx)] for idx in batch_indices(len(windows), steps)]
   losses = []
   t_first = time.perf_counter()
@@ -232,12 +268,20 @@ def run_torch(steps):
       first_s, t0 = time.perf_counter() - t_first, time.perf_counter()
   losses = torch.stack(losses).tolist()
   train_s = time.perf_counter() - t0
-  return {'tokens_per_s': (steps - 1) * BATCH * BLOCK / train_s, 'compile_s': first_s,
-          'losses': losses, 'num_params': sum(p.numel() for p in model.parameters())}
+  return {
+    'tokens_per_s': (steps - 1) * BATCH * BLOCK / train_s,
+    'compile_s': first_s,
+    'losses': losses,
+    'num_params': sum(p.numel() for p in model.parameters()),
+  }
 
 
-RUNNERS = {'matmul': lambda steps: run_matmul(), 'bigjax': run_bigjax, 'jax loop': run_jax_loop,
-           'torch': run_torch}
+RUNNERS = {
+  'matmul': lambda steps: run_matmul(),
+  'bigjax': run_bigjax,
+  'jax loop': run_jax_loop,
+  'torch': run_torch,
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,15 +301,20 @@ def main():
 
   print(harness.machine_info())
   peak = harness.run_worker(__file__, 'matmul', '--steps', args.steps)
-  print(f'float32 matmul peak (jax, 2048^3): median {peak["median_gflops"]:.1f} GFLOP/s, '
-        f'best {peak["best_gflops"]:.1f}', flush=True)
+  print(
+    f'float32 matmul peak (jax, 2048^3): median {peak["median_gflops"]:.1f} GFLOP/s, '
+    f'best {peak["best_gflops"]:.1f}',
+    flush=True,
+  )
   contenders = [c for c in CONTENDERS if c != 'torch' or importlib.util.find_spec('torch')]
   results = {c: [] for c in contenders}
   for r in range(args.rounds):
     for c in contenders:
       results[c].append(harness.run_worker(__file__, c, '--steps', args.steps))
-      print(f'round {r + 1}/{args.rounds} {c:9s} {results[c][-1]["tokens_per_s"]:7.0f} tokens/s',
-            flush=True)
+      print(
+        f'round {r + 1}/{args.rounds} {c:9s} {results[c][-1]["tokens_per_s"]:7.0f} tokens/s',
+        flush=True,
+      )
 
   big = results['bigjax'][0]
   window, n_flop = big['loss_window'], big['flop_params']
@@ -279,24 +328,32 @@ def main():
 
   med = lambda c, k: float(np.median([x[k] for x in results[c]]))
   base = med('jax loop', 'tokens_per_s')
-  print(f'\nGPT {N_LAYER}L/{N_HEAD}H/{N_EMBD}d, context {BLOCK}, batch {BATCH}, {args.steps} steps '
-        f'(first untimed), {args.rounds} rounds; median [min-max]; N = {n_flop:,} params '
-        f'(without position embeddings), {flops_per_token:,} FLOP/token; matmul peak '
-        f'{peak["median_gflops"]:.1f} GFLOP/s\n')
-  print('| contender | tokens/s median [min–max] | ratio to plain jax loop | model TFLOP/s | '
-        'fraction of matmul peak | final train loss | compile s |')
+  print(
+    f'\nGPT {N_LAYER}L/{N_HEAD}H/{N_EMBD}d, context {BLOCK}, batch {BATCH}, {args.steps} steps '
+    f'(first untimed), {args.rounds} rounds; median [min-max]; N = {n_flop:,} params '
+    f'(without position embeddings), {flops_per_token:,} FLOP/token; matmul peak '
+    f'{peak["median_gflops"]:.1f} GFLOP/s\n'
+  )
+  print(
+    '| contender | tokens/s median [min–max] | ratio to plain jax loop | model TFLOP/s | '
+    'fraction of matmul peak | final train loss | compile s |'
+  )
   print('|---|---|---|---|---|---|---|')
   for c in contenders:
     tps = [x['tokens_per_s'] for x in results[c]]
     tflops = np.median(tps) * flops_per_token / 1e12
-    print(f'| {c} | {np.median(tps):.0f} [{min(tps):.0f}–{max(tps):.0f}] | '
-          f'{np.median(tps) / base:.3f} | {tflops:.4f} | '
-          f'{tflops * 1e3 / peak["median_gflops"]:.2f} | {med(c, "loss"):.4f} | '
-          f'{med(c, "compile_s"):.2f} |')
+    print(
+      f'| {c} | {np.median(tps):.0f} [{min(tps):.0f}–{max(tps):.0f}] | '
+      f'{np.median(tps) / base:.3f} | {tflops:.4f} | '
+      f'{tflops * 1e3 / peak["median_gflops"]:.2f} | {med(c, "loss"):.4f} | '
+      f'{med(c, "compile_s"):.2f} |'
+    )
   if 'torch' not in contenders:
     print('| torch | skipped: torch is not installed | | | | | |')
-  print(f'\nfinal train loss: mean over the last {window} steps (bigjax\'s last logged window). '
-        'compile s: XLA compile of the train step (jax); first eager step (torch).')
+  print(
+    f'\nfinal train loss: mean over the last {window} steps (bigjax\'s last logged window). '
+    'compile s: XLA compile of the train step (jax); first eager step (torch).'
+  )
   print(f'\nbigjax / jax loop = {med("bigjax", "tokens_per_s") / base:.3f}  (goal >= 0.95)')
   if 'torch' in contenders:
     print(f'torch / jax loop  = {med("torch", "tokens_per_s") / base:.3f}')

@@ -15,7 +15,8 @@ Both GPTs: the shipped gpt_shakespeare config with the model replaced (learned p
 embedding, GELU MLP 4x, no dropout), bfloat16 compute with float32 parameters and optimizer state
 (dtype='bfloat16', param_dtype='float32'), cuDNN flash attention (attention='cudnn'), layers
 unrolled (scan=False: on the H100 the scanned stack spent ~18% of the 125M step copying per-layer
-slices in and out of the stacked arrays), no remat (the 1B step fits in 52 GiB), the config's AdamW with warmup + cosine and clipping. Data: synthetic uniform random token windows
+slices in and out of the stacked arrays), no remat (the 1B step fits in 52 GiB), the config's AdamW
+with warmup + cosine and clipping. Data: synthetic uniform random token windows
 over the full vocabulary (B x (T+1) int32), so no data set is needed. The GPT worker replaces two
 functions of `bigjax.experiment` in its own process (`use_synthetic_data`):
 `experiment.tokenizer_for` returns a `SyntheticVocab` (only the facts build() derives the model's
@@ -32,6 +33,7 @@ bf16 peak of the device (H100 SXM 989.5 TFLOP/s); GPT model FLOPs = 6*N*tokens +
 a scanned layer once and the cuDNN attention kernel as zero, so it falls far below the model count.
 Goals on one H100: >= 40% MFU for gpt125m, >= 55% for gpt1b.
 """
+
 import argparse
 import os
 import sys
@@ -43,8 +45,8 @@ import harness
 
 VOCAB = 50304
 GPTS = {
-    'gpt125m': dict(num_layers=12, num_heads=12, embed_dim=768, max_len=1024, batch=32),
-    'gpt1b': dict(num_layers=24, num_heads=16, embed_dim=2048, max_len=2048, batch=8),
+  'gpt125m': dict(num_layers=12, num_heads=12, embed_dim=768, max_len=1024, batch=32),
+  'gpt1b': dict(num_layers=24, num_heads=16, embed_dim=2048, max_len=2048, batch=8),
 }
 MODELS = (*GPTS, 'mnist_cnn')
 # --cpu_smoke: the same code path at toy sizes on CPU (no cuDNN: attention='xla').
@@ -59,18 +61,26 @@ def gpt_config(name, batch, smoke, model_overrides=()):
   model_overrides: (key, value-string) pairs for config.model.kwargs (from --set), e.g. scan=false.
   """
   from bigjax import config_lib
+
   shape = dict(SMOKE_GPT if smoke else GPTS[name])
   shape.pop('batch')
   config = config_lib.load_config_file('gpt_shakespeare')
   # The context length is config.data.seq_len; the config ties the model's max_len to it.
   config.data.seq_len = shape.pop('max_len')
-  config.model.kwargs.update(dropout=0.0, scan=False, remat='none',
-                             attention='xla' if smoke else 'cudnn',
-                             dtype='bfloat16', param_dtype='float32', **shape)
+  config.model.kwargs.update(
+    dropout=0.0,
+    scan=False,
+    remat='none',
+    attention='xla' if smoke else 'cudnn',
+    dtype='bfloat16',
+    param_dtype='float32',
+    **shape,
+  )
   for key, value in model_overrides:
     default = config.model.kwargs.get(key, '')  # fields the config leaves unset are strings
-    config.model.kwargs[key] = (value.lower() == 'true' if isinstance(default, bool)
-                                else type(default)(value))
+    config.model.kwargs[key] = (
+      value.lower() == 'true' if isinstance(default, bool) else type(default)(value)
+    )
   config.batch_size = config.eval_batch_size = batch
   return config
 
@@ -98,14 +108,19 @@ def use_synthetic_data(vocab):
   and data loading (4 batches of random train windows, one eval batch): build() then derives the
   model's and task's vocab_size = `vocab` and checks the tokens as it does for real data."""
   from bigjax import experiment
+
   tokenizer = SyntheticVocab(vocab)
   experiment.tokenizer_for = lambda config: tokenizer
 
   def load_data(config, tokenizer=None):
     del tokenizer
     seq = config.data.seq_len
-    return (synthetic_tokens(seq, vocab, 4 * config.batch_size, 0),
-            synthetic_tokens(seq, vocab, config.eval_batch_size, 1), 'synthetic')
+    return (
+      synthetic_tokens(seq, vocab, 4 * config.batch_size, 0),
+      synthetic_tokens(seq, vocab, config.eval_batch_size, 1),
+      'synthetic',
+    )
+
   experiment.load_data = load_data
 
 
@@ -113,8 +128,10 @@ def run_model(name, steps, warmup, batch, smoke, profile_dir='', model_overrides
   """One model in this process -> its result dict (see the module docstring)."""
   os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.92')
   import jax
+
   from bigjax import compile as compile_lib
-  from bigjax import config_lib, experiment, flops, steps as steps_lib
+  from bigjax import config_lib, experiment, flops
+  from bigjax import steps as steps_lib
 
   if name in GPTS:
     batch = batch or (SMOKE_GPT if smoke else GPTS[name])['batch']
@@ -150,19 +167,29 @@ def run_model(name, steps, warmup, batch, smoke, profile_dir='', model_overrides
       jax.block_until_ready((state, metrics))
   report = flops.throughput_report(exp, compiled, train_s, steps)
   memory = compile_lib.memory_report(compiled)
-  return dict(report, model=name, device=jax.devices()[0].device_kind,
-              num_params=int(sum(np.prod(p.shape) for p in jax.tree.leaves(exp.abstract.params))),
-              batch=config.batch_size,
-              seq_len=config.data.seq_len if name in GPTS else None,
-              compile_s=compile_s, memory_total_bytes=memory and memory['total'],
-              loss=float(last['loss']), finite=bool(last['finite']))
+  return dict(
+    report,
+    model=name,
+    device=jax.devices()[0].device_kind,
+    num_params=int(sum(np.prod(p.shape) for p in jax.tree.leaves(exp.abstract.params))),
+    batch=config.batch_size,
+    seq_len=config.data.seq_len if name in GPTS else None,
+    compile_s=compile_s,
+    memory_total_bytes=memory and memory['total'],
+    loss=float(last['loss']),
+    finite=bool(last['finite']),
+  )
 
 
 def probe():
   """The default backend and its first device, from a fresh process."""
   import jax
-  return {'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
-          'count': len(jax.devices())}
+
+  return {
+    'backend': jax.default_backend(),
+    'device': jax.devices()[0].device_kind,
+    'count': len(jax.devices()),
+  }
 
 
 def _fmt(value, spec, scale=1.0):
@@ -171,17 +198,27 @@ def _fmt(value, spec, scale=1.0):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--models', default=','.join(MODELS),
-                      help=f'comma-separated subset of {", ".join(MODELS)}')
+  parser.add_argument(
+    '--models', default=','.join(MODELS), help=f'comma-separated subset of {", ".join(MODELS)}'
+  )
   parser.add_argument('--steps', type=int, default=20, help='timed steps per model')
   parser.add_argument('--warmup', type=int, default=3, help='untimed steps first')
   parser.add_argument('--batch', default='', help='per-model batch sizes, e.g. gpt125m=16,gpt1b=4')
-  parser.add_argument('--cpu_smoke', action='store_true',
-                      help='run the code path on CPU at toy sizes (checks plumbing, no numbers)')
-  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                      help='override a GPT config.model.kwargs field, e.g. --set scan=false')
-  parser.add_argument('--profile', default='',
-                      help='directory for a perfetto trace of 3 extra steps per model')
+  parser.add_argument(
+    '--cpu_smoke',
+    action='store_true',
+    help='run the code path on CPU at toy sizes (checks plumbing, no numbers)',
+  )
+  parser.add_argument(
+    '--set',
+    action='append',
+    default=[],
+    metavar='KEY=VALUE',
+    help='override a GPT config.model.kwargs field, e.g. --set scan=false',
+  )
+  parser.add_argument(
+    '--profile', default='', help='directory for a perfetto trace of 3 extra steps per model'
+  )
   parser.add_argument('--worker', choices=[*MODELS, 'probe'], help=argparse.SUPPRESS)
   args = parser.parse_args()
   models = [m for m in args.models.split(',') if m]
@@ -199,22 +236,35 @@ def main():
     harness.worker_result(probe())
     return
   if args.worker:
-    harness.worker_result(run_model(args.worker, args.steps, args.warmup,
-                                    batches.get(args.worker), args.cpu_smoke, args.profile,
-                                    [item.split('=', 1) for item in args.set]))
+    harness.worker_result(
+      run_model(
+        args.worker,
+        args.steps,
+        args.warmup,
+        batches.get(args.worker),
+        args.cpu_smoke,
+        args.profile,
+        [item.split('=', 1) for item in args.set],
+      )
+    )
     return
 
   found = harness.run_worker(__file__, 'probe')
   if found['backend'] != 'gpu' and not args.cpu_smoke:
-    sys.exit(f'gpu.py: no GPU found (jax {harness.version("jax")} sees {found["count"]} '
-             f'{found["backend"]} device(s): {found["device"]}); run it on a machine with an '
-             'NVIDIA GPU and jax[cuda12] installed, or pass --cpu_smoke to check the plumbing on '
-             'CPU')
+    sys.exit(
+      f'gpu.py: no GPU found (jax {harness.version("jax")} sees {found["count"]} '
+      f'{found["backend"]} device(s): {found["device"]}); run it on a machine with an '
+      'NVIDIA GPU and jax[cuda12] installed, or pass --cpu_smoke to check the plumbing on '
+      'CPU'
+    )
   print(harness.machine_info())
-  print(f'device: {found["device"]} ({found["backend"]}, {found["count"]} visible, using 1)'
-        + ('; --cpu_smoke: toy shapes, the numbers mean nothing' if args.cpu_smoke else ''))
-  extra = ['--steps', args.steps, '--warmup', args.warmup] + (['--cpu_smoke'] if args.cpu_smoke
-                                                              else [])
+  print(
+    f'device: {found["device"]} ({found["backend"]}, {found["count"]} visible, using 1)'
+    + ('; --cpu_smoke: toy shapes, the numbers mean nothing' if args.cpu_smoke else '')
+  )
+  extra = ['--steps', args.steps, '--warmup', args.warmup] + (
+    ['--cpu_smoke'] if args.cpu_smoke else []
+  )
   if args.batch:
     extra += ['--batch', args.batch]
   for item in args.set:
@@ -225,22 +275,29 @@ def main():
   for m in models:
     r = harness.run_worker(__file__, m, *extra)
     rows.append(r)
-    print(f'{m}: step {_fmt(r["step_time_s"], ".1f", 1e-3)} ms, MFU {_fmt(r["mfu"], ".1%")}',
-          flush=True)
+    print(
+      f'{m}: step {_fmt(r["step_time_s"], ".1f", 1e-3)} ms, MFU {_fmt(r["mfu"], ".1%")}', flush=True
+    )
 
-  print(f'\n{args.steps} timed steps after {args.warmup} warm-up; MFU against '
-        f'{rows[0]["peak_source"]}\n')
-  print('| model | params | batch x seq | step ms | tokens/s | examples/s | model TFLOP/s | MFU | '
-        'analytic / XLA FLOPs | memory GiB | compile s | loss |')
+  print(
+    f'\n{args.steps} timed steps after {args.warmup} warm-up; MFU against '
+    f'{rows[0]["peak_source"]}\n'
+  )
+  print(
+    '| model | params | batch x seq | step ms | tokens/s | examples/s | model TFLOP/s | MFU | '
+    'analytic / XLA FLOPs | memory GiB | compile s | loss |'
+  )
   print('|---|---|---|---|---|---|---|---|---|---|---|---|')
   for r in rows:
     shape = f'{r["batch"]} x {r["seq_len"]}' if r['seq_len'] else str(r['batch'])
-    print(f'| {r["model"]} | {r["num_params"] / 1e6:.1f}M | {shape} | '
-          f'{_fmt(r["step_time_s"], ".1f", 1e-3)} | {_fmt(r["tokens_per_s"], ",.0f")} | '
-          f'{_fmt(r["examples_per_s"], ",.0f")} | {_fmt(r["model_flops_per_s"], ".1f", 1e12)} | '
-          f'{_fmt(r["mfu"], ".1%")} | {_fmt(r["analytic_over_xla"], ".2f")} | '
-          f'{_fmt(r["memory_total_bytes"], ".1f", 2**30)} | {r["compile_s"]:.1f} | '
-          f'{r["loss"]:.3f}{"" if r["finite"] else " (non-finite)"} |')
+    print(
+      f'| {r["model"]} | {r["num_params"] / 1e6:.1f}M | {shape} | '
+      f'{_fmt(r["step_time_s"], ".1f", 1e-3)} | {_fmt(r["tokens_per_s"], ",.0f")} | '
+      f'{_fmt(r["examples_per_s"], ",.0f")} | {_fmt(r["model_flops_per_s"], ".1f", 1e12)} | '
+      f'{_fmt(r["mfu"], ".1%")} | {_fmt(r["analytic_over_xla"], ".2f")} | '
+      f'{_fmt(r["memory_total_bytes"], ".1f", 2**30)} | {r["compile_s"]:.1f} | '
+      f'{r["loss"]:.3f}{"" if r["finite"] else " (non-finite)"} |'
+    )
 
 
 if __name__ == '__main__':

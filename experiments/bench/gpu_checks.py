@@ -20,6 +20,7 @@ output and of every gradient (measured on an H100: <= 2.8e-3, the bf16-operand l
 8 significant bits, relative rounding 2^-8 = 3.9e-3); TRAINING_REL_TOL bounds max |loss - fp32
 loss| / fp32 loss over the logged train losses (measured: 0.06% over 300 steps).
 """
+
 import argparse
 import tempfile
 
@@ -27,9 +28,11 @@ import numpy as np
 
 ATTENTION_TOL = 1e-2
 TRAINING_REL_TOL = 1e-2
-VARIANTS = {'float32 + xla': dict(dtype='float32', attention='xla'),
-            'bfloat16 + xla': dict(dtype='bfloat16', attention='xla'),
-            'bfloat16 + cudnn': dict(dtype='bfloat16', attention='cudnn')}
+VARIANTS = {
+  'float32 + xla': dict(dtype='float32', attention='xla'),
+  'bfloat16 + xla': dict(dtype='bfloat16', attention='xla'),
+  'bfloat16 + cudnn': dict(dtype='bfloat16', attention='cudnn'),
+}
 
 
 def rel_err(x, ref):
@@ -41,33 +44,42 @@ def attention_check():
   """cuDNN vs float32 XLA attention: rows of (case, output error, max gradient error)."""
   import jax
   import jax.numpy as jnp
+
   from bigjax.models import attention as A
 
   B, T, N, H = 4, 1024, 8, 64
   keys = jax.random.split(jax.random.key(0), 4)
-  q, k, v, g = (jax.random.normal(kk, (B, T, N, H), jnp.float32).astype(jnp.bfloat16)
-                for kk in keys)
+  q, k, v, g = (
+    jax.random.normal(kk, (B, T, N, H), jnp.float32).astype(jnp.bfloat16) for kk in keys
+  )
   lengths = jnp.array([T, T // 2, 300, 17])
   valid = jnp.arange(T)[None, :] < lengths[:, None]
-  cases = {'causal': dict(causal=True), 'padding': dict(mask=A.padding_mask(valid)),
-           'plain': {}, 'causal+padding': dict(causal=True, mask=A.padding_mask(valid))}
+  cases = {
+    'causal': dict(causal=True),
+    'padding': dict(mask=A.padding_mask(valid)),
+    'plain': {},
+    'causal+padding': dict(causal=True, mask=A.padding_mask(valid)),
+  }
   rows = []
   for name, kw in cases.items():
+
     def loss(q, k, v, impl):
       out = A.dot_product_attention(q, k, v, implementation=impl, **kw)
       return jnp.sum(out.astype(jnp.float32) * g.astype(jnp.float32)), out
 
     f32 = lambda x: x.astype(jnp.float32)
-    (_, ref), ref_grads = jax.jit(jax.value_and_grad(
-        lambda q, k, v: loss(f32(q), f32(k), f32(v), 'xla'), argnums=(0, 1, 2), has_aux=True))(
-            q, k, v)
-    (_, out), grads = jax.jit(jax.value_and_grad(
-        lambda q, k, v: loss(q, k, v, 'cudnn'), argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    (_, ref), ref_grads = jax.jit(
+      jax.value_and_grad(
+        lambda q, k, v: loss(f32(q), f32(k), f32(v), 'xla'), argnums=(0, 1, 2), has_aux=True
+      )
+    )(q, k, v)
+    (_, out), grads = jax.jit(
+      jax.value_and_grad(lambda q, k, v: loss(q, k, v, 'cudnn'), argnums=(0, 1, 2), has_aux=True)
+    )(q, k, v)
     if 'mask' in kw:  # padded queries are defined as zeros by both; compare the valid rows
       sel = np.asarray(valid)
       ref, out = np.asarray(ref)[sel], np.asarray(out)[sel]
-    rows.append((name, rel_err(out, ref),
-                 max(rel_err(a, b) for a, b in zip(grads, ref_grads))))
+    rows.append((name, rel_err(out, ref), max(rel_err(a, b) for a, b in zip(grads, ref_grads))))
   return rows
 
 
@@ -76,6 +88,7 @@ def training_check(steps, log_every=10):
   max |dloss|, max |dloss| / loss, first and last logged train loss, final eval loss); the
   losses are those logged every `log_every` steps. Each run trains in a temporary workdir."""
   from bigjax import config_lib, train
+
   curves, finals = {}, {}
   for name, kw in VARIANTS.items():
     config = config_lib.load_config_file('gpt_shakespeare:size=small')
@@ -90,8 +103,17 @@ def training_check(steps, log_every=10):
     curves[name] = np.array([h['loss'] for h in results['history'] if h['split'] == 'train'])
     finals[name] = results['eval']['loss']
   ref = curves['float32 + xla']
-  return [(name, float(np.max(np.abs(c - ref))), float(np.max(np.abs(c - ref) / ref)),
-           float(c[0]), float(c[-1]), finals[name]) for name, c in curves.items()]
+  return [
+    (
+      name,
+      float(np.max(np.abs(c - ref))),
+      float(np.max(np.abs(c - ref) / ref)),
+      float(c[0]),
+      float(c[-1]),
+      finals[name],
+    )
+    for name, c in curves.items()
+  ]
 
 
 def main():
@@ -99,15 +121,19 @@ def main():
   parser.add_argument('--steps', type=int, default=300)
   args = parser.parse_args()
   import jax
+
   print(f'jax {jax.__version__}, device {jax.devices()[0].device_kind}')
-  print(f'tolerances (tests/test_gpu.py): attention {ATTENTION_TOL:g}, training '
-        f'{TRAINING_REL_TOL:.0%}')
+  print(
+    f'tolerances (tests/test_gpu.py): attention {ATTENTION_TOL:g}, training {TRAINING_REL_TOL:.0%}'
+  )
   print('\n| attention case (B=4, T=1024, 8x64, bf16) | output rel. error | max grad rel. error |')
   print('|---|---|---|')
   for name, out_err, grad_err in attention_check():
     print(f'| {name} | {out_err:.2e} | {grad_err:.2e} |')
-  print(f'\n| gpt_shakespeare:size=small, {args.steps} steps | max abs dloss vs float32 | '
-        'max rel dloss | first loss | last train loss | final eval loss |')
+  print(
+    f'\n| gpt_shakespeare:size=small, {args.steps} steps | max abs dloss vs float32 | '
+    'max rel dloss | first loss | last train loss | final eval loss |'
+  )
   print('|---|---|---|---|---|---|')
   for name, dmax, drel, first, last, final in training_check(args.steps):
     print(f'| {name} | {dmax:.4f} | {drel:.2%} | {first:.4f} | {last:.4f} | {final:.4f} |')

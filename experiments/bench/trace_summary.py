@@ -6,30 +6,39 @@ gpu.py --profile DIR writes DIR/<model>/plugins/profile/<time>/perfetto_trace.js
 the GPU's stream threads count; the kinds are matched from kernel names (cuBLAS/nvjet/cutlass
 matmuls, cuDNN attention, XLA fusions).
 """
+
 import argparse
 import collections
 import gzip
 import json
 import re
 
-KINDS = (('matmul', r'gemm|xmma|cutlass|nvjet|cublas'), ('attention', r'fmha|flash|sdpa|cudnn'),
-         ('fusion', r'fusion|^loop_|^input_'))
+KINDS = (
+  ('matmul', r'gemm|xmma|cutlass|nvjet|cublas'),
+  ('attention', r'fmha|flash|sdpa|cudnn'),
+  ('fusion', r'fusion|^loop_|^input_'),
+)
 
 
 def kernel_times(path):
   """-> Counter {kernel name: total microseconds}, Counter {kernel name: launches}."""
-  with (gzip.open(path) if path.endswith('.gz') else open(path)) as f:
+  with gzip.open(path) if path.endswith('.gz') else open(path) as f:
     trace = json.load(f)
   events = trace['traceEvents'] if isinstance(trace, dict) else trace
-  meta = lambda kind: {(e['pid'], e.get('tid')) if kind == 'thread_name' else e['pid']:
-                       e['args']['name'] for e in events
-                       if e.get('ph') == 'M' and e.get('name') == kind}
+  meta = lambda kind: {
+    (e['pid'], e.get('tid')) if kind == 'thread_name' else e['pid']: e['args']['name']
+    for e in events
+    if e.get('ph') == 'M' and e.get('name') == kind
+  }
   processes, threads = meta('process_name'), meta('thread_name')
   gpus = {pid for pid, name in processes.items() if 'GPU' in name}
   total, count = collections.Counter(), collections.Counter()
   for e in events:
-    if (e.get('ph') == 'X' and e['pid'] in gpus and
-        'stream' in str(threads.get((e['pid'], e['tid']), '')).lower()):
+    if (
+      e.get('ph') == 'X'
+      and e['pid'] in gpus
+      and 'stream' in str(threads.get((e['pid'], e['tid']), '')).lower()
+    ):
       total[e['name']] += e.get('dur', 0)
       count[e['name']] += 1
   return total, count

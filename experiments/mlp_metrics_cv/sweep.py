@@ -7,6 +7,7 @@ train split and is scored on fold i (stratified folds, fixed seed). Besides the 
 draws the confusion matrix summed over the folds and one ROC curve per fold from each run's
 eval_predictions.npz.
 """
+
 import os
 
 import numpy as np
@@ -16,16 +17,20 @@ from bigjax import sweep
 
 def plot(runs, outdir):
   """confusion_matrix.png (summed over folds) and roc.png (one curve per fold)."""
-  from sklearn import metrics as skm
   import matplotlib
+  from sklearn import metrics as skm
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+
   folds = [np.load(os.path.join(r.workdir, 'eval_predictions.npz')) for r in runs if r.finished]
-  confusion = sum(skm.confusion_matrix(f['labels'], f['scores'] > 0.5, labels=[0, 1])
-                  for f in folds)
+  confusion = sum(
+    skm.confusion_matrix(f['labels'], f['scores'] > 0.5, labels=[0, 1]) for f in folds
+  )
   fig, ax = plt.subplots(figsize=(4, 3.6))
   skm.ConfusionMatrixDisplay(confusion, display_labels=['malignant (0)', 'benign (1)']).plot(
-      ax=ax, colorbar=False)
+    ax=ax, colorbar=False
+  )
   ax.set_title(f'held-out predictions, {len(folds)} folds')
   fig.tight_layout()
   fig.savefig(os.path.join(outdir, 'confusion_matrix.png'), dpi=120)
@@ -39,16 +44,18 @@ def plot(runs, outdir):
   fig.tight_layout()
   fig.savefig(os.path.join(outdir, 'roc.png'), dpi=120)
   with open(os.path.join(outdir, 'confusion_matrix.md'), 'w') as f:
-    f.write('| true \\ predicted | malignant (0) | benign (1) |\n|---|---|---|\n'
-            f'| malignant (0) | {confusion[0, 0]} | {confusion[0, 1]} |\n'
-            f'| benign (1) | {confusion[1, 0]} | {confusion[1, 1]} |\n')
+    f.write(
+      '| true \\ predicted | malignant (0) | benign (1) |\n|---|---|---|\n'
+      f'| malignant (0) | {confusion[0, 0]} | {confusion[0, 1]} |\n'
+      f'| benign (1) | {confusion[1, 0]} | {confusion[1, 1]} |\n'
+    )
 
 
 def get_sweep():
   return sweep.Sweep(
-      config='mlp_breast_cancer',
-      overrides={'save_eval_predictions': True},
-      folds=5,
-      metrics=['accuracy', 'precision', 'recall', 'f1', 'roc_auc'],
-      plot=plot,
+    config='mlp_breast_cancer',
+    overrides={'save_eval_predictions': True},
+    folds=5,
+    metrics=['accuracy', 'precision', 'recall', 'f1', 'roc_auc'],
+    plot=plot,
   )

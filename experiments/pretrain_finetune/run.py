@@ -14,6 +14,7 @@ sub-workdir, so re-running resumes or skips finished runs. It runs from any dire
 (default runs/pretrain_finetune) is relative to the current directory, and is made absolute before
 any run starts.
 """
+
 import argparse
 import json
 import os
@@ -27,8 +28,17 @@ def run(config, workdir, *overrides):
   """Runs bigjax.train unless workdir already has results.json; returns that results dict."""
   results = os.path.join(workdir, 'results.json')
   if not os.path.exists(results):
-    subprocess.run([sys.executable, '-m', 'bigjax.train', f'--config={config}',
-                    f'--workdir={workdir}', *overrides], check=True)
+    subprocess.run(
+      [
+        sys.executable,
+        '-m',
+        'bigjax.train',
+        f'--config={config}',
+        f'--workdir={workdir}',
+        *overrides,
+      ],
+      check=True,
+    )
   with open(results) as f:
     return json.load(f)
 
@@ -38,9 +48,11 @@ def main():
   parser.add_argument('--pretrain_steps', type=int, default=800)
   parser.add_argument('--finetune_steps', type=int, default=150)
   parser.add_argument('--seeds', default='0,1,2')
-  parser.add_argument('--workdir', default=os.path.join('runs', 'pretrain_finetune'),
-                      help='where every run goes, relative to the current directory '
-                      '(default: %(default)s)')
+  parser.add_argument(
+    '--workdir',
+    default=os.path.join('runs', 'pretrain_finetune'),
+    help='where every run goes, relative to the current directory (default: %(default)s)',
+  )
   args = parser.parse_args()
   args.workdir = os.path.abspath(args.workdir)
   seeds = [int(s) for s in args.seeds.split(',')]
@@ -49,22 +61,35 @@ def main():
   rows = {}
   for init, arg in (('pretrained', f'init={pre_dir}'), ('scratch', 'init=none')):
     for seed in seeds:
-      res = run(f'bert_genre:{arg}', os.path.join(args.workdir, f'{init}_seed{seed}'),
-                f'--config.num_steps={args.finetune_steps}', f'--config.seed={seed}')
+      res = run(
+        f'bert_genre:{arg}',
+        os.path.join(args.workdir, f'{init}_seed{seed}'),
+        f'--config.num_steps={args.finetune_steps}',
+        f'--config.seed={seed}',
+      )
       rows.setdefault(init, []).append(res['eval'])
-  summary = {'pretrain_eval': pre['eval'], 'pretrain_steps': args.pretrain_steps,
-             'finetune_steps': args.finetune_steps, 'seeds': seeds, 'finetune': rows}
+  summary = {
+    'pretrain_eval': pre['eval'],
+    'pretrain_steps': args.pretrain_steps,
+    'finetune_steps': args.finetune_steps,
+    'seeds': seeds,
+    'finetune': rows,
+  }
   with open(os.path.join(args.workdir, 'results.json'), 'w') as f:
     json.dump(summary, f, indent=2)
-  print(f'pretraining ({args.pretrain_steps} steps): validation MLM accuracy '
-        f'{pre["eval"]["mlm_accuracy"]:.3f}, next-sentence accuracy {pre["eval"]["nsp_accuracy"]:.3f}')
+  print(
+    f'pretraining ({args.pretrain_steps} steps): validation MLM accuracy '
+    f'{pre["eval"]["mlm_accuracy"]:.3f}, next-sentence accuracy {pre["eval"]["nsp_accuracy"]:.3f}'
+  )
   print(f'\n| init | test accuracy (mean ± std, {len(seeds)} seeds) | macro F1 | per seed |')
   print('| --- | --- | --- | --- |')
   for init, evals in rows.items():
     acc = np.array([e['accuracy'] for e in evals])
     f1 = np.array([e['f1_macro'] for e in evals])
-    print(f'| {init} | {acc.mean():.3f} ± {acc.std():.3f} | {f1.mean():.3f} ± {f1.std():.3f} | '
-          f'{", ".join(f"{a:.3f}" for a in acc)} |')
+    print(
+      f'| {init} | {acc.mean():.3f} ± {acc.std():.3f} | {f1.mean():.3f} ± {f1.std():.3f} | '
+      f'{", ".join(f"{a:.3f}" for a in acc)} |'
+    )
 
 
 if __name__ == '__main__':

@@ -18,13 +18,29 @@ from `layers`.
 Modules: `kernels` (masks, reference, 'xla' and 'cudnn' kernels, the dispatch), `chunked` (the
 blockwise kernel with its custom VJP), `positions` (sinusoidal, learned, rotary), `layer`.
 """
+
 from bigjax.models.attention import chunked  # registers 'chunked' in IMPLEMENTATIONS
-from bigjax.models.attention.kernels import (IMPLEMENTATIONS, causal_mask, combine_masks,
-                                             dot_product_attention, padding_mask,
-                                             reference_attention)
+from bigjax.models.attention.kernels import (
+  IMPLEMENTATIONS,
+  causal_mask,
+  combine_masks,
+  dot_product_attention,
+  padding_mask,
+  reference_attention,
+)
 from bigjax.models.attention.layer import MultiHeadAttention
 from bigjax.models.attention.positions import LearnedPositions, apply_rotary, sinusoidal_positions
 
-__all__ = ['IMPLEMENTATIONS', 'LearnedPositions', 'MultiHeadAttention', 'apply_rotary',
-           'causal_mask', 'chunked', 'combine_masks', 'dot_product_attention', 'padding_mask',
-           'reference_attention', 'sinusoidal_positions']
+__all__ = [
+  'IMPLEMENTATIONS',
+  'LearnedPositions',
+  'MultiHeadAttention',
+  'apply_rotary',
+  'causal_mask',
+  'chunked',
+  'combine_masks',
+  'dot_product_attention',
+  'padding_mask',
+  'reference_attention',
+  'sinusoidal_positions',
+]

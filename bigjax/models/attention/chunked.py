@@ -5,9 +5,9 @@ holds a (T, S) array (beyond a mask or bias the caller passes in).
 Shapes as in `kernels`: q (B, T, N, H), k, v (B, S, K, H), G = N/K, c = chunk_size; masks and
 biases broadcastable to (B, N, T, S). Registered as IMPLEMENTATIONS 'chunked'.
 """
+
 import functools
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -73,8 +73,9 @@ class _Blocks:
 
   def keep(self, rng, j, rate):
     """Dropout keep-mask of block j: its own key, folded from the block index."""
-    return jax.random.bernoulli(jax.random.fold_in(rng, j), 1.0 - rate,
-                                (self.B, self.K, self.G, self.T, self.c))
+    return jax.random.bernoulli(
+      jax.random.fold_in(rng, j), 1.0 - rate, (self.B, self.K, self.G, self.T, self.c)
+    )
 
 
 def _chunked_forward(q, k, v, mask, bias, rng, causal, rate, chunk_size):
@@ -93,13 +94,15 @@ def _chunked_forward(q, k, v, mask, bias, rng, causal, rate, chunk_size):
     l = alpha * l + p.sum(axis=-1)
     if rate > 0:
       p = jnp.where(blk.keep(rng, j, rate), p / (1.0 - rate), 0.0)
-    pv = jnp.einsum('bkgts,bskh->btkgh', p.astype(v.dtype), v_j,
-                    preferred_element_type=jnp.float32)
+    pv = jnp.einsum('bkgts,bskh->btkgh', p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
     o = jnp.moveaxis(alpha, 3, 1)[..., None] * o + pv
     return (o, m_new, l), None
 
-  init = (jnp.zeros((B, T, K, G, H), jnp.float32), jnp.full((B, K, G, T), -jnp.inf, jnp.float32),
-          jnp.zeros((B, K, G, T), jnp.float32))
+  init = (
+    jnp.zeros((B, T, K, G, H), jnp.float32),
+    jnp.full((B, K, G, T), -jnp.inf, jnp.float32),
+    jnp.zeros((B, K, G, T), jnp.float32),
+  )
   (o, m, l), _ = jax.lax.scan(step, init, jnp.arange(blk.num_blocks))
   empty = l == 0
   out = o / jnp.moveaxis(jnp.where(empty, 1.0, l), 3, 1)[..., None]
@@ -148,10 +151,12 @@ def _chunked_bwd(causal, rate, chunk_size, res, d_out):
         dbias, db_j = dbias + db_j, None
     return (dq, dbias), (dk_j, dv_j, db_j)
 
-  dbias0 = (jnp.zeros(blk.bias.shape, jnp.float32)
-            if blk.bias is not None and not bias_per_block else None)
-  (dq, dbias), (dk, dv, db) = jax.lax.scan(step, (jnp.zeros(blk.qg.shape, jnp.float32), dbias0),
-                                           jnp.arange(blk.num_blocks))
+  dbias0 = (
+    jnp.zeros(blk.bias.shape, jnp.float32) if blk.bias is not None and not bias_per_block else None
+  )
+  (dq, dbias), (dk, dv, db) = jax.lax.scan(
+    step, (jnp.zeros(blk.qg.shape, jnp.float32), dbias0), jnp.arange(blk.num_blocks)
+  )
   S = k.shape[1]
   unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape((B, -1) + x.shape[3:])[:, :S]
   dk, dv = unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype)
@@ -166,9 +171,18 @@ _chunked_attention.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 @IMPLEMENTATIONS.register('chunked')
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array],
-                      bias: Optional[jax.Array], *, causal: bool, dropout_rate: float,
-                      dropout_rng: Optional[jax.Array], chunk_size: int) -> jax.Array:
+def chunked_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  mask: jax.Array | None,
+  bias: jax.Array | None,
+  *,
+  causal: bool,
+  dropout_rate: float,
+  dropout_rng: jax.Array | None,
+  chunk_size: int,
+) -> jax.Array:
   """q (B, T, N, H) over k, v (B, S, K, H) in key blocks of chunk_size -> (B, T, N, H).
 
   Inputs as checked by `kernels.dot_product_attention` (use that); chunk_size must be >= 1 and
@@ -176,5 +190,14 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[j
   """
   if int(chunk_size) < 1:
     raise UserError(f'config.model.kwargs.chunk_size={chunk_size} must be a positive block size')
-  return _chunked_attention(q, k, v, mask, bias, dropout_rng if dropout_rate > 0 else None,
-                            bool(causal), float(dropout_rate), int(chunk_size))
+  return _chunked_attention(
+    q,
+    k,
+    v,
+    mask,
+    bias,
+    dropout_rng if dropout_rate > 0 else None,
+    bool(causal),
+    float(dropout_rate),
+    int(chunk_size),
+  )

@@ -8,9 +8,9 @@ Kernels by name live in `IMPLEMENTATIONS` (the project's `registry.Registry`); e
 as `kernel(q, k, v, mask, bias, causal=, dropout_rate=, dropout_rng=, chunk_size=)` with inputs
 already checked by `dot_product_attention`. The 'chunked' kernel registers itself in `chunked.py`.
 """
+
 import functools
 import math
-from typing import Optional
 
 import chex
 import jax
@@ -27,13 +27,14 @@ _FIELD = IMPLEMENTATIONS.field
 # ----------------------------------------------------------------------------------------------
 # Masks.
 
-def causal_mask(T: int, S: Optional[int] = None) -> jax.Array:
+
+def causal_mask(T: int, S: int | None = None) -> jax.Array:
   """(1, 1, T, S) bool: query i attends key j iff j <= i + S - T (S defaults to T)."""
   S = T if S is None else S
   return (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] + (S - T))[None, None]
 
 
-def padding_mask(valid_q_BT: jax.Array, valid_k_BS: Optional[jax.Array] = None) -> jax.Array:
+def padding_mask(valid_q_BT: jax.Array, valid_k_BS: jax.Array | None = None) -> jax.Array:
   """(B, 1, T, S) bool from per-token validity: True where both query and key are real tokens.
 
   valid_q_BT: (B, T) bool; valid_k_BS: (B, S) bool, defaults to valid_q_BT (self-attention).
@@ -41,23 +42,29 @@ def padding_mask(valid_q_BT: jax.Array, valid_k_BS: Optional[jax.Array] = None) 
   """
   valid_k_BS = valid_q_BT if valid_k_BS is None else valid_k_BS
   chex.assert_rank([valid_q_BT, valid_k_BS], 2)
-  return (valid_q_BT.astype(bool)[:, None, :, None] & valid_k_BS.astype(bool)[:, None, None, :])
+  return valid_q_BT.astype(bool)[:, None, :, None] & valid_k_BS.astype(bool)[:, None, None, :]
 
 
-def combine_masks(*masks: Optional[jax.Array]) -> Optional[jax.Array]:
+def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
   """Logical and of boolean masks (shapes broadcast); Nones are ignored, all None -> None."""
-  masks = [m for m in masks if m is not None]
-  if not masks:
+  present = [m for m in masks if m is not None]
+  if not present:
     return None
-  return functools.reduce(jnp.logical_and, [jnp.asarray(m, bool) for m in masks])
+  return functools.reduce(jnp.logical_and, [jnp.asarray(m, bool) for m in present])
 
 
 # ----------------------------------------------------------------------------------------------
 # Reference and shared pieces.
 
-def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                        mask: Optional[jax.Array] = None,
-                        bias: Optional[jax.Array] = None) -> jax.Array:
+
+def reference_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  bias: jax.Array | None = None,
+) -> jax.Array:
   """softmax(q k^T / sqrt(H) + bias, masked) v in float32, written for clarity (tests use it).
 
   q: (B, T, N, H); k, v: (B, S, K, H) with K dividing N; mask: bool broadcastable to (B, N, T, S),
@@ -86,19 +93,24 @@ def _check_inputs(q, k, v, mask, bias):
   B, T, N, H = q.shape
   _, S, K, _ = k.shape
   if k.shape[0] != B or k.shape[3] != H:
-    raise ValueError(f'q {q.shape} and k {k.shape} must share batch and head size: (B, T, N, H), '
-                     '(B, S, K, H)')
+    raise ValueError(
+      f'q {q.shape} and k {k.shape} must share batch and head size: (B, T, N, H), (B, S, K, H)'
+    )
   if N % K:
-    raise UserError(f'{K} key/value heads do not divide {N} query heads; set '
-                    'config.model.kwargs.num_kv_heads to a divisor of num_heads')
+    raise UserError(
+      f'{K} key/value heads do not divide {N} query heads; set '
+      'config.model.kwargs.num_kv_heads to a divisor of num_heads'
+    )
   for name, x in (('mask', mask), ('bias', bias)):
-    if x is not None and (x.ndim > 4 or
-                          jnp.broadcast_shapes(x.shape, (B, N, T, S)) != (B, N, T, S)):
-      raise ValueError(f'{name} of shape {x.shape} does not broadcast to (B, N, T, S) = '
-                       f'{(B, N, T, S)}')
+    if x is not None and (
+      x.ndim > 4 or jnp.broadcast_shapes(x.shape, (B, N, T, S)) != (B, N, T, S)
+    ):
+      raise ValueError(
+        f'{name} of shape {x.shape} does not broadcast to (B, N, T, S) = {(B, N, T, S)}'
+      )
 
 
-def _grouped(x: Optional[jax.Array], num_kv_heads: int) -> Optional[jax.Array]:
+def _grouped(x: jax.Array | None, num_kv_heads: int) -> jax.Array | None:
   """A mask/bias broadcastable to (B, N, T, S) -> rank 5 broadcastable to (B, K, G, T, S)."""
   if x is None:
     return None
@@ -128,6 +140,7 @@ def _dropout(weights, rate, rng):
 # ----------------------------------------------------------------------------------------------
 # Kernels.
 
+
 @IMPLEMENTATIONS.register('xla')
 def _xla_attention(q, k, v, mask, bias, *, causal, dropout_rate, dropout_rng, chunk_size):
   """Einsum attention. With as many kv heads as query heads it uses 4-D einsums: the grouped 5-D
@@ -138,8 +151,9 @@ def _xla_attention(q, k, v, mask, bias, *, causal, dropout_rate, dropout_rng, ch
   is_grouped = K != N
   mask = combine_masks(mask, causal_mask(T, S) if causal else None)
   if is_grouped:
-    logits = jnp.einsum('btkgh,bskh->bkgts', q.reshape(B, T, K, N // K, H), k,
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum(
+      'btkgh,bskh->bkgts', q.reshape(B, T, K, N // K, H), k, preferred_element_type=jnp.float32
+    )
     bias, mask = _grouped(bias, K), _grouped(mask, K)
   else:
     logits = jnp.einsum('btnh,bsnh->bnts', q, k, preferred_element_type=jnp.float32)
@@ -150,11 +164,13 @@ def _xla_attention(q, k, v, mask, bias, *, causal, dropout_rate, dropout_rng, ch
   if dropout_rate > 0:
     weights = _dropout(weights, dropout_rate, dropout_rng)
   if is_grouped:
-    out = jnp.einsum('bkgts,bskh->btkgh', weights.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+      'bkgts,bskh->btkgh', weights.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
   else:
-    out = jnp.einsum('bnts,bsnh->btnh', weights.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+      'bnts,bsnh->btnh', weights.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
   return out.reshape(B, T, N, H).astype(q.dtype)
 
 
@@ -167,33 +183,52 @@ def _cudnn_attention(q, k, v, mask, bias, *, causal, dropout_rate, dropout_rng, 
   """jax.nn.dot_product_attention's cuDNN kernel; GPU only, bfloat16/float16, no dropout."""
   del dropout_rng, chunk_size
   if dropout_rate > 0:
-    raise UserError(f"{_FIELD}='cudnn' does not support attention dropout "
-                    f'(dropout_rate={dropout_rate}); set it to 0 or use attention=\'xla\'')
+    raise UserError(
+      f"{_FIELD}='cudnn' does not support attention dropout "
+      f'(dropout_rate={dropout_rate}); set it to 0 or use attention=\'xla\''
+    )
   if _backend() != 'gpu':
-    raise UserError(f"{_FIELD}='cudnn' needs a GPU but the backend is {_backend()!r}; use "
-                    f"'xla' or 'chunked'")
+    raise UserError(
+      f"{_FIELD}='cudnn' needs a GPU but the backend is {_backend()!r}; use 'xla' or 'chunked'"
+    )
   if q.dtype not in (jnp.bfloat16, jnp.float16):
-    raise UserError(f"{_FIELD}='cudnn' needs bfloat16/float16 inputs, got {q.dtype}; set "
-                    "config.model.kwargs.dtype='bfloat16' or use attention='xla'")
+    raise UserError(
+      f"{_FIELD}='cudnn' needs bfloat16/float16 inputs, got {q.dtype}; set "
+      "config.model.kwargs.dtype='bfloat16' or use attention='xla'"
+    )
   T, S = q.shape[1], k.shape[1]
   # jax's is_causal aligns the first query with the first key; ours aligns the last ones.
   mask = combine_masks(mask, causal_mask(T, S) if causal and T != S else None)
   four = lambda x: None if x is None else jnp.reshape(x, (1,) * (4 - x.ndim) + x.shape)
   mask, bias = four(mask), four(bias)
-  out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),
-                                     mask=mask, is_causal=causal and T == S,
-                                     implementation='cudnn')
+  out = jax.nn.dot_product_attention(
+    q,
+    k,
+    v,
+    bias=None if bias is None else bias.astype(q.dtype),
+    mask=mask,
+    is_causal=causal and T == S,
+    implementation='cudnn',
+  )
   if mask is not None:  # cuDNN turns the mask into a large negative bias: zero empty rows
     any_BNT = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], T, S)).any(axis=-1)
     out = jnp.where(any_BNT.transpose(0, 2, 1)[..., None], out, 0)
   return out
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                          mask: Optional[jax.Array] = None, bias: Optional[jax.Array] = None,
-                          causal: bool = False, dropout_rate: float = 0.0,
-                          dropout_rng: Optional[jax.Array] = None, implementation: str = 'xla',
-                          chunk_size: int = 128) -> jax.Array:
+def dot_product_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  bias: jax.Array | None = None,
+  causal: bool = False,
+  dropout_rate: float = 0.0,
+  dropout_rng: jax.Array | None = None,
+  implementation: str = 'xla',
+  chunk_size: int = 128,
+) -> jax.Array:
   """Scaled dot-product attention: q (B, T, N, H) over k, v (B, S, K, H) -> (B, T, N, H).
 
   mask: bool broadcastable to (B, N, T, S), True = attend. bias: added to the logits, broadcastable
@@ -220,5 +255,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     raise UserError(f'config.model.kwargs.dropout_rate={dropout_rate} must be in [0, 1)')
   if dropout_rate > 0 and dropout_rng is None:
     raise ValueError('dropout_rate > 0 needs a dropout_rng')
-  return kernel(q, k, v, mask, bias, causal=causal, dropout_rate=dropout_rate,
-                dropout_rng=dropout_rng, chunk_size=chunk_size)
+  return kernel(
+    q,
+    k,
+    v,
+    mask,
+    bias,
+    causal=causal,
+    dropout_rate=dropout_rate,
+    dropout_rng=dropout_rng,
+    chunk_size=chunk_size,
+  )

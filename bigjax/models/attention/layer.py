@@ -4,7 +4,6 @@ KV cache for incremental decoding.
 Shapes: B batch, T query length, S key/value length, N query heads, K key/value heads, H head size,
 D model width, L = max_decode_length (the cache length).
 """
-from typing import Optional
 
 import chex
 import flax.linen as nn
@@ -28,13 +27,16 @@ def _decode_with_cache(module, q, k, v, mask, positions_BT, num_kv):
   """
   B, T = q.shape[:2]
   if module.max_decode_length < 1:
-    raise UserError('decode=True needs config.model.kwargs.max_decode_length > 0 (the KV '
-                    'cache length)')
+    raise UserError(
+      'decode=True needs config.model.kwargs.max_decode_length > 0 (the KV cache length)'
+    )
   initialized = module.has_variable('cache', 'cached_key')
   if not initialized and not module.is_initializing():
-    raise UserError("decode=True found no 'cache' collection: create it with "
-                    "model.init(rngs, x_of_shape_(B, max_decode_length, D), decode=True) and "
-                    "pass it with mutable=['cache']")
+    raise UserError(
+      "decode=True found no 'cache' collection: create it with "
+      "model.init(rngs, x_of_shape_(B, max_decode_length, D), decode=True) and "
+      "pass it with mutable=['cache']"
+    )
   shape = (B, module.max_decode_length, num_kv, module.head_dim)
   cached_key = module.variable('cache', 'cached_key', jnp.zeros, shape, k.dtype)
   cached_value = module.variable('cache', 'cached_value', jnp.zeros, shape, v.dtype)
@@ -79,9 +81,10 @@ class MultiHeadAttention(nn.Module):
   filled prefix, and cache_index advances by T. Writing past max_decode_length is not checked (jit)
   and gives wrong results. Rotary positions default to cache_index + arange(T) when decoding.
   """
+
   num_heads: int
   head_dim: int
-  num_kv_heads: Optional[int] = None
+  num_kv_heads: int | None = None
   dropout_rate: float = 0.0
   use_bias: bool = True
   rotary: bool = False
@@ -95,10 +98,17 @@ class MultiHeadAttention(nn.Module):
   max_decode_length: int = 0
 
   @nn.compact
-  def __call__(self, x_BTD: jax.Array, context_BSD: Optional[jax.Array] = None, *,
-               mask: Optional[jax.Array] = None, bias: Optional[jax.Array] = None,
-               positions_BT: Optional[jax.Array] = None, train: bool = False,
-               decode: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    x_BTD: jax.Array,
+    context_BSD: jax.Array | None = None,
+    *,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    positions_BT: jax.Array | None = None,
+    train: bool = False,
+    decode: bool = False,
+  ) -> jax.Array:
     """x_BTD: (B, T, D) queries (and keys/values unless context_BSD (B, S, D) is given).
 
     mask: bool broadcastable to (B, N, T, S) (S = max_decode_length when decoding), True = attend;
@@ -110,11 +120,13 @@ class MultiHeadAttention(nn.Module):
     chex.assert_rank(x_BTD, 3)
     num_kv = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
     if num_kv < 1 or self.num_heads % num_kv:
-      raise UserError(f'config.model.kwargs.num_kv_heads={num_kv} must divide '
-                      f'num_heads={self.num_heads}')
+      raise UserError(
+        f'config.model.kwargs.num_kv_heads={num_kv} must divide num_heads={self.num_heads}'
+      )
     if self.attention not in IMPLEMENTATIONS:
-      raise ValueError(f'attention={self.attention!r} is unknown; known: '
-                       f'{", ".join(IMPLEMENTATIONS.names())}')
+      raise ValueError(
+        f'attention={self.attention!r} is unknown; known: {", ".join(IMPLEMENTATIONS.names())}'
+      )
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     init = layers.initializer(self.kernel_init)
     self_attention = context_BSD is None
@@ -122,10 +134,16 @@ class MultiHeadAttention(nn.Module):
     chex.assert_rank(context, 3)
 
     def proj(features, names, name):
-      return nn.DenseGeneral(features, axis=-1, use_bias=self.use_bias, dtype=dtype,
-                             param_dtype=param_dtype, name=name,
-                             kernel_init=layers.partitioned(init, names),
-                             bias_init=layers.partitioned(nn.initializers.zeros_init(), names[1:]))
+      return nn.DenseGeneral(
+        features,
+        axis=-1,
+        use_bias=self.use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+        kernel_init=layers.partitioned(init, names),
+        bias_init=layers.partitioned(nn.initializers.zeros_init(), names[1:]),
+      )
 
     B, T, D = x_BTD.shape
     q = proj((self.num_heads, self.head_dim), ('embed', 'heads', 'kv'), 'query')(x_BTD)
@@ -135,8 +153,7 @@ class MultiHeadAttention(nn.Module):
     causal = self.causal and self_attention
     rotated = False
     if decode and self_attention:
-      q, k, v, mask, causal, rotated = _decode_with_cache(self, q, k, v, mask, positions_BT,
-                                                          num_kv)
+      q, k, v, mask, causal, rotated = _decode_with_cache(self, q, k, v, mask, positions_BT, num_kv)
 
     if self.rotary and self_attention and not rotated:
       if positions_BT is None:
@@ -146,11 +163,24 @@ class MultiHeadAttention(nn.Module):
 
     dropout_rate = self.dropout_rate if train else 0.0
     out = dot_product_attention(
-        q, k, v, mask=mask, bias=bias, causal=causal, dropout_rate=dropout_rate,
-        dropout_rng=self.make_rng('dropout') if dropout_rate > 0 else None,
-        implementation=self.attention, chunk_size=self.chunk_size)
-    return nn.DenseGeneral(D, axis=(-2, -1), use_bias=self.use_bias, dtype=dtype,
-                           param_dtype=param_dtype, name='out',
-                           kernel_init=layers.partitioned(init, ('heads', 'kv', 'embed')),
-                           bias_init=layers.partitioned(nn.initializers.zeros_init(), ('embed',))
-                           )(out)
+      q,
+      k,
+      v,
+      mask=mask,
+      bias=bias,
+      causal=causal,
+      dropout_rate=dropout_rate,
+      dropout_rng=self.make_rng('dropout') if dropout_rate > 0 else None,
+      implementation=self.attention,
+      chunk_size=self.chunk_size,
+    )
+    return nn.DenseGeneral(
+      D,
+      axis=(-2, -1),
+      use_bias=self.use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name='out',
+      kernel_init=layers.partitioned(init, ('heads', 'kv', 'embed')),
+      bias_init=layers.partitioned(nn.initializers.zeros_init(), ('embed',)),
+    )(out)

@@ -2,6 +2,7 @@
 
 Shapes: B batch, T positions, N heads, H head size, D model width.
 """
+
 import chex
 import flax.linen as nn
 import jax
@@ -26,6 +27,7 @@ class LearnedPositions(nn.Module):
   The 'embedding' param (max_len, features) has logical axes ('length', 'embed'). Positions must lie
   in [0, max_len); out-of-range positions give NaN (jnp.take's 'fill' mode).
   """
+
   max_len: int
   features: int
   dtype: str = 'float32'
@@ -34,9 +36,12 @@ class LearnedPositions(nn.Module):
   @nn.compact
   def __call__(self, positions_BT: jax.Array) -> jax.Array:
     chex.assert_rank(positions_BT, 2)
-    table = self.param('embedding',
-                       layers.partitioned(nn.initializers.normal(0.02), ('length', 'embed')),
-                       (self.max_len, self.features), jnp.dtype(self.param_dtype))
+    table = self.param(
+      'embedding',
+      layers.partitioned(nn.initializers.normal(0.02), ('length', 'embed')),
+      (self.max_len, self.features),
+      jnp.dtype(self.param_dtype),
+    )
     return jnp.take(table, positions_BT, axis=0).astype(jnp.dtype(self.dtype))
 
 
@@ -49,8 +54,9 @@ def apply_rotary(x_BTNH: jax.Array, positions_BT: jax.Array, base: float = 10000
   chex.assert_rank(x_BTNH, 4)
   H = x_BTNH.shape[-1]
   if H % 2:
-    raise UserError(f'rotary position embeddings need an even head size, got '
-                    f'config.model.kwargs.head_dim={H}')
+    raise UserError(
+      f'rotary position embeddings need an even head size, got config.model.kwargs.head_dim={H}'
+    )
   inv_freq = base ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)  # (H/2,)
   angle = jnp.asarray(positions_BT, jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
   sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
