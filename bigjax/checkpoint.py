@@ -9,6 +9,8 @@ Run bookkeeping that must agree with the restored step (history.jsonl, early sto
 bigjax/history.py.
 """
 
+import contextlib
+import errno
 import logging
 import os
 import time
@@ -17,7 +19,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from bigjax.errors import UserError
+
 log = logging.getLogger(__name__)
+# How a full disk shows in the (wrapped) errors of orbax and tensorstore.
+DISK_FULL = (os.strerror(errno.ENOSPC), 'RESOURCE_EXHAUSTED', 'ENOSPC', 'Disk quota exceeded')
 
 
 class Checkpointer:
@@ -40,14 +46,67 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step, state):
-    """Saves `state` as `step` (asynchronously; call `wait` before relying on it)."""
-    self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    """Saves `state` as `step` (asynchronously; call `wait` before relying on it). A full disk is
+    a one-line UserError naming the newest committed step, which still restores."""
+    with self._disk_errors(step):
+      self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._disk_errors(None):
+      self.manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _disk_errors(self, step):
+    try:
+      yield
+    except Exception as e:  # orbax wraps the OSError of a failed write in its own errors
+      text = f'{type(e).__name__}: {e}'
+      if not any(sign in text for sign in DISK_FULL):
+        raise
+      committed = [s for s in self.all_steps() if s != step]
+      last = f'step {committed[-1]}' if committed else 'none'
+      raise UserError(
+        f'no space left on the device of {self.directory} while saving'
+        f'{f" step {step}" if step is not None else ""}; the last good checkpoint ({last}) still '
+        'restores: free space (or lower config.keep_checkpoints) and run the same command again'
+      ) from None
 
   def delete(self, step):
     self.manager.delete(step)
+
+  def mismatch(self, abstract_state) -> str | None:
+    """How the newest checkpoint whose metadata reads differs in structure (parameter paths,
+    shapes, dtypes) from `abstract_state`, or None when it matches or nothing is readable.
+
+    A difference means the config now builds another train state (a changed optimizer, model or
+    data): that is no damage, and the caller must not treat the step as damaged."""
+    want = signature(abstract_state)
+    for step in reversed(self.all_steps()):
+      try:
+        metadata = self.manager.item_metadata(step)
+      except (ValueError, OSError, KeyError, TypeError):
+        continue
+      have = signature(getattr(metadata, 'tree', metadata))
+      if not have:
+        continue
+      if have == want:
+        return None
+      missing = sorted(set(want) - set(have))
+      extra = sorted(set(have) - set(want))
+      shaped = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+      parts = [
+        f'{len(missing)} entries built now are not in it (e.g. {missing[0]})' if missing else '',
+        f'{len(extra)} of its entries are not built now (e.g. {extra[0]})' if extra else '',
+        f'{len(shaped)} differ in shape or dtype (e.g. {shaped[0]}: {have[shaped[0]]} '
+        f'saved, {want[shaped[0]]} now)'
+        if shaped
+        else '',
+      ]
+      return (
+        f'checkpoint step {step} does not fit the train state this config builds: '
+        + '; '.join(p for p in parts if p)
+      )
+    return None
 
   def restore_latest(self, abstract_state):
     """Restores the newest step that loads into `abstract_state`'s shapes and shardings.
@@ -91,8 +150,27 @@ class Checkpointer:
     self.manager.reload()
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+
+def _token(key) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def signature(tree) -> dict[str, tuple]:
+  """{'opt_state/0/mu/conv_0/kernel': (shape, dtype)} for every array leaf of a train state, an
+  abstract one, or orbax's metadata of one (namedtuple fields and dict keys read the same)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if hasattr(leaf, 'shape'):
+      out['/'.join(_token(k) for k in path)] = (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+  return out
 
 
 def abstract_with_shardings(abstract_state, shardings):

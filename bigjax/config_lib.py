@@ -156,6 +156,7 @@ def check_config(config, data_parallel: int, processes: int) -> None:
   """Validates the base fields that no component checks by itself (UserError naming the field).
 
   data_parallel: the mesh's data x fsdp size; processes: jax.process_count()."""
+  check_ranges(config)
   for field in ('batch_size', 'eval_batch_size'):
     value = config[field]
     if value <= 0 or value % data_parallel or value % processes:
@@ -199,3 +200,51 @@ def check_config(config, data_parallel: int, processes: int) -> None:
       raise UserError(
         f'config.early_stopping.patience={es.patience} and min_delta={es.min_delta} must be >= 0'
       )
+
+
+# (field, lowest allowed value, what it means): every number in base_config with a range.
+RANGES = (
+  ('optim.lr', 0.0, 'a learning rate'),
+  ('optim.clip_norm', 0.0, 'a global-norm bound (0 = no clipping)'),
+  ('optim.weight_decay', 0.0, 'a decay rate'),
+  ('optim.warmup_steps', 0, 'a step count'),
+  ('optim.end_lr_fraction', 0.0, 'a fraction of the learning rate'),
+  ('optim.momentum', 0.0, 'a momentum'),
+  ('num_steps', 0, 'a step count (0 = use num_epochs)'),
+  ('num_epochs', 0, 'an epoch count'),
+  ('eval_every', 0, 'a step interval (0 = evaluate at the end only)'),
+  ('keep_checkpoints', 1, 'the number of checkpoints kept (at least the newest one)'),
+  ('data.eval_max_examples', 0, 'an example count (0 = all)'),
+  ('augment.crop_padding', 0, 'a pixel count'),
+  ('augment.max_rotate_degrees', 0.0, 'an angle'),
+  ('augment.max_scale', 0.0, 'a scale fraction'),
+  ('distributed.timeout_s', 1, 'seconds'),
+)
+
+
+def _get(config, field: str):
+  node = config
+  for part in field.split('.'):
+    node = node[part]
+  return node
+
+
+def check_ranges(config) -> None:
+  """UserError naming the first field of RANGES below its lowest value, a run with nothing to
+  train, or an init_from.load pattern that is not a regular expression."""
+  for field, lowest, what in RANGES:
+    value = _get(config, field)
+    if value < lowest:
+      raise UserError(f'config.{field}={value} must be >= {lowest} ({what})')
+  if not config.num_steps and not config.num_epochs:
+    raise UserError('config.num_steps=0 and config.num_epochs=0: nothing to train; set one of them')
+  import re
+
+  for pattern in config.init_from.load.split(','):
+    try:
+      re.compile(pattern.strip())
+    except re.error as e:
+      raise UserError(
+        f'config.init_from.load pattern {pattern.strip()!r} is not a regular '
+        f'expression ({e}); fix it'
+      ) from None

@@ -280,6 +280,12 @@ def build(config, devices=None) -> Experiment:
   )
   task = make_task(config.task, data)
   model = make_model(config.model, data, task)
+  es_metric = config.early_stopping.metric
+  if es_metric and es_metric not in task.report_metrics:
+    raise UserError(
+      f'config.early_stopping.metric={es_metric!r} is not a scalar of the eval report; use one '
+      f'of {", ".join(task.report_metrics)}'
+    )
   if config.save_eval_predictions and not task.writes_predictions:
     raise UserError(
       f'config.save_eval_predictions=True needs a classification task, not '

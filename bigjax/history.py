@@ -6,6 +6,7 @@ the history, so both agree with whatever step a run resumes from.
 """
 
 import json
+import logging
 import os
 
 import jax
@@ -15,9 +16,21 @@ from bigjax import checkpoint
 from bigjax.errors import UserError
 from bigjax.reporting import write_atomic
 
+log = logging.getLogger(__name__)
+
 
 def _json_default(x):
   return x.tolist() if isinstance(x, (np.generic, np.ndarray)) else str(x)
+
+
+def _entry(line: bytes) -> dict | None:
+  """One history line -> its entry, or None unless it is a JSON object with an int step and a split."""
+  try:
+    entry = json.loads(line.decode('utf-8'))
+  except (UnicodeDecodeError, json.JSONDecodeError):
+    return None
+  ok = isinstance(entry, dict) and isinstance(entry.get('step'), int) and 'split' in entry
+  return entry if ok else None
 
 
 class History:
@@ -31,15 +44,24 @@ class History:
 
   def __init__(self, path, restored_step):
     self.path, self.entries, self._file = path, [], None
+    dropped = 0
     if os.path.exists(path):
-      with open(path) as f:
+      with open(path, 'rb') as f:
         for line in f:
-          try:
-            entry = json.loads(line)
-          except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-          if entry['step'] <= restored_step:
+          entry = _entry(line)
+          if entry is None:  # a line cut short by a kill, or damaged
+            dropped += line.strip() != b''
+          elif entry['step'] <= restored_step:
             self.entries.append(entry)
+    if dropped:
+      log.warning(
+        '%s: %d unreadable line(s) dropped (a line cut short by a kill, or damage); the '
+        '%d readable entries up to step %d are kept',
+        path,
+        dropped,
+        len(self.entries),
+        restored_step,
+      )
     if jax.process_index() == 0:
       write_atomic(path, ''.join(self._line(e) for e in self.entries))
       self._file = open(path, 'a')
@@ -130,9 +152,35 @@ class EarlyStopping:
     """{'step', 'metric', 'value', 'eval'} of the best state (best.json's dict), or None when early
     stopping is off or no eval has improved yet."""
     if self.record is None and self.metric and os.path.exists(self.json_path):
-      with open(self.json_path) as f:
-        self.record = json.load(f)
+      self.record = self._read_record()
     return self.record
+
+  def _read_record(self) -> dict | None:
+    """best.json, when it is readable and its step's checkpoint is in best/; else None, with a
+    warning that says what is kept (the run itself is not affected)."""
+    try:
+      with open(self.json_path) as f:
+        record = json.load(f)
+      step = record['step']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      log.warning(
+        '%s is damaged (%s); results carry no best state until an eval improves on '
+        'the best so far (step %s in the history)',
+        self.json_path,
+        type(e).__name__,
+        self.best_step,
+      )
+      return None
+    if self.ckpt is not None and step not in self.ckpt.all_steps():
+      log.warning(
+        '%s names step %s but %s holds no checkpoint of it; results carry no best state '
+        'until an eval improves on it',
+        self.json_path,
+        step,
+        self.ckpt.directory,
+      )
+      return None
+    return record
 
   def close(self):
     if self.ckpt:

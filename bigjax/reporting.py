@@ -24,11 +24,18 @@ def write_atomic(path: str, data: str | bytes) -> None:
   try:
     with os.fdopen(fd, 'wb' if isinstance(data, bytes) else 'w') as f:
       f.write(data)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the run's files follow the umask
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

@@ -38,12 +38,29 @@ def sample(workdir: str, prompt: str, **kwargs) -> str:
   data = experiment.data_info(config, tokenizer)
   task = experiment.make_task(config.task, data)
   model = experiment.make_model(config.model, data, task)
-  _, state = checkpoint.load_latest(os.path.join(workdir, 'checkpoints'))
+  try:
+    _, state = checkpoint.load_latest(os.path.join(workdir, 'checkpoints'))
+  except FileNotFoundError:
+    raise UserError(
+      f'{workdir} holds no checkpoint yet; train it first (or wait for its first checkpoint)'
+    ) from None
   try:
     out = gpt.generate(model, state['params'], tokenizer.encode(prompt)[None], **kwargs)
   except ValueError as e:
     raise UserError(f'{e}; change --prompt or --max_new_tokens') from None
   return prompt + tokenizer.decode(np.asarray(out)[0])
+
+
+def check_arguments(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+  """UserError naming the first sampling argument out of its range."""
+  for ok, text in (
+    (max_new_tokens >= 1, f'--max_new_tokens={max_new_tokens} must be >= 1'),
+    (temperature >= 0, f'--temperature={temperature} must be >= 0 (0 = greedy)'),
+    (top_k >= 0, f'--top_k={top_k} must be >= 0 (0 = all tokens)'),
+    (0 < top_p <= 1, f'--top_p={top_p} must be in (0, 1] (1 = off)'),
+  ):
+    if not ok:
+      raise UserError(text)
 
 
 def _main(argv: Sequence[str]) -> int:
@@ -58,6 +75,7 @@ def _main(argv: Sequence[str]) -> int:
   parser.float('top_p', 1.0, 'Nucleus sampling threshold (1 = off).')
   parser.integer('seed', 0, 'Sampling seed.')
   fv = parser.parse(argv)
+  check_arguments(fv.max_new_tokens, fv.temperature, fv.top_k, fv.top_p)
   logging.set_verbosity(logging.WARNING)
   print(
     sample(

@@ -29,17 +29,15 @@ import numpy as np
 from bigjax import checkpoint as checkpoint_lib
 from bigjax import cli, experiment, flops, history, init_from, reporting, steps
 from bigjax import mesh as mesh_lib
+from bigjax import workdir as workdir_lib
 from bigjax.errors import NonFiniteError, Preempted, UserError
 from bigjax.preemption import Preemption
 
 
-def check_workdir_matches(workdir: str, config) -> None:
-  """Refuses a workdir whose saved run has a different model or task than `config`."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+def check_workdir_matches(workdir: str, saved: dict | None, config) -> None:
+  """Refuses a workdir whose saved run (its config.json dict) has another model or task."""
+  if saved is None:
     return
-  with open(path) as f:
-    saved = json.load(f)
   for part in ('model', 'task'):
     if saved.get(part) != json.loads(config[part].to_json()):
       raise UserError(
@@ -80,7 +78,9 @@ def _is_time(step: int, every: int) -> bool:
   return every > 0 and step % every == 0
 
 
-def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, Any]:
+def train_and_evaluate(
+  config, workdir: str, devices=None, *, allow_config_change: bool = False
+) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds checkpoints) and returns results.json's dict.
 
   devices: the devices to build the mesh over (default: all). results['history'] lists the train
@@ -89,28 +89,90 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, Any]:
   results['best'] is best.json's {'step', 'metric', 'value', 'eval'} and results['stopped_early']
   says whether patience ran out; re-running a run that stopped early only redoes the final results.
 
+  Resuming with a changed config: a change of the train state's structure (optimizer, model, data
+  shapes) is refused and the checkpoints stay as they are; a change of the trajectory (lr, schedule,
+  batch size, seed, num_steps, ...) is refused unless `allow_config_change`, and then recorded in
+  workdir/config_changes.jsonl (config.json keeps the config the run started with); changes of
+  execution only (mesh, logging and checkpoint cadence, ...) are accepted and recorded. Only one
+  process at a time may run in a workdir (workdir/.lock).
+
   Raises UserError for invalid input before anything is written, NonFiniteError when the loss or
   gradient norm becomes NaN/Inf under nan_policy='raise', Preempted after saving on SIGTERM/SIGINT.
   """
   t_start = time.time()
   # -- 1. Build and validate everything; nothing is written until this section has passed.
+  workdir = workdir_lib.resolve(workdir)
   exp = experiment.build(config, devices)
-  check_workdir_matches(workdir, config)
+  saved = workdir_lib.read_saved_config(workdir)
+  check_workdir_matches(workdir, saved, config)
   loaded = {}
   if config.init_from.checkpoint:  # read and checked before anything is written
     loaded = init_from.load_matching(
       exp.abstract.params, config.init_from.checkpoint, config.init_from.load
     )
+  chief = jax.process_index() == 0
+  if chief:
+    try:
+      os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+      raise UserError(
+        f'--workdir={workdir} cannot be created ({e.strerror}); choose another'
+      ) from None
+  with workdir_lib.Lock(workdir, enabled=chief):  # one writer at a time, from here to the end
+    return _train(config, exp, workdir, saved, loaded, allow_config_change, t_start)
 
+
+def _resume_changes(config, exp, ckpt, saved, allow: bool) -> list[tuple]:
+  """The config changes against the run's recorded config that resuming accepts; UserError for
+  the ones it refuses (nothing has been written by then, and nothing is moved)."""
+  if saved is None or not ckpt.all_steps():
+    return []
+  execution, trajectory = workdir_lib.config_changes(saved, config.to_dict())
+  if config.optim.schedule == 'constant' and saved.get('optim', {}).get('schedule') == 'constant':
+    # Training longer (or shorter) with a constant learning rate changes no step already taken
+    # or still to come: the documented way to extend a run.
+    length = [c for c in trajectory if c[0] in ('num_steps', 'num_epochs')]
+    trajectory = [c for c in trajectory if c not in length]
+    execution += length
+  changes = execution + trajectory
+  where = ckpt.directory
+  mismatch = ckpt.mismatch(exp.abstract)
+  if mismatch:
+    raise UserError(
+      f'the config changed since this run started ({workdir_lib.describe(changes) or "no field"}) '
+      f'and {mismatch}; the checkpoints in {where} are kept as they are. Undo the change, use a new '
+      f'--workdir, or start a new run from these parameters with --config.init_from.checkpoint='
+      f'{os.path.dirname(where)}'
+    )
+  if trajectory and not allow:
+    raise UserError(
+      f'the config changed since this run started: {workdir_lib.describe(trajectory)}; resuming '
+      'with it changes the run. Undo the change, use a new --workdir, or pass '
+      '--allow_config_change to continue with it (recorded in config_changes.jsonl)'
+    )
+  return changes
+
+
+def _train(config, exp, workdir, saved, loaded, allow_config_change, t_start) -> dict[str, Any]:
+  """Sections 2-5 of train_and_evaluate, inside the workdir lock."""
   # -- 2. Workdir: config, checkpoints, restore or initialise.
   chief = jax.process_index() == 0
   sharding_lines, state_bytes = mesh_lib.describe(exp.abstract, exp.shardings)
-  if chief:
-    os.makedirs(workdir, exist_ok=True)
-    reporting.write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
-    reporting.write_atomic(os.path.join(workdir, 'sharding.txt'), '\n'.join(sharding_lines) + '\n')
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
+  try:
+    changes = _resume_changes(config, exp, ckpt, saved, allow_config_change)
+  except UserError:
+    ckpt.close()
+    raise
+  if chief:
+    if saved is None or not ckpt.all_steps():  # config.json describes the run's checkpoints
+      reporting.write_json_atomic(
+        os.path.join(workdir, 'config.json'), json.loads(config.to_json())
+      )
+    reporting.write_atomic(os.path.join(workdir, 'sharding.txt'), '\n'.join(sharding_lines) + '\n')
   state, step = ckpt.restore_latest(exp.abstract)
+  if changes and chief:
+    workdir_lib.record_changes(workdir, step or 0, changes)
   if state is None:
     state, step = steps.create_state(exp.model, exp.tx, exp.sample, config.seed, exp.shardings), 0
     if loaded:
@@ -132,6 +194,11 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, Any]:
     'state per device (per-parameter sharding in sharding.txt)'
     + (f', resuming at step {step}' if step else '')
   )
+  if changes:
+    reporter.print(
+      f'bigjax: resuming with config changes (in config_changes.jsonl): '
+      f'{workdir_lib.describe(changes)}'
+    )
   hist = history.History(os.path.join(workdir, 'history.jsonl'), step)
   early = history.EarlyStopping(config.early_stopping, workdir, hist.entries)
   if early.stopped:
@@ -267,6 +334,12 @@ def make_parser() -> cli.Parser:
     'workdir', None, 'Directory for checkpoints, logs and results (not needed with --dry_run).'
   )
   parser.boolean(
+    'allow_config_change',
+    False,
+    'Resume a run with a config whose changes alter its trajectory (lr, schedule, batch size, '
+    'seed, num_steps, ...); each change is recorded in WORKDIR/config_changes.jsonl.',
+  )
+  parser.boolean(
     'dry_run',
     False,
     'Print the resolved config, the parameter table, the mesh and '
@@ -330,7 +403,7 @@ def _main(argv: Sequence[str]) -> int:
     raise UserError(
       'both --config=NAME[:args] and --workdir=DIR are required; see bigjax-train --help'
     )
-  train_and_evaluate(fv.config, fv.workdir)
+  train_and_evaluate(fv.config, fv.workdir, allow_config_change=fv.allow_config_change)
   return 0
 
 

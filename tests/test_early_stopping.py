@@ -143,6 +143,7 @@ def test_unknown_metric_names_the_known_ones(tmp_path):
     r"eval report; use one of loss, accuracy, precision",
   ):
     train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+  assert os.listdir(tmp_path) == []  # found before anything is written, not at the first eval
 
 
 @pytest.mark.parametrize(

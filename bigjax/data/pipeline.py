@@ -79,6 +79,11 @@ def open_source(name: str, split: str, data_dir: str | None):
       dataset = builder(name, data_dir)  # finished preparing the same version first
       if not dataset.is_prepared():
         raise
+    except (PermissionError, NotADirectoryError) as e:
+      raise DataError(
+        f'dataset {name!r} cannot be prepared in {dataset.data_dir_root}: {e.strerror}; pass a '
+        'writable --config.data.data_dir (or set TFDS_DATA_DIR)'
+      ) from None
   try:
     return tfds.data_source(name, split=split, data_dir=_data_dir(data_dir), download=False)
   except (AssertionError, FileNotFoundError, OSError, NotImplementedError) as e:

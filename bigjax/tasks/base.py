@@ -88,6 +88,11 @@ class Task(abc.ABC):
   def eval_report(self, outputs: Any, labels: np.ndarray | None) -> dict[str, Any]:
     """Host report over the whole eval split: gathered eval outputs (N, ...) -> {metric: value}."""
 
+  @property
+  @abc.abstractmethod
+  def report_metrics(self) -> tuple[str, ...]:
+    """The scalar metrics eval_report returns (what config.early_stopping.metric may name)."""
+
   def prediction_scores(self, outputs: Any) -> np.ndarray:
     """Eval outputs (N, ...) -> the scores written to eval_predictions.npz (writes_predictions)."""
     raise NotImplementedError(f'{type(self).__name__} writes no eval predictions')

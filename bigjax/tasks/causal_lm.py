@@ -28,6 +28,8 @@ class Task(base.Task):
   def output_size(self) -> int:
     return self.vocab_size
 
+  report_metrics = ('loss', 'perplexity', 'bits_per_byte', 'accuracy')
+
   def check_data(self, arrays, name, split):
     pipeline.check_tokens(arrays, self.vocab_size, name, split)
 

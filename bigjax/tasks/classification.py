@@ -35,6 +35,13 @@ class Task(base.Task):
   def check_data(self, arrays, name, split):
     pipeline.check_labels(arrays, self.num_classes, name, split)
 
+  @property
+  def report_metrics(self) -> tuple[str, ...]:
+    if self.binary:  # roc_auc only when the eval split holds both classes
+      return ('loss', 'accuracy', 'precision', 'recall', 'f1', 'roc_auc')
+    top5 = ('top5_accuracy',) if self.num_classes > 5 else ()
+    return ('loss', 'accuracy', 'precision_macro', 'recall_macro', 'f1_macro', *top5)
+
   def prediction_scores(self, outputs):
     """(N, 1) P(label=1) -> (N,) when binary, else the (N, K) class probabilities."""
     return outputs[:, 0] if self.binary else outputs

@@ -29,6 +29,10 @@ class Task(base.Task):
   def output_size(self) -> int:
     return self.vocab_size
 
+  @property
+  def report_metrics(self) -> tuple[str, ...]:
+    return ('loss', 'mlm_loss', 'mlm_accuracy') + (('nsp_accuracy',) if self.next_sentence else ())
+
   def check_data(self, arrays, name, split):
     pipeline.check_tokens(arrays, self.vocab_size, name, split)
 

@@ -20,6 +20,8 @@ class Task(base.Task):
   def output_size(self) -> int:
     return self.num_outputs
 
+  report_metrics = ('loss', 'mae', 'r2')
+
   def _targets(self, label, like):
     return jnp.reshape(label, like.shape).astype(jnp.float32)
 
