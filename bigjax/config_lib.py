@@ -248,3 +248,14 @@ def check_ranges(config) -> None:
         f'config.init_from.load pattern {pattern.strip()!r} is not a regular '
         f'expression ({e}); fix it'
       ) from None
+
+
+def flat_fields(tree: dict, prefix: str = '') -> dict:
+  """{'a': {'b': 1}, 'c': {}} -> {'a.b': 1, 'c': {}}: a config (as a dict) by dotted field name."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      flat.update(flat_fields(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat

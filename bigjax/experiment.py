@@ -318,20 +318,3 @@ def build(config, devices=None) -> Experiment:
     shardings,
     abstract,
   )
-
-
-def parameter_table(params) -> tuple[int, list[str]]:
-  """(total parameter count, lines of a per-module table: module path, parameters, shapes)."""
-  rows: dict[str, list] = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    keys = [getattr(k, 'key', str(k)) for k in path]
-    module = '/'.join(str(k) for k in keys[:-1]) or '(root)'
-    entry = rows.setdefault(module, [0, []])
-    entry[0] += int(np.prod(leaf.shape))
-    entry[1].append(f'{keys[-1]}{tuple(leaf.shape)}')
-  total = sum(n for n, _ in rows.values())
-  width = max(len(m) for m in rows) if rows else 6
-  lines = [f'{"module":<{width}}  {"params":>12}  shapes']
-  lines += [f'{m:<{width}}  {n:>12,d}  {" ".join(s)}' for m, (n, s) in rows.items()]
-  lines.append(f'{"total":<{width}}  {total:>12,d}')
-  return total, lines

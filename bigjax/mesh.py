@@ -34,15 +34,15 @@ def initialize_distributed(cfg):
   """
   if jax.distributed.is_initialized():
     return
-  if cfg.get('coordinator_address'):
+  if cfg.coordinator_address:
     jax.distributed.initialize(
       coordinator_address=cfg.coordinator_address,
       num_processes=cfg.num_processes,
       process_id=cfg.process_id,
-      initialization_timeout=cfg.get('timeout_s', 300),
+      initialization_timeout=cfg.timeout_s,
     )
-  elif cfg.get('auto', False):
-    jax.distributed.initialize(initialization_timeout=cfg.get('timeout_s', 300))
+  elif cfg.auto:
+    jax.distributed.initialize(initialization_timeout=cfg.timeout_s)
 
 
 def _resolve(sizes, num_devices, devices_text):
@@ -89,8 +89,8 @@ def mesh_shapes(cfg, num_devices, num_granules=1, granule='process'):
   the dcn_* sizes must multiply to num_granules and the intra sizes (-1 = the rest) are resolved
   against the devices per granule.
   """
-  sizes = {a: int(cfg.get(a, 1)) for a in AXES}
-  dcn = {a: int(cfg.get(f'dcn_{a}', 1)) for a in AXES}
+  sizes = {a: int(cfg[a]) for a in AXES}
+  dcn = {a: int(cfg[f'dcn_{a}']) for a in AXES}
   for a, s in dcn.items():
     if s < 1:
       raise UserError(

@@ -34,18 +34,6 @@ from bigjax.errors import NonFiniteError, Preempted, UserError
 from bigjax.preemption import Preemption
 
 
-def check_workdir_matches(workdir: str, saved: dict | None, config) -> None:
-  """Refuses a workdir whose saved run (its config.json dict) has another model or task."""
-  if saved is None:
-    return
-  for part in ('model', 'task'):
-    if saved.get(part) != json.loads(config[part].to_json()):
-      raise UserError(
-        f'{workdir} holds a run with a different config.{part}; use a new --workdir, '
-        'or delete that workdir to start over'
-      )
-
-
 def save_eval_predictions(path: str, task, outputs, labels) -> None:
   """Writes `path` (.npz) with labels (N,) and the task's prediction scores (binary: (N,)
   P(label=1); else (N, K) class probabilities)."""
@@ -104,7 +92,7 @@ def train_and_evaluate(
   workdir = workdir_lib.resolve(workdir)
   exp = experiment.build(config, devices)
   saved = workdir_lib.read_saved_config(workdir)
-  check_workdir_matches(workdir, saved, config)
+  workdir_lib.check_same_components(workdir, saved, config)
   loaded = {}
   if config.init_from.checkpoint:  # read and checked before anything is written
     loaded = init_from.load_matching(
@@ -122,37 +110,6 @@ def train_and_evaluate(
     return _train(config, exp, workdir, saved, loaded, allow_config_change, t_start)
 
 
-def _resume_changes(config, exp, ckpt, saved, allow: bool) -> list[tuple]:
-  """The config changes against the run's recorded config that resuming accepts; UserError for
-  the ones it refuses (nothing has been written by then, and nothing is moved)."""
-  if saved is None or not ckpt.all_steps():
-    return []
-  execution, trajectory = workdir_lib.config_changes(saved, config.to_dict())
-  if config.optim.schedule == 'constant' and saved.get('optim', {}).get('schedule') == 'constant':
-    # Training longer (or shorter) with a constant learning rate changes no step already taken
-    # or still to come: the documented way to extend a run.
-    length = [c for c in trajectory if c[0] in ('num_steps', 'num_epochs')]
-    trajectory = [c for c in trajectory if c not in length]
-    execution += length
-  changes = execution + trajectory
-  where = ckpt.directory
-  mismatch = ckpt.mismatch(exp.abstract)
-  if mismatch:
-    raise UserError(
-      f'the config changed since this run started ({workdir_lib.describe(changes) or "no field"}) '
-      f'and {mismatch}; the checkpoints in {where} are kept as they are. Undo the change, use a new '
-      f'--workdir, or start a new run from these parameters with --config.init_from.checkpoint='
-      f'{os.path.dirname(where)}'
-    )
-  if trajectory and not allow:
-    raise UserError(
-      f'the config changed since this run started: {workdir_lib.describe(trajectory)}; resuming '
-      'with it changes the run. Undo the change, use a new --workdir, or pass '
-      '--allow_config_change to continue with it (recorded in config_changes.jsonl)'
-    )
-  return changes
-
-
 def _train(config, exp, workdir, saved, loaded, allow_config_change, t_start) -> dict[str, Any]:
   """Sections 2-5 of train_and_evaluate, inside the workdir lock."""
   # -- 2. Workdir: config, checkpoints, restore or initialise.
@@ -160,7 +117,7 @@ def _train(config, exp, workdir, saved, loaded, allow_config_change, t_start) ->
   sharding_lines, state_bytes = mesh_lib.describe(exp.abstract, exp.shardings)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
   try:
-    changes = _resume_changes(config, exp, ckpt, saved, allow_config_change)
+    changes = workdir_lib.resume_changes(config, exp.abstract, ckpt, saved, allow_config_change)
   except UserError:
     ckpt.close()
     raise
@@ -359,45 +316,12 @@ def parse_flags(argv: Sequence[str]) -> tuple[Any, str | None]:
   return fv.config, fv.workdir
 
 
-def dry_run(config) -> None:
-  """Prints the resolved config, parameter count and per-module table, the mesh and the per-device
-  memory of the AOT-compiled train step. Writes nothing."""
-  from bigjax import compile as compile_lib
-
-  exp = experiment.build(config)
-  print('config (after overrides; every field can be set with --config.FIELD=VALUE):')
-  print('\n'.join(f'  {k} = {v!r}' for k, v in _flatten(config.to_dict())))
-  facts = {k: v for k, v in dataclasses.asdict(exp.data).items() if v not in (None, ())}
-  derived = {
-    k: v
-    for k, v in experiment.model_kwargs(config.model, exp.data, exp.task).items()
-    if k not in config.model.kwargs
-  }
-  print(
-    f'derived from the data: {facts}; model fields filled from it: {derived}; task output '
-    f'size {exp.task.output_size}'
-  )
-  total, lines = experiment.parameter_table(exp.abstract.params)
-  print(f'parameters: {total:,d}')
-  print('\n'.join(lines))
-  print(
-    f'mesh: {mesh_lib.layout(exp.mesh)} over {exp.mesh.size} {jax.devices()[0].platform} devices'
-  )
-  compile_lib.print_memory(exp.compile_train_step())
-
-
-def _flatten(tree: dict, prefix: str = ''):
-  for key, value in tree.items():
-    if isinstance(value, dict) and value:
-      yield from _flatten(value, f'{prefix}{key}.')
-    else:
-      yield f'{prefix}{key}', value
-
-
 def _main(argv: Sequence[str]) -> int:
   fv = make_parser().parse(argv)
   if fv.dry_run:
-    dry_run(fv.config)
+    from bigjax import dry_run
+
+    dry_run.run(fv.config)
     return 0
   if not fv.workdir:
     raise UserError(

@@ -18,8 +18,8 @@ import json
 import os
 import socket
 import time
-from typing import Any
 
+from bigjax import config_lib
 from bigjax.errors import UserError
 
 LOCK_FILE = '.lock'
@@ -134,24 +134,12 @@ def read_saved_config(workdir: str) -> dict | None:
     ) from None
 
 
-def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
-  if isinstance(tree, dict):
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-      out.update(
-        _flatten(value, f'{prefix}{key}.')
-        if isinstance(value, dict) and value
-        else {f'{prefix}{key}': value}
-      )
-    return out
-  return {prefix.rstrip('.'): tree}
-
-
 def config_changes(saved: dict, current: dict) -> tuple[list[tuple], list[tuple]]:
   """(execution changes, trajectory changes), each a list of (field, old, new), between the saved
   config.json dict and the current config (as JSON). Fields the saved config lacks (added to
   bigjax after the run started) count as unchanged."""
-  old, new = _flatten(saved), _flatten(json.loads(json.dumps(current)))
+  old = config_lib.flat_fields(saved)
+  new = config_lib.flat_fields(json.loads(json.dumps(current)))
   execution: list[tuple] = []
   trajectory: list[tuple] = []
   for field in sorted(set(old) | set(new)):
@@ -187,3 +175,46 @@ def record_changes(workdir: str, step: int, changes: list[tuple]) -> None:
         )
         + '\n'
       )
+
+
+def check_same_components(workdir: str, saved: dict | None, config) -> None:
+  """Refuses a workdir whose saved run (its config.json dict) has another model or task."""
+  if saved is None:
+    return
+  for part in ('model', 'task'):
+    if saved.get(part) != json.loads(config[part].to_json()):
+      raise UserError(
+        f'{workdir} holds a run with a different config.{part}; use a new --workdir, '
+        'or delete that workdir to start over'
+      )
+
+
+def resume_changes(config, abstract_state, ckpt, saved: dict | None, allow: bool) -> list[tuple]:
+  """The config changes against the run's recorded config that resuming accepts; UserError for
+  the ones it refuses (nothing has been written by then, and nothing is moved)."""
+  if saved is None or not ckpt.all_steps():
+    return []
+  execution, trajectory = config_changes(saved, config.to_dict())
+  if config.optim.schedule == 'constant' and saved.get('optim', {}).get('schedule') == 'constant':
+    # Training longer (or shorter) with a constant learning rate changes no step already taken
+    # or still to come: the documented way to extend a run.
+    length = [c for c in trajectory if c[0] in ('num_steps', 'num_epochs')]
+    trajectory = [c for c in trajectory if c not in length]
+    execution += length
+  changes = execution + trajectory
+  where = ckpt.directory
+  mismatch = ckpt.mismatch(abstract_state)
+  if mismatch:
+    raise UserError(
+      f'the config changed since this run started ({describe(changes) or "no field"}) '
+      f'and {mismatch}; the checkpoints in {where} are kept as they are. Undo the change, use a new '
+      f'--workdir, or start a new run from these parameters with --config.init_from.checkpoint='
+      f'{os.path.dirname(where)}'
+    )
+  if trajectory and not allow:
+    raise UserError(
+      f'the config changed since this run started: {describe(trajectory)}; resuming '
+      'with it changes the run. Undo the change, use a new --workdir, or pass '
+      '--allow_config_change to continue with it (recorded in config_changes.jsonl)'
+    )
+  return changes

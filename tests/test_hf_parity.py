@@ -1,6 +1,6 @@
 """HuggingFace PyTorch -> bigjax converters: small randomly initialised GPT-2 and BERT models on CPU
-give the same logits after gpt.params_from_hf / bert.params_from_hf; bad state dicts and configs
-raise UserError.
+give the same logits after bigjax.models.hf.gpt2 / hf.bert params_from_hf; bad state dicts and
+configs raise UserError.
 
 Needs transformers and torch (requirements-dev.txt). Nothing is downloaded: the models are built
 from config objects with HF_HUB_OFFLINE=1.
@@ -21,6 +21,8 @@ import transformers  # noqa: E402
 
 from bigjax.errors import UserError  # noqa: E402
 from bigjax.models import bert, gpt  # noqa: E402
+from bigjax.models.hf import bert as bert_import  # noqa: E402
+from bigjax.models.hf import gpt2 as gpt2_import  # noqa: E402
 
 torch.set_num_threads(1)
 GPT_VOCAB, BERT_VOCAB = 97, 89
@@ -116,10 +118,10 @@ def hf_bert_outputs(hf_bert):
 
 @pytest.mark.parametrize('scan', [False, True])
 def test_gpt2_lm_logits_match(hf_gpt2, scan):
-  config = gpt.config_from_hf(hf_gpt2.config)
+  config = gpt2_import.config_from_hf(hf_gpt2.config)
   assert config['max_len'] == 32 and config['mlp_dim'] == 128
   config['scan'] = scan
-  params = gpt.params_from_hf(hf_gpt2.state_dict(), config)
+  params = gpt2_import.params_from_hf(hf_gpt2.state_dict(), config)
   init = nn.meta.unbox(
     jax.eval_shape(gpt.Model(**config).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
   )['params']
@@ -135,32 +137,32 @@ def test_gpt2_lm_logits_match(hf_gpt2, scan):
 
 
 def test_gpt2_prefix_numpy_and_configdict_give_same_params(hf_gpt2):
-  config = gpt.config_from_hf(hf_gpt2.config)
-  full = gpt.params_from_hf(hf_gpt2.state_dict(), config)
+  config = gpt2_import.config_from_hf(hf_gpt2.config)
+  full = gpt2_import.params_from_hf(hf_gpt2.state_dict(), config)
   bare = {k: v.numpy() for k, v in hf_gpt2.transformer.state_dict().items()}  # no prefix
   assert not any(k.startswith('transformer.') for k in bare)
-  other = gpt.params_from_hf(bare, ml_collections.ConfigDict(config))
+  other = gpt2_import.params_from_hf(bare, ml_collections.ConfigDict(config))
   jax.tree.map(np.testing.assert_array_equal, full, other)
 
 
 def test_gpt2_missing_key_and_wrong_shape_raise(hf_gpt2):
-  config = gpt.config_from_hf(hf_gpt2.config)
+  config = gpt2_import.config_from_hf(hf_gpt2.config)
   state = dict(hf_gpt2.state_dict())
   del state['transformer.h.1.mlp.c_fc.bias']
   with pytest.raises(UserError, match=r"h\.1\.mlp\.c_fc\.bias"):
-    gpt.params_from_hf(state, config)
+    gpt2_import.params_from_hf(state, config)
   with pytest.raises(UserError, match=r"'wte\.weight' has shape \(97, 32\).*expects \(98, 32\)"):
-    gpt.params_from_hf(hf_gpt2.state_dict(), {**config, 'vocab_size': GPT_VOCAB + 1})
+    gpt2_import.params_from_hf(hf_gpt2.state_dict(), {**config, 'vocab_size': GPT_VOCAB + 1})
   state = dict(hf_gpt2.state_dict())
   state['transformer.h.0.attn.c_attn.weight'] = state['transformer.h.0.attn.c_attn.weight'][:, :64]
   with pytest.raises(UserError, match=r"c_attn\.weight' has shape \(32, 64\)"):
-    gpt.params_from_hf(state, config)
+    gpt2_import.params_from_hf(state, config)
   state = dict(hf_gpt2.state_dict())
   state['lm_head.weight'] = state['lm_head.weight'] + 1.0
   with pytest.raises(UserError, match='untied'):
-    gpt.params_from_hf(state, config)
+    gpt2_import.params_from_hf(state, config)
   with pytest.raises(UserError, match="positions='rotary'.*positions='learned'"):
-    gpt.params_from_hf(hf_gpt2.state_dict(), {**config, 'positions': 'rotary'})
+    gpt2_import.params_from_hf(hf_gpt2.state_dict(), {**config, 'positions': 'rotary'})
 
 
 @pytest.mark.parametrize(
@@ -175,15 +177,15 @@ def test_gpt2_missing_key_and_wrong_shape_raise(hf_gpt2):
 def test_gpt2_unsupported_config_raises(overrides, match):
   config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, **overrides)
   with pytest.raises(UserError, match=match):
-    gpt.config_from_hf(config)
+    gpt2_import.config_from_hf(config)
 
 
 @pytest.mark.parametrize('scan', [False, True])
 def test_bert_pretrain_logits_match_with_padding(hf_bert, hf_bert_outputs, scan):
-  config = bert.config_from_hf(hf_bert.config)
+  config = bert_import.config_from_hf(hf_bert.config)
   assert config['pad_id'] == 0 and config['activation'] == 'gelu_exact' and not config['pre_ln']
   config['scan'] = scan
-  params = bert.params_from_hf(hf_bert.state_dict(), config)
+  params = bert_import.params_from_hf(hf_bert.state_dict(), config)
   ids, segments = _bert_batch()
   out = jax.jit(bert.Model(**config).apply)({'params': params}, ids, segments)
   want_mlm, want_nsp = hf_bert_outputs
@@ -199,14 +201,14 @@ def test_bert_model_state_dict_classify_fills_classifier_from_init(hf_bert):
   """A BertModel state dict (no 'bert.' prefix) for head='classify'; with an identity classifier
   the logits are HF's pooler output."""
   d = hf_bert.config.hidden_size
-  config = bert.config_from_hf(hf_bert.config, head='classify', num_classes=d)
+  config = bert_import.config_from_hf(hf_bert.config, head='classify', num_classes=d)
   state = hf_bert.bert.state_dict()
-  params = bert.params_from_hf(state, config)
+  params = bert_import.params_from_hf(state, config)
   assert 'classifier' not in params and 'nsp' not in params and 'pooler' in params
   model = bert.Model(**config)
   ids, segments = _bert_batch()
   fresh = _fake_init(model)  # boxed, {'params': ...}, as model.init returns it
-  filled = bert.params_from_hf(state, config, init_params=fresh)
+  filled = bert_import.params_from_hf(state, config, init_params=fresh)
   merged = {**nn.meta.unbox(fresh)['params'], **params}
   jax.tree.map(np.testing.assert_array_equal, filled, merged)
   filled['classifier'] = {'kernel': np.eye(d, dtype=np.float32), 'bias': np.zeros(d, np.float32)}
@@ -228,16 +230,16 @@ def test_bert_masked_lm_needs_init_params_for_missing_heads(hf_bert, hf_bert_out
   assert not missing
   state = hf_mlm.state_dict()
   assert not any(k.startswith(('bert.pooler', 'cls.seq_relationship')) for k in state)
-  config = bert.config_from_hf(hf_mlm.config)
+  config = bert_import.config_from_hf(hf_mlm.config)
   with pytest.raises(UserError, match=r"no pooler \('pooler\.dense\.weight'\).*init_params"):
-    bert.params_from_hf(state, config)
+    bert_import.params_from_hf(state, config)
   no_nsp = {k: v for k, v in hf_bert.state_dict().items() if not k.startswith('cls.seq_rel')}
   with pytest.raises(UserError, match="NSP head.*head='classify'"):
-    bert.params_from_hf(no_nsp, config)
+    bert_import.params_from_hf(no_nsp, config)
   model = bert.Model(**config)
   ids, segments = _bert_batch()
   fresh = nn.meta.unbox(_fake_init(model))['params']
-  params = bert.params_from_hf(state, config, init_params=fresh)
+  params = bert_import.params_from_hf(state, config, init_params=fresh)
   np.testing.assert_array_equal(params['nsp']['kernel'], fresh['nsp']['kernel'])
   out = jax.jit(model.apply)({'params': params}, ids, segments)
   valid = ids != 0
@@ -245,20 +247,20 @@ def test_bert_masked_lm_needs_init_params_for_missing_heads(hf_bert, hf_bert_out
 
 
 def test_bert_missing_key_and_wrong_shape_raise(hf_bert):
-  config = bert.config_from_hf(hf_bert.config)
+  config = bert_import.config_from_hf(hf_bert.config)
   state = dict(hf_bert.state_dict())
   del state['bert.encoder.layer.1.attention.self.value.weight']
   with pytest.raises(UserError, match=r"encoder\.layer\.1\.attention\.self\.value\.weight"):
-    bert.params_from_hf(state, config)
+    bert_import.params_from_hf(state, config)
   with pytest.raises(UserError, match=r"intermediate\.dense\.weight' has shape \(64, 32\)"):
-    bert.params_from_hf(hf_bert.state_dict(), {**config, 'mlp_dim': 48})
+    bert_import.params_from_hf(hf_bert.state_dict(), {**config, 'mlp_dim': 48})
   with pytest.raises(UserError, match='untied'):
-    bert.params_from_hf(
+    bert_import.params_from_hf(
       {**hf_bert.state_dict(), 'cls.predictions.decoder.weight': torch.zeros(BERT_VOCAB, 32)},
       config,
     )
   with pytest.raises(UserError, match="pre_ln=True.*pre_ln=False"):
-    bert.params_from_hf(hf_bert.state_dict(), {**config, 'pre_ln': True})
+    bert_import.params_from_hf(hf_bert.state_dict(), {**config, 'pre_ln': True})
 
 
 @pytest.mark.parametrize(
@@ -274,6 +276,6 @@ def test_bert_unsupported_config_raises(overrides, match):
   for name, value in overrides.items():
     setattr(config, name, value)
   with pytest.raises(UserError, match=match):
-    bert.config_from_hf(config)
+    bert_import.config_from_hf(config)
   with pytest.raises(UserError, match='head'):
-    bert.config_from_hf(_hf_bert_config(), head='regress')
+    bert_import.config_from_hf(_hf_bert_config(), head='regress')

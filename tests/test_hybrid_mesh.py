@@ -7,7 +7,6 @@ import dataclasses
 import types
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
@@ -17,7 +16,10 @@ from bigjax.errors import UserError
 
 
 def _cfg(**sizes):
-  return ml_collections.ConfigDict(sizes)
+  """config.mesh of the base config with `sizes` changed."""
+  cfg = config_lib.base_config().mesh
+  cfg.update(sizes)
+  return cfg
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,5 @@
 import jax
 from jax.sharding import PartitionSpec as P
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -10,23 +9,30 @@ from bigjax import mesh as mesh_lib
 from bigjax.errors import UserError
 
 
+def _sizes(**sizes):
+  """config.mesh of the base config with `sizes` changed."""
+  cfg = config_lib.base_config().mesh
+  cfg.update(sizes)
+  return cfg
+
+
 def _mesh(**sizes):
-  return mesh_lib.make_mesh(ml_collections.ConfigDict(sizes))
+  return mesh_lib.make_mesh(_sizes(**sizes))
 
 
 def test_mesh_sizes_resolve_minus_one():
-  assert mesh_lib.mesh_shape(ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=2)), 8) == (
+  assert mesh_lib.mesh_shape(_sizes(data=-1, fsdp=2, tensor=2), 8) == (
     2,
     2,
     2,
   )
-  assert mesh_lib.mesh_shape(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)), 8) == (
+  assert mesh_lib.mesh_shape(_sizes(data=1, fsdp=-1, tensor=1), 8) == (
     1,
     8,
     1,
   )
   with pytest.raises(UserError, match='config.mesh.tensor=3 does not divide 8 devices'):
-    mesh_lib.mesh_shape(ml_collections.ConfigDict(dict(data=-1, tensor=3)), 8)
+    mesh_lib.mesh_shape(_sizes(data=-1, tensor=3), 8)
 
 
 def test_spec_for_follows_rules_and_skips_indivisible_or_used_axes():

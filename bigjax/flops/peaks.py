@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from bigjax.errors import UserError
+from bigjax.reporting import write_atomic
 
 # Dense bfloat16 peak FLOP/s per device (chip) from the vendors' datasheets, no sparsity.
 PEAK_FLOPS_PER_DEVICE = {
@@ -126,10 +127,7 @@ def _read_cache(path):
 def _write_cache(path, cache):
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
-      json.dump(cache, f, indent=1)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(cache, indent=1))
   except OSError:
     pass  # read-only home: measure again next time
 

@@ -252,20 +252,10 @@ def unfinished_reason(run: Run) -> str | None:
   if os.stat(results).st_mtime_ns <= os.stat(config).st_mtime_ns:
     return 'its results.json is older than its config.json'
   with open(config) as f:
-    saved, wanted = _flatten(json.load(f)), _flatten(run.config)
+    # Fields present on one side only (added to or removed from bigjax since the run) do not
+    # make a run unfinished; differing values of a field do.
+    saved, wanted = config_lib.flat_fields(json.load(f)), config_lib.flat_fields(run.config or {})
   changed = sorted(k for k in saved.keys() & wanted.keys() if saved[k] != wanted[k])
   if changed:
     return f"its config.json differs from the config the sweep asks for in {', '.join(changed)}"
   return None
-
-
-def _flatten(tree, prefix=''):
-  """{'a': {'b': 1}} -> {'a.b': 1}. Fields present on one side only (a field bigjax added or
-  removed since the run) do not make a run unfinished; differing values of a field do."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict) and value:
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat

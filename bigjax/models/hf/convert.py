@@ -1,5 +1,5 @@
-"""Helpers shared by the HuggingFace PyTorch checkpoint converters (`gpt.params_from_hf`,
-`bert.params_from_hf`): config field access, a state-dict view that checks names and shapes, the
+"""Helpers shared by the HuggingFace PyTorch checkpoint converters (`hf.gpt2.params_from_hf`,
+`hf.bert.params_from_hf`): config field access, a state-dict view that checks names and shapes, the
 abstract parameter tree of a model, per-layer stacking for scanned stacks, and the final check of
 a converted tree against the tree the model's `init` builds.
 
