@@ -1,7 +1,7 @@
 """Fine-tune BERT to classify the genre of a Shakespeare passage (comedy/tragedy/history/poem).
 
-  python -m bigjax.train --config=configs/bert_genre.py:init=runs/bert_mlm --workdir=runs/bert_genre
-  python -m bigjax.train --config=configs/bert_genre.py:init=none --workdir=runs/bert_genre_scratch
+  bigjax-train --config=bert_genre:init=runs/bert_mlm --workdir=runs/bert_genre
+  bigjax-train --config=bert_genre:init=none --workdir=runs/bert_genre_scratch
 
 Args: init=<workdir of a configs/bert_shakespeare_mlm.py run> (default runs/bert_mlm) loads the
 pretrained encoder (embeddings, stack, pooler; the classifier head starts fresh), init=none trains

@@ -1,6 +1,6 @@
 """BERT-style masked-LM + next-sentence pretraining on Shakespeare (byte-level, sentence pairs).
 
-  python -m bigjax.train --config=configs/bert_shakespeare_mlm.py --workdir=runs/bert_mlm
+  bigjax-train --config=bert_shakespeare_mlm --workdir=runs/bert_mlm
 
 Args: smoke. 4 post-LN layers, 4 heads, 128 wide, sequences of 128 bytes; AdamW 1e-3 with warmup +
 linear decay. Its workdir is what configs/bert_genre.py fine-tunes from.

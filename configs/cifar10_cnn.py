@@ -1,6 +1,6 @@
 """Small CNN on CIFAR-10 with augmentation: Conv32-Pool-Conv64-Pool-Dense64-Dense10.
 
-  python -m bigjax.train --config=configs/cifar10_cnn.py --workdir=runs/cifar10_cnn
+  bigjax-train --config=cifar10_cnn --workdir=runs/cifar10_cnn
 
 Needs TFDS cifar10 prepared in config.data.data_dir (`tfds build cifar10 --file_format=array_record`
 on a machine with internet). Augmentation: random crop (pad 4), horizontal flip, rotation up to 10

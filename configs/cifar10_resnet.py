@@ -1,6 +1,6 @@
 """ResNet-18 (CIFAR stem) on CIFAR-10: SGD momentum 0.9, lr 0.1 with warmup + cosine, wd 5e-4.
 
-  python -m bigjax.train --config=configs/cifar10_resnet.py --workdir=runs/cifar10_resnet
+  bigjax-train --config=cifar10_resnet --workdir=runs/cifar10_resnet
 
 Needs TFDS cifar10 prepared in config.data.data_dir. Args: depth=18|34|50; smoke (a narrow ResNet
 for a few steps). The standard recipe (200 epochs, this augmentation) is reported at ~95% in the

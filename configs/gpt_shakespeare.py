@@ -1,6 +1,6 @@
 """Byte-level GPT on Shakespeare's works (the shape of nanoGPT's character model).
 
-  python -m bigjax.train --config=configs/gpt_shakespeare.py --workdir=runs/gpt_shakespeare
+  bigjax-train --config=gpt_shakespeare --workdir=runs/gpt_shakespeare
 
 Args: size=nano (default: 6 layers, 6 heads, 384 wide, context 256, dropout 0.2, ~10.7M params),
 size=small (4 layers, 4 heads, 128 wide, context 128: the CPU benchmark shape), smoke (a tiny model

@@ -1,6 +1,6 @@
 """MLP with ReLU hidden layers and a sigmoid output (binary cross-entropy) on breast cancer.
 
-  python -m bigjax.train --config=configs/mlp_breast_cancer.py --workdir=runs/mlp_breast_cancer
+  bigjax-train --config=mlp_breast_cancer --workdir=runs/mlp_breast_cancer
 
 Features are standardised with the training split's statistics; 455 train / 114 test examples.
 The sigmoid is applied inside the loss (numerically stable logits); predictions are sigmoid(logit).

@@ -1,6 +1,6 @@
 """Deep MLP on mnist5k digits (flattened 28x28), trained with plain SGD + momentum.
 
-  python -m bigjax.train --config=configs/mlp_mnist.py:depth=6 --workdir=runs/mlp_mnist
+  bigjax-train --config=mlp_mnist:depth=6 --workdir=runs/mlp_mnist
 
 Args: depth (hidden layers, default 2), width (units per hidden layer, default 64), smoke (a few
 steps, for tests). The activation, initializer and normalization are model kwargs

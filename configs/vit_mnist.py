@@ -1,6 +1,6 @@
 """Small Vision Transformer on MNIST: 7x7 patches (16 tokens + class token), 4 pre-LN layers, 64 wide.
 
-  python -m bigjax.train --config=configs/vit_mnist.py --workdir=runs/vit_mnist
+  bigjax-train --config=vit_mnist --workdir=runs/vit_mnist
 
 Args: data=mnist5k (default, offline) | tfds (full MNIST); smoke. AdamW 1e-3 with warmup + cosine.
 """

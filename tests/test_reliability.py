@@ -7,13 +7,15 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
 from bigjax import checkpoint, experiment, train
+from bigjax.data import pipeline
 from bigjax.errors import NonFiniteError
 
-from conftest import REPO, load_config
+from conftest import load_config
 
 
 def _poisoned(monkeypatch, bad_rows):
@@ -42,12 +44,24 @@ def test_nan_policy_raise_names_the_step_and_last_good_checkpoint(
   config = _config()
   config.batch_size = 65  # 7 steps per epoch; NaN rows reach the batch in epoch 1 at the latest
   _poisoned(monkeypatch, [3])
-  with pytest.raises(NonFiniteError, match=r'NaN/Inf at step (\d+); last good checkpoint'):
+  # The first step whose batch holds the NaN row (batches are a pure function of seed and step),
+  # the checkpoints saved before it (every 4 steps, kept 3), and the one the message must name.
+  poisoned = experiment.load_data(config)[0]
+  batches = pipeline.TrainBatches(poisoned, config.batch_size, config.seed)
+  bad = 1 + next(s for s in range(config.num_steps) if np.isnan(batches.batch(s)['inputs']).any())
+  saved = [s for s in range(4, bad, 4)][-config.keep_checkpoints :]
+  where = f'step {saved[-1]} in {tmp_path / "checkpoints"}' if saved else 'none saved yet'
+  with pytest.raises(NonFiniteError) as e:
     train.train_and_evaluate(config, str(tmp_path), devices=one_device)
-  # Every checkpoint that was written holds finite parameters.
-  if (tmp_path / 'checkpoints').exists() and os.listdir(tmp_path / 'checkpoints'):
+  assert str(e.value).startswith(
+    f'loss or gradient norm is NaN/Inf at step {bad}; last good '
+    f'checkpoint: {where}. Lower config.optim.lr'
+  )
+  steps = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())
+  assert steps == saved  # nothing saved at or after the NaN step
+  if saved:  # every checkpoint that was written holds finite parameters
     _, state = checkpoint.load_latest(tmp_path / 'checkpoints')
-    assert all(np.isfinite(x).all() for x in __import__('jax').tree.leaves(state['params']))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state['params']))
 
 
 def test_nan_policy_skip_drops_bad_updates_and_counts_them(tmp_path, monkeypatch, one_device):
@@ -61,29 +75,43 @@ def test_nan_policy_skip_drops_bad_updates_and_counts_them(tmp_path, monkeypatch
 
 
 def test_sigterm_saves_and_rerun_resumes(tmp_path):
+  """SIGTERM once training is under way (its first logged step is in history.jsonl): the step in
+  flight finishes, one checkpoint is written, exit 143; the re-run, told to stop 20 steps later
+  (a longer/shorter constant-lr run needs no flag), resumes there."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  workdir = tmp_path / 'run'
   cmd = [
     sys.executable,
     '-m',
     'bigjax.train',
-    '--config=configs/mnist_cnn.py',
-    f'--workdir={tmp_path}',
+    '--config=mnist_cnn',
+    f'--workdir={workdir}',
     '--config.checkpoint_every=100000',
-    '--config.num_epochs=4',
+    '--config.num_epochs=40',
+    '--config.log_every=10',
   ]
   proc = subprocess.Popen(
-    cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
   )
+  history = workdir / 'history.jsonl'
   deadline = time.time() + 120
-  while not (tmp_path / 'tensorboard').exists() and time.time() < deadline:
-    time.sleep(0.1)
-  time.sleep(2)  # let it train some of its 248 steps
-  proc.send_signal(signal.SIGTERM)
+  while not (history.exists() and history.read_text().strip()) and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)  # 2,480 steps: far from done
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 143, err
   assert 'run the same command again to resume' in err
-  steps = [int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit()]
-  assert len(steps) == 1 and 0 < steps[0] < 248
-  subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
-  results = json.load(open(tmp_path / 'results.json'))
-  assert results['step'] == 248 and results['steps_this_run'] == 248 - steps[0]
+  steps = [int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit()]
+  assert len(steps) == 1 and 10 <= steps[0] < 2480
+  end = steps[0] + 20
+  subprocess.run(
+    [*cmd, f'--config.num_steps={end}'],
+    cwd=tmp_path,
+    env=env,
+    check=True,
+    capture_output=True,
+    timeout=300,
+  )
+  with open(workdir / 'results.json') as f:
+    results = json.load(f)
+  assert results['step'] == end and results['steps_this_run'] == 20

@@ -42,6 +42,7 @@ def test_mlp_breast_cancer_reaches_95_percent(tmp_path, one_device):
   assert np.sum(report['confusion_matrix']) == 114
 
 
+@pytest.mark.slow  # 3 full trainings (~55 s); CI runs it in its `-m slow` pass
 def test_mnist_cnn_reaches_96_percent_on_mnist5k(tmp_path, one_device):
   """The classic recipe, 10 epochs, 3 seeds: mean test accuracy >= 96% on the 1,000 held-out digits."""
   accuracies = []

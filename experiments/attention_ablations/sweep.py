@@ -1,6 +1,6 @@
 """Table 3 of "Attention Is All You Need" (rows A, D, E) at small scale on the Shakespeare LM.
 
-  python -m bigjax.sweep --sweep=experiments/attention_ablations/sweep.py --workdir=runs/attention_ablations
+  bigjax-sweep --sweep=experiments/attention_ablations/sweep.py --workdir=runs/attention_ablations
 
 Base model (like the paper's base: sinusoidal positions, dropout 0.1, label smoothing 0.1):
 configs/gpt_shakespeare.py:size=small (4 layers, 128 wide, byte-level, context 64, batch 32),

@@ -1,6 +1,6 @@
 """Post-LN vs pre-LN Transformer LM, with and without learning-rate warmup, at two learning rates.
 
-  python -m bigjax.sweep --sweep=experiments/layernorm_warmup/sweep.py --workdir=runs/layernorm_warmup
+  bigjax-sweep --sweep=experiments/layernorm_warmup/sweep.py --workdir=runs/layernorm_warmup
 
 Claim under test (Xiong et al. 2020, "On Layer Normalization in the Transformer Architecture"):
 post-LN Transformers need a warmup stage to train well; pre-LN ones train without it.

@@ -1,6 +1,6 @@
 """MLP on breast_cancer with 5-fold cross-validation: accuracy, precision, recall, F1, ROC-AUC.
 
-  python -m bigjax.sweep --sweep=experiments/mlp_metrics_cv/sweep.py --workdir=runs/mlp_metrics_cv
+  bigjax-sweep --sweep=experiments/mlp_metrics_cv/sweep.py --workdir=runs/mlp_metrics_cv
 
 configs/mlp_breast_cancer.py as shipped; fold i trains on the other four fifths of the 455-example
 train split and is scored on fold i (stratified folds, fixed seed). Besides the runner's table it

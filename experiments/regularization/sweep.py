@@ -1,6 +1,6 @@
 """Dropout x weight decay x data augmentation on the MNIST CNN trained on 500 digits, 3 seeds.
 
-  python -m bigjax.sweep --sweep=experiments/regularization/sweep.py --workdir=runs/regularization
+  bigjax-sweep --sweep=experiments/regularization/sweep.py --workdir=runs/regularization
 
 configs/mnist_cnn.py on the first 500 training digits (train[:500]) for 40 epochs (320 steps of 64)
 with AdamW 1e-3; scored on the 1,000 test digits. Axes: dropout before the classifier (0 / 0.5),

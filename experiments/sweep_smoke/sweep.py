@@ -1,6 +1,6 @@
 """A tiny sweep for tests/test_sweep.py: the breast-cancer MLP smoke config, 2 settings x 2 seeds.
 
-  python -m bigjax.sweep --sweep=experiments/sweep_smoke/sweep.py --workdir=runs/sweep_smoke
+  bigjax-sweep --sweep=experiments/sweep_smoke/sweep.py --workdir=runs/sweep_smoke
 
 Each run is 210 steps (15 epochs, a checkpoint every 14 steps), about 12 s on a CPU, most of it
 start-up; long enough for the test to kill the sweep in the middle of a run. The two settings zip a

@@ -1,6 +1,6 @@
 """Deep MLPs on mnist5k: depth x activation x {plain init, scaled init, + LayerNorm}, SGD.
 
-  python -m bigjax.sweep --sweep=experiments/vanishing_gradients/sweep.py --workdir=runs/vanishing_gradients
+  bigjax-sweep --sweep=experiments/vanishing_gradients/sweep.py --workdir=runs/vanishing_gradients
 
 configs/mlp_mnist.py (64-unit hidden layers, SGD + momentum 0.9, lr 0.05, batch 64, 5 epochs = 310
 steps, one seed). Axes: 2 / 6 / 12 hidden layers; sigmoid / tanh / ReLU; and the initialization
