@@ -95,8 +95,15 @@ def base_config():
   c.mesh = dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
   # Multi-process runs: set coordinator_address/num_processes/process_id (one command per process,
   # differing in process_id), or auto=True on TPU pods / SLURM (see mesh.initialize_distributed).
+  # peer_timeout_s: a peer with no sign of life for this long ends the run with one line
+  # (bigjax.preemption.PeerWatch); XLA's own heartbeat abort is set to come later.
   c.distributed = dict(
-    coordinator_address='', num_processes=1, process_id=0, auto=False, timeout_s=300
+    coordinator_address='',
+    num_processes=1,
+    process_id=0,
+    auto=False,
+    timeout_s=300,
+    peer_timeout_s=60,
   )
   # Logical axis -> mesh axes; the first rule whose mesh axes are free and divide the dimension
   # wins (bigjax/mesh.py). Conv kernels are split on their output channels only: XLA:CPU's SPMD
@@ -219,6 +226,7 @@ RANGES = (
   ('augment.max_rotate_degrees', 0.0, 'an angle'),
   ('augment.max_scale', 0.0, 'a scale fraction'),
   ('distributed.timeout_s', 1, 'seconds'),
+  ('distributed.peer_timeout_s', 1, 'seconds'),
 )
 
 

@@ -34,15 +34,20 @@ def initialize_distributed(cfg):
   """
   if jax.distributed.is_initialized():
     return
+  # XLA aborts every process after its heartbeat timeout; bigjax's PeerWatch reports a lost peer
+  # with one line after peer_timeout_s, so XLA's comes well after it.
+  timeouts = dict(
+    initialization_timeout=cfg.timeout_s, heartbeat_timeout_seconds=int(2 * cfg.peer_timeout_s + 30)
+  )
   if cfg.coordinator_address:
     jax.distributed.initialize(
       coordinator_address=cfg.coordinator_address,
       num_processes=cfg.num_processes,
       process_id=cfg.process_id,
-      initialization_timeout=cfg.timeout_s,
+      **timeouts,
     )
   elif cfg.auto:
-    jax.distributed.initialize(initialization_timeout=cfg.timeout_s)
+    jax.distributed.initialize(**timeouts)
 
 
 def _resolve(sizes, num_devices, devices_text):

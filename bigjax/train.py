@@ -31,7 +31,7 @@ from bigjax import cli, experiment, flops, history, init_from, reporting, steps
 from bigjax import mesh as mesh_lib
 from bigjax import workdir as workdir_lib
 from bigjax.errors import NonFiniteError, Preempted, UserError
-from bigjax.preemption import Preemption
+from bigjax.preemption import PeerWatch, Preemption
 
 
 def save_eval_predictions(path: str, task, outputs, labels) -> None:
@@ -195,7 +195,11 @@ def _train(config, exp, workdir, saved, loaded, allow_config_change, t_start) ->
       )
 
   try:
-    with Preemption(config.log_every) as preemption:
+    last_saved = lambda: f'{loop.last_saved} in {ckpt.directory}' if loop.last_saved else 'none'
+    with (
+      Preemption(config.log_every) as preemption,
+      PeerWatch(config.distributed.peer_timeout_s, last_saved, config.distributed.timeout_s),
+    ):
       while loop.step < exp.total_steps and not early.stopped:
         state, metrics = train_step(state, exp.to_global(exp.batches.batch(loop.step)))
         if loop.t_train is None:  # throughput counts the steps after the first (warm-up) one

@@ -146,3 +146,42 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
   assert 'preemption of a peer process' in errs[0] and 'SIGTERM received' in errs[1]
   saved = [int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit()]
   assert len(saved) == 1 and saved[0] % 5 == 0
+
+
+def test_a_lost_peer_ends_the_survivor_with_one_line_naming_it(tmp_path):
+  """A peer that stops without closing its connections (a lost or frozen node: SIGSTOP here) used to
+  hang the survivors until XLA's heartbeat abort (~100 s, a C++ trace); now process 0 exits within
+  the configured peer timeout (3 s here; XLA's abort is set to 36 s) with one line naming the lost
+  process and the last saved step."""
+  procs = _start(
+    tmp_path,
+    [
+      '--config.num_epochs=2000',
+      '--config.checkpoint_every=20',
+      '--config.log_every=5',
+      '--config.distributed.peer_timeout_s=3',
+    ],
+    2,
+    4,
+  )
+  deadline = time.time() + 120
+  while not (tmp_path / 'checkpoints' / '20').exists() and time.time() < deadline:
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGSTOP)
+  lost = time.time()
+  try:
+    procs[0].wait(timeout=60)
+  finally:
+    procs[1].kill()
+  waited = time.time() - lost
+  codes, errs = _wait(procs, timeout=60)
+  assert codes == [3, -signal.SIGKILL], errs
+  # (the progress bar shares stderr: split on its carriage returns too)
+  lines = [l for l in errs[0].replace('\r', '\n').splitlines() if l.startswith('bigjax:')]
+  assert lines[-1].startswith(
+    'bigjax: process 1 of 2 stopped responding (no sign of life for 3 s); last saved step: '
+  )
+  assert lines[-1].endswith('Restart every process with the same command to resume from it')
+  assert waited < 20, waited  # 3 s after its last sign of life (it may predate the SIGSTOP)
+  saved = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit())
+  assert saved and f'last saved step: {saved[-1]} in ' in lines[-1]
