@@ -163,6 +163,7 @@ def check_config(config, data_parallel: int, processes: int) -> None:
   """Validates the base fields that no component checks by itself (UserError naming the field).
 
   data_parallel: the mesh's data x fsdp size; processes: jax.process_count()."""
+  check_complete(config)
   check_ranges(config)
   for field in ('batch_size', 'eval_batch_size'):
     value = config[field]
@@ -267,3 +268,21 @@ def flat_fields(tree: dict, prefix: str = '') -> dict:
     else:
       flat[f'{prefix}{key}'] = value
   return flat
+
+
+# Groups whose fields are the component's own (any kwargs a model or task accepts).
+FREE_GROUPS = ('model.kwargs', 'task.kwargs')
+
+
+def check_complete(config) -> None:
+  """UserError naming the first base_config field the config lacks: a group replaced by a dict
+  without all its fields (`config.mesh = dict(data=2)`) instead of updated."""
+  base = flat_fields(base_config().to_dict())
+  have = flat_fields(config.to_dict())
+  for field in base:
+    if field not in have and not any(field.startswith(g + '.') or field == g for g in FREE_GROUPS):
+      group = field.rpartition('.')[0] or 'config'
+      raise UserError(
+        f'config.{field} is missing (config.{group} was replaced by a dict without it); set the '
+        f'fields one by one (config.{group}.x = ...) or with config.{group}.update(...)'
+      )

@@ -89,26 +89,16 @@ class Model(nn.Module):
     x = transformer.norm('layernorm', self.norm_eps, dtype, param_dtype, 'embed_norm')(x)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     mask = attention.padding_mask(inputs != self.pad_id)
-    x = transformer.Stack(
-      self.num_layers,
-      scan=self.scan,
-      remat=self.remat,
-      name='stack',
-      block=dict(
-        num_heads=self.num_heads,
-        head_dim=self.embed_dim // self.num_heads,
-        mlp_dim=self.mlp_dim or 4 * self.embed_dim,
-        num_kv_heads=self.num_kv_heads,
-        activation=self.activation,
-        dropout_rate=self.dropout,
-        attention_dropout_rate=self.dropout,
-        norm='layernorm',
-        norm_eps=self.norm_eps,
-        pre_ln=self.pre_ln,
-        attention=self.attention,
-        dtype=dtype,
-        param_dtype=param_dtype,
-      ),
+    x = transformer.encoder_stack(
+      self,
+      dtype,
+      param_dtype,
+      num_kv_heads=self.num_kv_heads,
+      activation=self.activation,
+      attention_dropout_rate=self.dropout,
+      norm='layernorm',
+      norm_eps=self.norm_eps,
+      pre_ln=self.pre_ln,
     )(x, mask, train=train)
     pooled = nn.tanh(layers.dense(self.embed_dim, ('embed', 'mlp'), name='pooler', **kw)(x[:, 0]))
     if self.head == 'classify':

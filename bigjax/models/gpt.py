@@ -96,30 +96,20 @@ class Model(nn.Module):
       x = x * jnp.sqrt(self.embed_dim).astype(x.dtype)
       x = x + jnp.take(table, positions, axis=0).astype(x.dtype)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
-    x = transformer.Stack(
-      self.num_layers,
-      scan=self.scan,
-      remat=self.remat,
-      name='stack',
-      block=dict(
-        num_heads=self.num_heads,
-        head_dim=self.embed_dim // self.num_heads,
-        mlp_dim=self.mlp_dim or 4 * self.embed_dim,
-        num_kv_heads=self.num_kv_heads,
-        activation=self.activation,
-        dropout_rate=self.dropout,
-        attention_dropout_rate=self.dropout,
-        norm=self.norm,
-        norm_eps=self.norm_eps,
-        pre_ln=self.pre_ln,
-        causal=True,
-        rotary=self.positions == 'rotary',
-        attention=self.attention,
-        use_bias=self.use_bias,
-        max_decode_length=self.max_len,
-        dtype=dtype,
-        param_dtype=param_dtype,
-      ),
+    x = transformer.encoder_stack(
+      self,
+      dtype,
+      param_dtype,
+      num_kv_heads=self.num_kv_heads,
+      activation=self.activation,
+      attention_dropout_rate=self.dropout,
+      norm=self.norm,
+      norm_eps=self.norm_eps,
+      pre_ln=self.pre_ln,
+      causal=True,
+      rotary=self.positions == 'rotary',
+      use_bias=self.use_bias,
+      max_decode_length=self.max_len,
     )(x, None, positions, train=train, decode=decode)
     return embed.attend(x).astype(jnp.float32)
 

@@ -221,3 +221,25 @@ class Stack(nn.Module):
         'final_norm',
       )(x)
     return x
+
+
+def encoder_stack(model: nn.Module, dtype, param_dtype, **block: Any) -> Stack:
+  """The Stack of a GPT/BERT/ViT-style `model` from its own num_layers, scan, remat, num_heads,
+  embed_dim, mlp_dim (0 = 4 * embed_dim), dropout and attention fields; `block` adds or overrides
+  Block fields (norm, causal, rotary, ...)."""
+  return Stack(
+    model.num_layers,
+    scan=model.scan,
+    remat=model.remat,
+    name='stack',
+    block=dict(
+      num_heads=model.num_heads,
+      head_dim=model.embed_dim // model.num_heads,
+      mlp_dim=model.mlp_dim or 4 * model.embed_dim,
+      dropout_rate=model.dropout,
+      attention=model.attention,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      **block,
+    ),
+  )

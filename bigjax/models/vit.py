@@ -67,22 +67,7 @@ class Model(nn.Module):
       n, self.embed_dim, self.dtype, self.param_dtype, name='position_embed'
     )(jnp.broadcast_to(jnp.arange(n), (b, n)))
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
-    x = transformer.Stack(
-      self.num_layers,
-      scan=self.scan,
-      remat=self.remat,
-      name='stack',
-      block=dict(
-        num_heads=self.num_heads,
-        head_dim=self.embed_dim // self.num_heads,
-        mlp_dim=self.mlp_dim or 4 * self.embed_dim,
-        dropout_rate=self.dropout,
-        pre_ln=True,
-        attention=self.attention,
-        dtype=dtype,
-        param_dtype=param_dtype,
-      ),
-    )(x, train=train)
+    x = transformer.encoder_stack(self, dtype, param_dtype, pre_ln=True)(x, train=train)
     x = x[:, 0] if self.pool == 'cls' else x.mean(1)
     return layers.dense(
       self.num_classes, ('embed', 'classes'), name='head', dtype=dtype, param_dtype=param_dtype
