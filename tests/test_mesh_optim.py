@@ -81,18 +81,50 @@ def test_schedules(schedule, checks):
 
 @pytest.mark.parametrize('name', ['sgd', 'momentum', 'nesterov', 'adam', 'adamw'])
 def test_weight_decay_skips_biases_and_clipping_bounds_the_update(name):
-  params = {'kernel': jax.numpy.ones((2, 2)), 'bias': jax.numpy.ones((2,))}
-  cfg = _optim(name=name, lr=0.1, weight_decay=0.5, clip_norm=1e-3)
+  jnp = jax.numpy
+  lr, wd, clip = 0.1, 0.5, 1e-3
+  params = {'kernel': jnp.array([[1.0, -2.0], [0.5, 3.0]]), 'bias': jnp.ones((2,))}
+  cfg = _optim(name=name, lr=lr, weight_decay=wd, clip_norm=clip)
   tx = optim.make_optimizer(cfg, 10)
-  zero = jax.tree.map(jax.numpy.zeros_like, params)
+  zero = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zero, tx.init(params), params)  # zero gradient: only decay moves params
-  assert float(jax.numpy.abs(updates['bias']).max()) == 0.0
-  assert float(jax.numpy.abs(updates['kernel']).max()) > 0.0
-  big = jax.tree.map(lambda p: 1e3 * jax.numpy.ones_like(p), params)
+  assert float(jnp.abs(updates['bias']).max()) == 0.0
+  assert float(jnp.abs(updates['kernel']).max()) > 0.0
+  # The exact first step of the decay term wd * param: -lr * wd * param (the decayed weights enter
+  # sgd/momentum as the gradient, adamw adds them after Adam); nesterov's look-ahead makes it
+  # (1 + momentum)x; adam normalises the term like a gradient, so each weight moves by
+  # -lr * wd * p / (|wd * p| + eps).
+  decay = wd * params['kernel']
+  expected = {
+    'sgd': -lr * decay,
+    'momentum': -lr * decay,
+    'nesterov': -lr * (1 + cfg.momentum) * decay,
+    'adam': -lr * decay / (jnp.abs(decay) + cfg.eps),
+    'adamw': -lr * decay,
+  }[name]
+  # (adam: float32 rounding of its bias correction 1 - b2 moves the step by 7e-6 of itself)
+  np.testing.assert_allclose(updates['kernel'], expected, rtol=2e-5 if name == 'adam' else 1e-6)
+  big = jax.tree.map(lambda p: 1e3 * jnp.ones_like(p), params)
   cfg.weight_decay = 0.0
   tx = optim.make_optimizer(cfg, 10)
-  updates, _ = tx.update(big, tx.init(params), params)
+  updates, state = tx.update(big, tx.init(params), params)
   if name in ('sgd', 'momentum', 'nesterov'):  # first step: update = -lr * clipped gradient
     np.testing.assert_allclose(
       optax.tree.norm(updates), 0.1 * 1e-3 * (1 if name != 'nesterov' else 1.9), rtol=1e-4
+    )
+  # Every optimizer's first update is its unclipped update of the gradient scaled to norm clip_norm.
+  clipped = jax.tree.map(lambda g: g * (clip / optax.tree.norm(big)), big)
+  cfg.clip_norm = 0.0
+  plain = optim.make_optimizer(cfg, 10)
+  reference, _ = plain.update(clipped, plain.init(params), params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), updates, reference)
+  if name in ('adam', 'adamw'):
+    # Adam's first update is about -lr per weight at any gradient scale; its moments show the
+    # clipping: mu = (1 - b1) * clipped gradient, nu = (1 - b2) * its square.
+    mu, nu = optax.tree.get(state, 'mu'), optax.tree.get(state, 'nu')
+    jax.tree.map(
+      lambda m, g: np.testing.assert_allclose(m, (1 - cfg.b1) * g, rtol=1e-6), mu, clipped
+    )
+    jax.tree.map(
+      lambda v, g: np.testing.assert_allclose(v, (1 - cfg.b2) * g**2, rtol=1e-5), nu, clipped
     )

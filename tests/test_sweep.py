@@ -179,12 +179,14 @@ def test_killed_sweep_resumes_its_runs_when_rerun(finished):
 
 
 def test_failed_runs_are_reported_and_the_others_go_on(tmp_path, capsys):
-  # Batches larger than the 455-example training split: each run exits 2 at start-up.
+  # Batches larger than the 455-example training split: those runs exit 2 at start-up. The good
+  # run (batch 32) starts beside the first failure and the second failure starts after it, so a
+  # failure that stopped the running runs or the launching of the others would show.
   path = _write_sweep(
     tmp_path,
     "def get_sweep():\n  return sweep.Sweep(\n"
     "      config='mlp_breast_cancer:smoke', seeds=[0],\n"
-    "      settings=sweep.axis('batch_size', [8000, 9000]),\n"
+    "      settings=sweep.axis('batch_size', [8000, 32, 9000]),\n"
     "      metrics=['accuracy'])\n",
   )
   workdir = tmp_path / 'out'
@@ -192,11 +194,18 @@ def test_failed_runs_are_reported_and_the_others_go_on(tmp_path, capsys):
     sweep.main(['bigjax-sweep', f'--sweep={path}', f'--workdir={workdir}', '--jobs=2'])
   err = capsys.readouterr().err
   assert exit_info.value.code == 1
-  assert '2 of 2 runs failed: batch_size=8000/seed_0, batch_size=9000/seed_0' in err
+  assert '2 of 3 runs failed: batch_size=8000/seed_0, batch_size=9000/seed_0' in err
   assert 'config.batch_size=9000 is larger than the training split' in err  # the log's tail
   rows = _read_csv(str(workdir))
-  assert [(r['status'], r['accuracy']) for r in rows] == [('failed', '')] * 2
-  assert [row[1:] for row in _md_rows(str(workdir))] == [['—', '0']] * 2
+  assert [r['setting'] for r in rows] == ['batch_size=8000', 'batch_size=32', 'batch_size=9000']
+  assert [(r['status'], r['accuracy']) for r in rows[::2]] == [('failed', '')] * 2
+  # The good run finished: its results.json, and its row in results.csv and results.md.
+  results = _results(str(workdir), 'batch_size=32', 0)
+  assert rows[1]['status'] == 'finished' and int(rows[1]['step']) == results['step'] > 0
+  assert float(rows[1]['accuracy']) == results['eval']['accuracy'] > 0.5
+  md = [row[1:] for row in _md_rows(str(workdir))]
+  assert md[::2] == [['—', '0']] * 2
+  assert md[1] == [f'{results["eval"]["accuracy"]:.4g} ± 0', '1']
 
 
 @pytest.mark.parametrize(
@@ -337,10 +346,7 @@ def test_folds_set_cv_fields(tmp_path):
     "def get_sweep():\n  return sweep.Sweep(\n"
     "      config='mlp_breast_cancer:smoke', folds=3, seeds=[7])\n",
   )
-  if 'cv_folds' not in config_lib.base_config().data:  # cross-validation not in the config yet
-    with pytest.raises(UserError, match="sweep seeds/folds field 'data.cv_folds'"):
-      sweep.plan.plan(sweep.load_sweep(path), str(tmp_path))
-    return
+  assert 'cv_folds' in config_lib.base_config().data
   runs = sweep.plan.plan(sweep.load_sweep(path), str(tmp_path))
   assert [
     (r.name, r.seed, r.config['data']['cv_fold'], r.config['data']['cv_folds']) for r in runs

@@ -1,5 +1,7 @@
 """GPT / BERT / ViT models, generation, LM tasks, and their end-to-end training."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -76,17 +78,37 @@ def test_gpt_rejects_bad_lengths_and_token_ids():
     pipeline.check_tokens({'inputs': np.array([[1, 2, 3], [4, 5, 300]])}, 260, 'toy', 'train')
 
 
+def _has_remat(fn, *args):
+  """Whether the jaxpr of fn(*args) holds a jax.checkpoint (remat) primitive."""
+  return re.search(r'\b(remat\w*|checkpoint)\[', str(jax.make_jaxpr(fn)(*args))) is not None
+
+
+def _compiled_dots(fn, *args):
+  """Number of dot ops in the optimised XLA program of jax.jit(fn)(*args)."""
+  return len(re.findall(r' dot\(', jax.jit(fn).lower(*args).compile().as_text()))
+
+
 def test_scan_and_remat_give_the_same_function():
   _, params, tokens = _gpt()
   base = dict(vocab_size=50, num_layers=2, num_heads=4, embed_dim=32, max_len=16)
   ref_model = gpt.Model(**base)
   loss = lambda m, p: (m.apply({'params': p}, tokens) ** 2).mean()
   ref_value, ref_grad = jax.value_and_grad(lambda p: loss(ref_model, p))(params)
+  grad_fn = lambda m: jax.grad(lambda p: loss(m, p))
+  assert not _has_remat(grad_fn(ref_model), params)
+  dots = {'none': _compiled_dots(grad_fn(ref_model), params)}
   for remat in ('full', 'dots'):
     m = gpt.Model(**base, remat=remat)
     value, grad = jax.value_and_grad(lambda p: loss(m, p))(params)
     np.testing.assert_allclose(value, ref_value, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grad, ref_grad)
+    # remat is on: the gradient holds jax.checkpoint, and the compiled backward pass recomputes
+    # matmuls of the forward pass.
+    assert _has_remat(grad_fn(m), params), remat
+    dots[remat] = _compiled_dots(grad_fn(m), params)
+  # 'full' recomputes every matmul of the blocks, 'dots' only those with batch dimensions (the
+  # attention scores and their weighted sum: it saves the projections' outputs).
+  assert dots['none'] < dots['dots'] < dots['full'], dots
   m = gpt.Model(**base, scan=True)
   sp = nn.meta.unbox(m.init(jax.random.key(0), tokens)['params'])
   assert sp['stack']['layers']['mlp']['wi']['kernel'].shape == (2, 32, 128)  # stacked on 'layers'
@@ -102,6 +124,12 @@ def test_scan_and_remat_give_the_same_function():
   np.testing.assert_allclose(
     m.apply({'params': sp}, tokens), ref_model.apply({'params': params}, tokens), atol=1e-5
   )
+  # scan is on: one scanned layer, a loop in the compiled program (the unscanned model unrolls).
+  apply = lambda model, p: model.apply({'params': p}, tokens)
+  assert 'scan[' in str(jax.make_jaxpr(lambda p: apply(m, p))(sp))
+  assert 'scan[' not in str(jax.make_jaxpr(lambda p: apply(ref_model, p))(params))
+  compiled = lambda model, p: jax.jit(lambda p: apply(model, p)).lower(p).compile().as_text()
+  assert 'while' in compiled(m, sp) and 'while' not in compiled(ref_model, params)
 
 
 def test_bert_ignores_padding_and_has_all_heads():
@@ -171,7 +199,7 @@ def test_gpt_sharded_training_matches_one_device(tmp_path, one_device):
   config = load_config('gpt_shakespeare', 'smoke')
   config.num_steps, config.log_every = 8, 1
   ref = train.train_and_evaluate(config, str(tmp_path / 'one'), devices=one_device)
-  config.mesh = dict(data=2, fsdp=2, tensor=2)
+  config.mesh.update(data=2, fsdp=2, tensor=2)
   sharded = train.train_and_evaluate(config, str(tmp_path / 'mesh'))
   losses = lambda r: [h['loss'] for h in r['history'] if h['split'] == 'train']
   np.testing.assert_allclose(losses(sharded), losses(ref), rtol=2e-5)
