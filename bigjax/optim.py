@@ -3,8 +3,8 @@
 config.optim fields: name (sgd | momentum | nesterov | adam | adamw), lr, schedule (constant |
 warmup_cosine | warmup_linear | step), warmup_steps, end_lr_fraction (cosine/linear floor),
 step_boundaries (fractions of training) with step_decay, momentum, b1, b2, eps, weight_decay,
-clip_norm (global-norm clipping; 0 = off). Weight decay never touches biases or norm scales
-(parameters with fewer than 2 dimensions).
+clip_norm (global-norm clipping; 0 = off). Weight decay touches only kernels and embeddings
+(`decay_mask`: never biases, norm scales or class tokens).
 """
 
 import jax
@@ -57,9 +57,19 @@ def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
   return SCHEDULES.get(cfg.schedule)(cfg, total_steps)
 
 
+DECAYED = ('kernel', 'embedding')  # weight matrices and embedding tables, by their flax names
+
+
 def decay_mask(params):
-  """True for parameters that get weight decay: kernels/embeddings (ndim >= 2), not biases/scales."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """True for the parameters that get weight decay: kernels and embeddings, by name (not biases,
+  norm scales, class tokens). By name, not by rank: attention biases are (heads, head_dim) and a
+  scanned stack gives every bias and scale a leading layer axis."""
+
+  def decays(path, _):
+    last = path[-1]
+    return str(getattr(last, 'key', getattr(last, 'name', last))) in DECAYED
+
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 OPTIMIZERS.add('sgd', lambda cfg, lr: optax.sgd(lr))

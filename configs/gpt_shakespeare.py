@@ -2,7 +2,7 @@
 
   bigjax-train --config=gpt_shakespeare --workdir=runs/gpt_shakespeare
 
-Args: size=nano (default: 6 layers, 6 heads, 384 wide, context 256, dropout 0.2, ~10.7M params),
+Args: size=nano (default: 6 layers, 6 heads, 384 wide, context 256, dropout 0.2, 10.85M params),
 size=small (4 layers, 4 heads, 128 wide, context 128: the CPU benchmark shape), smoke (a tiny model
 for a few steps); tokenizer=sentencepiece (a 1,024-piece BPE trained on the train split instead of
 bytes; divide the reported bits per byte by the tokenizer's bytes per token, 2.28 on validation).
