@@ -165,7 +165,11 @@ def _kill_after_checkpoint(cmd, env, ckpts, step):
   proc.wait()
 
 
-@pytest.mark.parametrize('name', list(KILL_RUNS))
+# The MLP runs by default; the CNN and GPT kills (~30 s each) run in CI's `-m slow` pass.
+@pytest.mark.parametrize(
+  'name',
+  [n if n == 'mlp_breast_cancer' else pytest.param(n, marks=pytest.mark.slow) for n in KILL_RUNS],
+)
 def test_killed_and_rerun_ends_with_identical_parameters(name, tmp_path):
   """SIGKILL at two points (mid-epoch), re-run the same command each time: bitwise equal result."""
   config, overrides, kill_points, final = KILL_RUNS[name]
