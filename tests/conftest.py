@@ -33,3 +33,38 @@ def load_config(name, arg=None):
   return config_lib.load_config_file(
     os.path.join(REPO, 'configs', f'{name}.py') + (f':{arg}' if arg else '')
   )
+
+
+def file_digests(directory):
+  """{relative path: sha1} of every file under `directory` but the workdir lock (its holder's pid
+  changes): what must stay bitwise unchanged when a run refuses to start."""
+  import hashlib
+
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in set(files) - {'.lock'}:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, directory)] = hashlib.sha1(f.read()).hexdigest()
+  return out
+
+
+def signal_once_training(cmd, cwd, workdir, sig, timeout=120):
+  """Starts `cmd` (a bigjax-train command line) in `cwd`, sends `sig` once workdir/history.jsonl
+  holds its first logged step (training is under way), and returns (exit status, stderr)."""
+  import subprocess
+  import time
+
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  proc = subprocess.Popen(
+    cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
+  history = os.path.join(workdir, 'history.jsonl')
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(history) and open(history).read().strip():
+      break
+    time.sleep(0.05)
+  proc.send_signal(sig)
+  _, err = proc.communicate(timeout=timeout)
+  return proc.returncode, err

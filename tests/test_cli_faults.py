@@ -12,14 +12,11 @@ on stderr (exactly, where the README gives it), and what is on disk afterwards.
 """
 
 import errno
-import hashlib
 import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 
 import flax
 import jax
@@ -29,7 +26,7 @@ import pytest
 from bigjax import checkpoint, experiment, init_from, reporting, sample, train
 from bigjax import steps as steps_lib
 
-from conftest import REPO, load_config
+from conftest import file_digests, load_config, signal_once_training
 
 
 def _bigjax_lines(text):
@@ -46,16 +43,6 @@ def _main(argv, capsys):
   err = capsys.readouterr().err
   assert 'Traceback' not in err, err
   return code, _bigjax_lines(err)
-
-
-def _digest(directory):
-  out = {}
-  for root, _, files in os.walk(directory):
-    for name in set(files) - {'.lock'}:
-      path = os.path.join(root, name)
-      with open(path, 'rb') as f:
-        out[os.path.relpath(path, directory)] = hashlib.sha1(f.read()).hexdigest()
-  return out
 
 
 def _steps(workdir):
@@ -84,8 +71,6 @@ def cnn_run(tmp_path_factory):
 # SIGINT
 # ----------------------------------------------------------------------------------------------
 def test_sigint_saves_one_checkpoint_and_exits_143(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env['PYTHONPATH'] = os.pathsep.join(filter(None, [REPO, env.get('PYTHONPATH')]))
   workdir = tmp_path / 'run'
   cmd = [
     sys.executable,
@@ -97,16 +82,8 @@ def test_sigint_saves_one_checkpoint_and_exits_143(tmp_path):
     '--config.num_epochs=10000',
     '--config.log_every=10',
   ]
-  proc = subprocess.Popen(
-    cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-  )
-  history = workdir / 'history.jsonl'
-  deadline = time.time() + 120
-  while not (history.exists() and history.read_text().strip()) and time.time() < deadline:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGINT)  # 140,000 steps: far from done
-  _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 143, err
+  code, err = signal_once_training(cmd, tmp_path, workdir, signal.SIGINT)  # 140,000 steps
+  assert code == 143, err
   steps = _steps(workdir)
   assert len(steps) == 1 and 10 <= steps[0] < 140_000, steps
   assert _bigjax_lines(err) == [
@@ -233,14 +210,14 @@ def test_nan_exits_1_with_the_fix_and_saves_nothing_after_it(tmp_path, capsys):
 def test_a_workdir_of_another_task_is_refused_and_untouched(cnn_run, tmp_path, capsys):
   workdir = tmp_path / 'run'
   shutil.copytree(cnn_run, workdir)
-  before = _digest(workdir)
+  before = file_digests(workdir)
   code, lines = _main([*CNN_SMOKE, f'--workdir={workdir}', '--config.task.name=regression'], capsys)
   assert code == 2
   assert lines == [
     f'bigjax: error: {workdir} holds a run with a different config.task; use a new --workdir, '
     'or delete that workdir to start over'
   ], lines
-  assert _digest(workdir) == before
+  assert file_digests(workdir) == before
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -15,7 +14,7 @@ from bigjax import checkpoint, experiment, train
 from bigjax.data import pipeline
 from bigjax.errors import NonFiniteError
 
-from conftest import load_config
+from conftest import load_config, signal_once_training
 
 
 def _poisoned(monkeypatch, bad_rows):
@@ -78,7 +77,6 @@ def test_sigterm_saves_and_rerun_resumes(tmp_path):
   """SIGTERM once training is under way (its first logged step is in history.jsonl): the step in
   flight finishes, one checkpoint is written, exit 143; the re-run, told to stop 20 steps later
   (a longer/shorter constant-lr run needs no flag), resumes there."""
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   workdir = tmp_path / 'run'
   cmd = [
     sys.executable,
@@ -90,20 +88,13 @@ def test_sigterm_saves_and_rerun_resumes(tmp_path):
     '--config.num_epochs=40',
     '--config.log_every=10',
   ]
-  proc = subprocess.Popen(
-    cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-  )
-  history = workdir / 'history.jsonl'
-  deadline = time.time() + 120
-  while not (history.exists() and history.read_text().strip()) and time.time() < deadline:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)  # 2,480 steps: far from done
-  _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 143, err
+  code, err = signal_once_training(cmd, tmp_path, workdir, signal.SIGTERM)  # 2,480 steps
+  assert code == 143, err
   assert 'run the same command again to resume' in err
   steps = [int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit()]
   assert len(steps) == 1 and 10 <= steps[0] < 2480
   end = steps[0] + 20
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   subprocess.run(
     [*cmd, f'--config.num_steps={end}'],
     cwd=tmp_path,

@@ -11,7 +11,6 @@ status, the message's first line, and the files that must still be there, unchan
 """
 
 import errno
-import hashlib
 import json
 import os
 import signal
@@ -24,7 +23,7 @@ import pytest
 from bigjax import checkpoint, sample, train
 from bigjax import workdir as workdir_lib
 
-from conftest import REPO
+from conftest import REPO, file_digests
 
 CNN = os.path.join(REPO, 'configs', 'mnist_cnn.py')
 BASE = [
@@ -46,17 +45,6 @@ def _main(argv, capsys):
   return code, [l for l in (captured.out + captured.err).splitlines() if l.startswith('bigjax')]
 
 
-def _digest(directory):
-  """{relative path: sha1} of every file under `directory` but the lock file (holder's pid)."""
-  out = {}
-  for root, _, files in os.walk(directory):
-    for name in set(files) - {'.lock'}:
-      path = os.path.join(root, name)
-      with open(path, 'rb') as f:
-        out[os.path.relpath(path, directory)] = hashlib.sha1(f.read()).hexdigest()
-  return out
-
-
 @pytest.fixture
 def run10(tmp_path, capsys):
   """A finished 10-step run (checkpoints 5 and 10) and its workdir."""
@@ -76,21 +64,21 @@ def run10(tmp_path, capsys):
   ],
 )
 def test_a_changed_optimizer_state_is_refused_and_nothing_moves(run10, change, field, capsys):
-  before = _digest(run10)
+  before = file_digests(run10)
   code, lines = _main([*BASE, f'--workdir={run10}', change], capsys)
   assert code == 2 and len(lines) == 1
   assert lines[0].startswith(f'bigjax: error: the config changed since this run started ({field}')
   assert 'does not fit the train state this config builds' in lines[0]
   assert 'checkpoints in' in lines[0] and 'are kept as they are' in lines[0]
-  assert _digest(run10) == before  # checkpoints, history.jsonl, config.json: bitwise unchanged
+  assert file_digests(run10) == before  # checkpoints, history.jsonl, config.json: bitwise unchanged
   assert not os.path.exists(f'{run10}/checkpoints_damaged')
   # ...and even when the user allows trajectory changes, a structural one is still refused.
   code, lines = _main([*BASE, f'--workdir={run10}', change, '--allow_config_change'], capsys)
-  assert code == 2 and 'does not fit the train state' in lines[0] and _digest(run10) == before
+  assert code == 2 and 'does not fit the train state' in lines[0] and file_digests(run10) == before
 
 
 def test_a_trajectory_change_is_refused_unless_allowed_and_then_recorded(run10, capsys):
-  before = _digest(run10)
+  before = file_digests(run10)
   argv = [*BASE, f'--workdir={run10}', '--config.num_steps=15', '--config.optim.lr=0.01']
   code, lines = _main(argv, capsys)
   assert code == 2 and lines[-1:] == [
@@ -98,7 +86,7 @@ def test_a_trajectory_change_is_refused_unless_allowed_and_then_recorded(run10, 
     'with it changes the run. Undo the change, use a new --workdir, or pass '
     '--allow_config_change to continue with it (recorded in config_changes.jsonl)'
   ]
-  assert _digest(run10) == before
+  assert file_digests(run10) == before
   code, lines = _main([*argv, '--allow_config_change', '--config.log_every=1'], capsys)
   assert code == 0, lines
   with open(run10 / 'config_changes.jsonl') as f:
@@ -220,12 +208,12 @@ def test_damaged_history_lines_are_dropped_with_a_warning(run10, capsys, caplog)
 @pytest.mark.parametrize('content', ['', '{"seed": 0, "optim": {"lr"'])
 def test_a_damaged_config_json_is_one_line_and_nothing_moves(run10, capsys, content):
   (run10 / 'config.json').write_text(content)
-  before = _digest(run10)
+  before = file_digests(run10)
   code, lines = _main([*BASE, f'--workdir={run10}'], capsys)
   assert code == 2 and len(lines) == 1
   assert lines[0].startswith(f'bigjax: error: {run10}/config.json is damaged')
   assert 'restore that file, or delete the workdir to start over' in lines[0]
-  assert _digest(run10) == before
+  assert file_digests(run10) == before
 
 
 def _early(workdir, steps):
