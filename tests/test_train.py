@@ -190,3 +190,23 @@ def test_killed_and_rerun_ends_with_identical_parameters(name, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, a, b)  # bitwise
   results = json.load(open(tmp_path / 'killed' / 'results.json'))
   assert results['steps_this_run'] < final - kill_points[-1] + 1
+
+
+def test_results_report_compile_time_and_throughput_consistently(tmp_path, one_device):
+  """results.json's timing fields are measured and agree with each other (README: every run stores
+  step time, examples/s, FLOPs and MFU against the device's peak; conftest fixes the CPU peak)."""
+  config = load_config('mnist_cnn', 'smoke')
+  results = train.train_and_evaluate(config, str(tmp_path), devices=one_device)
+  t = results['throughput']
+  assert 0 < results['compile_s'] < results['wall_time_s']
+  assert t['steps_timed'] == results['steps_this_run'] - 1 == 19  # the first step is warm-up
+  assert t['examples_per_s'] == pytest.approx(config.batch_size / t['step_time_s'])
+  assert results['train_examples_per_s'] == pytest.approx(t['examples_per_s'])
+  assert t['tokens_per_s'] is None  # images, not tokens
+  assert t['model_flops_source'] == 'xla' and t['model_flops_per_step'] == t['xla_flops_per_step']
+  # A conv net does at least 6 N FLOPs per example per step (N = 93,322 parameters).
+  assert t['model_flops_per_step'] > 6 * 93_322 * config.batch_size
+  assert t['peak_flops_per_device'] == 1e11 and t['peak_units'] == 1
+  assert t['mfu'] == pytest.approx(t['model_flops_per_step'] / t['step_time_s'] / 1e11)
+  with open(tmp_path / 'results.json') as f:
+    assert json.load(f)['throughput'] == json.loads(json.dumps(t))  # what the run returned
