@@ -68,3 +68,19 @@ def signal_once_training(cmd, cwd, workdir, sig, timeout=120):
   proc.send_signal(sig)
   _, err = proc.communicate(timeout=timeout)
   return proc.returncode, err
+
+
+def kill_after_checkpoint(cmd, env, ckpts, step):
+  """Starts `cmd` (in the repo), SIGKILLs it as soon as checkpoint `step` is committed in `ckpts`."""
+  import signal
+  import subprocess
+  import time
+
+  proc = subprocess.Popen(
+    cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
+  deadline = time.time() + 240
+  while not (ckpts / str(step)).exists() and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()

@@ -20,10 +20,8 @@ step K and raises Preempted exactly as on a real SIGTERM (tests/test_reliability
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -32,7 +30,7 @@ import pytest
 from bigjax import checkpoint, experiment, preemption, steps, train
 from bigjax.errors import Preempted
 
-from conftest import REPO, load_config
+from conftest import REPO, kill_after_checkpoint, load_config
 
 STOP = 7  # mid-epoch (62 steps per epoch), and not a checkpoint_every (10) step
 
@@ -205,17 +203,6 @@ def _cli(workdir, overrides):
   return cmd, env
 
 
-def _kill_after_checkpoint(cmd, env, ckpts, step):
-  proc = subprocess.Popen(
-    cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-  )
-  deadline = time.time() + 240
-  while not (ckpts / str(step)).exists() and time.time() < deadline and proc.poll() is None:
-    time.sleep(0.01)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-
-
 @pytest.mark.slow  # 3 subprocesses, 60-75 s
 def test_bert_mlm_killed_and_rerun_ends_bitwise_equal(tmp_path):
   """Two SIGKILLs (after checkpoints 40 and 120 of 200), the same command re-run each time: the
@@ -227,7 +214,7 @@ def test_bert_mlm_killed_and_rerun_ends_bitwise_equal(tmp_path):
   cmd, env = _cli(tmp_path / 'killed', overrides)
   ckpts = tmp_path / 'killed' / 'checkpoints'
   for step in BERT_KILLS:
-    _kill_after_checkpoint(cmd, env, ckpts, step)
+    kill_after_checkpoint(cmd, env, ckpts, step)
     saved = _saved_steps(tmp_path / 'killed')
     assert step in saved and max(saved) < BERT_STEPS, f'not killed mid-way: {saved}'
   subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=400)

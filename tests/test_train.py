@@ -3,10 +3,8 @@
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -14,7 +12,7 @@ import pytest
 
 from bigjax import checkpoint, train
 
-from conftest import REPO, load_config
+from conftest import REPO, kill_after_checkpoint, load_config
 
 
 def _losses(results):
@@ -153,18 +151,6 @@ def _cli(config, workdir, overrides):
   return cmd, dict(env, PYTHONPATH=os.pathsep.join(filter(None, [REPO, env.get('PYTHONPATH')])))
 
 
-def _kill_after_checkpoint(cmd, env, ckpts, step):
-  """Starts `cmd`, SIGKILLs it as soon as checkpoint `step` is committed."""
-  proc = subprocess.Popen(
-    cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-  )
-  deadline = time.time() + 240
-  while not (ckpts / str(step)).exists() and time.time() < deadline and proc.poll() is None:
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-
-
 # The MLP runs by default; the CNN and GPT kills (~30 s each) run in CI's `-m slow` pass.
 @pytest.mark.parametrize(
   'name',
@@ -179,7 +165,7 @@ def test_killed_and_rerun_ends_with_identical_parameters(name, tmp_path):
   cmd, env = _cli(config, tmp_path / 'killed', overrides)
   ckpts = tmp_path / 'killed' / 'checkpoints'
   for step in kill_points:
-    _kill_after_checkpoint(cmd, env, ckpts, step)
+    kill_after_checkpoint(cmd, env, ckpts, step)
     saved = [int(s) for s in os.listdir(ckpts) if s.isdigit()]
     assert step in saved and max(saved) < final, f'not killed mid-way: {saved}'
   subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
