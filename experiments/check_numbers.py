@@ -7,7 +7,8 @@ table) must hold only rows of that table, character for character. Any other tab
 written by hand) may only quote numbers found in the results files (`results/*.csv` cells and
 `results/*.md` tables), to the precision it quotes them: 0.954 is backed by 0.95433, not by 0.9549.
 Columns and rows about a paper or a published figure, signed differences (+0.017) and whole numbers (sizes,
-counts) are not checked. Used by tests/test_experiment_numbers.py.
+counts) are not checked. A table right after a `<!-- unbacked: REASON -->` line is not checked but
+listed (`declared_unbacked`); the test pins that list. Used by tests/test_experiment_numbers.py.
 """
 
 from __future__ import annotations
@@ -23,10 +24,26 @@ NUMBER = re.compile(r'(?<![\w.+\-−])\d+\.\d+(?:e[+-]?\d+)?')
 SKIP_COLUMNS = ('paper', 'published', 'claim')
 
 
+UNBACKED = re.compile(r'<!--\s*unbacked:\s*(.*?)\s*-->')
+
+
 def tables(path: str) -> list[tuple[str, list[str]]]:
-  """[(header row, [data rows])] of the markdown tables in a file (rows with spaces normalised)."""
-  out: list[tuple[str, list[str]]] = []
+  """[(header row, [data rows])] of the markdown tables in a file (rows with spaces normalised),
+  leaving out tables declared unbacked (see `declared_unbacked`)."""
+  return [(header, rows) for header, rows, note in _tables(path) if note is None]
+
+
+def declared_unbacked(path: str) -> list[tuple[str, str]]:
+  """[(header row, reason)] of the tables that a `<!-- unbacked: REASON -->` line declares to have
+  no results file (e.g. a GPU run whose raw output was not kept). The checker skips them and lists
+  them; tests/test_experiment_numbers.py pins the list, so a new one cannot appear unnoticed."""
+  return [(header, note) for header, _, note in _tables(path) if note is not None]
+
+
+def _tables(path: str) -> list[tuple[str, list[str], str | None]]:
+  out: list[tuple[str, list[str], str | None]] = []
   block: list[str] = []
+  note = None
   with open(path, encoding='utf-8') as f:
     lines = [l.strip() for l in f] + ['']
   for line in lines:
@@ -34,8 +51,13 @@ def tables(path: str) -> list[tuple[str, list[str]]]:
       block.append(' '.join(line.split()))
       continue
     if len(block) >= 2:
-      out.append((block[0], [r for r in block[2:] if not set(r) <= set('|-: ')]))
+      out.append((block[0], [r for r in block[2:] if not set(r) <= set('|-: ')], note))
+    if block:
+      note = None  # a declaration covers the next table only
     block = []
+    match = UNBACKED.search(line)
+    if match:
+      note = match.group(1)
   return out
 
 
@@ -110,6 +132,8 @@ def main() -> int:
   problems = []
   for readme in sorted(glob.glob(os.path.join(root, '*', 'README.md'))):
     problems += check(os.path.dirname(readme))
+    for header, reason in declared_unbacked(readme):
+      print(f'declared unbacked in {readme}: {header[:60]}... ({reason})')
   print('\n'.join(problems) or 'every number in the experiment tables is in a results file')
   return 1 if problems else 0
 

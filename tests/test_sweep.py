@@ -406,3 +406,63 @@ def test_experiment_sweeps_plan_from_any_directory(path, tmp_path, monkeypatch):
   runs = sweep.plan.plan(sweep.load_sweep(path), str(tmp_path / 'out'))
   assert runs and all(os.path.isfile(r.spec.partition(':')[0]) for r in runs)
   assert not os.listdir(tmp_path)
+
+
+def test_reports_read_train_best_and_derived_metrics_by_fold_and_call_the_plot_hook(tmp_path):
+  """results.csv / results.md from known results.json files (no training): `train/` and `best/`
+  metrics come from their sections, `derived` from the run's metrics, a folds sweep labels its
+  replicas by fold, the means and stds are over the folds, and the plot hook gets the runs."""
+  hook_calls = []
+
+  def plot(runs, outdir):
+    hook_calls.append(([r.name for r in runs], outdir))
+
+  sw = sweep.Sweep(
+    config='mlp_breast_cancer:smoke',
+    settings=sweep.axis('optim.lr', [1e-3, 1e-2]),
+    folds=3,
+    metrics=['accuracy', 'train/loss', 'best/accuracy'],
+    derived={'gap': lambda m: m['best/accuracy'] - m['accuracy']},
+    plot=plot,
+  )
+  runs = sweep.plan.plan(sw, str(tmp_path))
+  assert [(r.setting, r.fold) for r in runs] == [
+    (s, f) for s in ('lr=0.001', 'lr=0.01') for f in range(3)
+  ]
+  for i, run in enumerate(runs):  # accuracy 0.5 + i/100, train loss 1 + i, best = accuracy + 0.1
+    os.makedirs(run.workdir)
+    with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
+      json.dump(run.config, f)
+    results = {
+      'step': 70,
+      'wall_time_s': 2.0,
+      'eval': {'accuracy': 0.5 + i / 100},
+      'train': {'loss': 1.0 + i},
+      'best': {'eval': {'accuracy': 0.6 + i / 100}},
+      'history': [],
+    }
+    with open(os.path.join(run.workdir, 'results.json'), 'w') as f:
+      json.dump(results, f)
+    run.status = 'skipped'
+  for run in runs:
+    sweep.report.load_results(run, sw)
+  sweep.write_reports(sw, runs, str(tmp_path))
+
+  rows = _read_csv(str(tmp_path))
+  assert list(rows[0])[:3] == ['setting', 'optim.lr', 'fold']
+  for i, row in enumerate(rows):
+    assert int(row['fold']) == i % 3
+    assert float(row['accuracy']) == pytest.approx(0.5 + i / 100)
+    assert float(row['train/loss']) == 1.0 + i
+    assert float(row['best/accuracy']) == pytest.approx(0.6 + i / 100)
+    assert float(row['gap']) == pytest.approx(0.1)
+  md = _md_rows(str(tmp_path))
+  for row, first in zip(md, (0, 3)):
+    acc, loss, best, gap, n = row[1:]
+    assert acc == f'{np.mean([0.5 + (first + k) / 100 for k in range(3)]):.4g} ± ' + (
+      f'{np.std([k / 100 for k in range(3)]):.4g}'
+    )
+    assert loss.startswith(f'{first + 2:.4g} ± ') and best.startswith(f'{0.61 + first / 100:.4g}')
+    assert gap.startswith('0.1 ± ') and n == '3'
+  assert 'over folds; n = finished folds' in open(tmp_path / 'results.md').read()
+  assert hook_calls == [([r.name for r in runs], str(tmp_path))]

@@ -123,10 +123,10 @@ KILL_RUNS = {  # config, overrides, kill after these checkpoint steps, final ste
   ),  # 62 steps per epoch: both kill points are mid-epoch
   'mlp_breast_cancer': (
     'mlp_breast_cancer',
-    ['--config.num_epochs=100', '--config.checkpoint_every=50', '--config.mesh.data=1'],
-    (100, 700),
-    1400,
-  ),
+    ['--config.num_epochs=30', '--config.checkpoint_every=50', '--config.mesh.data=1'],
+    (100, 300),
+    420,
+  ),  # 14 steps per epoch: both kill points are mid-epoch
   'gpt_shakespeare': (
     'gpt_shakespeare:smoke',
     ['--config.num_steps=240', '--config.checkpoint_every=30'],

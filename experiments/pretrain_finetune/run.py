@@ -8,7 +8,8 @@
 2. Fine-tunes the shipped bert_genre config for --finetune_steps from that checkpoint
    (init=<pretrain workdir>) and from scratch (init=none), for each seed, with the same model,
    data, steps and batch.
-3. Prints a markdown table of test accuracy (mean +- std over seeds) and writes results.json.
+3. Prints a markdown table of test accuracy (mean +- std over seeds) and writes it, with one csv row
+   per run and results.json, to --results_dir (default: this experiment's results/, committed).
 Every run is a plain `python -m bigjax.train` (this interpreter, configs by bare name) in its own
 sub-workdir, so re-running resumes or skips finished runs. It runs from any directory: --workdir
 (default runs/pretrain_finetune) is relative to the current directory, and is made absolute before
@@ -16,6 +17,7 @@ any run starts.
 """
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -53,6 +55,11 @@ def main():
     default=os.path.join('runs', 'pretrain_finetune'),
     help='where every run goes, relative to the current directory (default: %(default)s)',
   )
+  parser.add_argument(
+    '--results_dir',
+    default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results'),
+    help='where results.md / results.csv / results.json go (default: %(default)s)',
+  )
   args = parser.parse_args()
   args.workdir = os.path.abspath(args.workdir)
   seeds = [int(s) for s in args.seeds.split(',')]
@@ -75,21 +82,39 @@ def main():
     'seeds': seeds,
     'finetune': rows,
   }
-  with open(os.path.join(args.workdir, 'results.json'), 'w') as f:
+  os.makedirs(args.results_dir, exist_ok=True)
+  with open(os.path.join(args.results_dir, 'results.json'), 'w') as f:
     json.dump(summary, f, indent=2)
-  print(
+  with open(os.path.join(args.results_dir, 'results.csv'), 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['run', 'seed', 'accuracy', 'f1_macro', 'mlm_accuracy', 'nsp_accuracy'])
+    pre_eval = pre['eval']
+    writer.writerow(['pretrain', 0, '', '', pre_eval['mlm_accuracy'], pre_eval['nsp_accuracy']])
+    for init, evals in rows.items():
+      for seed, e in zip(seeds, evals):
+        writer.writerow([init, seed, e['accuracy'], e['f1_macro'], '', ''])
+  lines = [
     f'pretraining ({args.pretrain_steps} steps): validation MLM accuracy '
-    f'{pre["eval"]["mlm_accuracy"]:.3f}, next-sentence accuracy {pre["eval"]["nsp_accuracy"]:.3f}'
-  )
-  print(f'\n| init | test accuracy (mean ± std, {len(seeds)} seeds) | macro F1 | per seed |')
-  print('| --- | --- | --- | --- |')
+    f'{pre["eval"]["mlm_accuracy"]:.3f}, next-sentence accuracy {pre["eval"]["nsp_accuracy"]:.3f}',
+    '',
+    f'| init | test accuracy (mean ± std, {len(seeds)} seeds) | macro F1 | per seed |',
+    '| --- | --- | --- | --- |',
+  ]
   for init, evals in rows.items():
     acc = np.array([e['accuracy'] for e in evals])
     f1 = np.array([e['f1_macro'] for e in evals])
-    print(
+    lines.append(
       f'| {init} | {acc.mean():.3f} ± {acc.std():.3f} | {f1.mean():.3f} ± {f1.std():.3f} | '
       f'{", ".join(f"{a:.3f}" for a in acc)} |'
     )
+  lines.append(
+    f'\n{args.finetune_steps} fine-tuning steps per run; `python experiments/pretrain_finetune/run.py '
+    f'--pretrain_steps {args.pretrain_steps} --finetune_steps {args.finetune_steps}`'
+  )
+  with open(os.path.join(args.results_dir, 'results.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+  print(f'\nwritten to {args.results_dir}/results.{{md,csv,json}}')
 
 
 if __name__ == '__main__':
