@@ -139,9 +139,75 @@ def base_config():
   c.log_grad_norms = False  # True: train metrics add grad_norm/<top-level module> (L2 norms)
   # True: the final eval writes workdir/eval_predictions.npz (labels, scores) for classification.
   c.save_eval_predictions = False
-  # Fine-tuning: copy parameters matching `load` (comma-separated regexes) from a run's checkpoint.
-  c.init_from = dict(checkpoint='', load='.*')
+  # (a, b) with 0 <= a < b: a jax.profiler trace of steps a+1..b (after a steps, through step b) in
+  # workdir/profile/ (TensorBoard's profile tab or Perfetto read it); () = off.
+  c.profile_steps = ()
+  # Weights & Biases: project '' = off (wandb is imported only when set); the run logs the same
+  # scalars as TensorBoard and the flattened config. WANDB_MODE=offline works without a network.
+  c.wandb = dict(project='', entity='', name='')
+  # Compression (bigjax/compress/, ranges in RANGES and FRACTIONS below). distill: teacher = a
+  # finished run's workdir ('' = off); loss = alpha * task loss + (1 - alpha) * T^2 *
+  # KL(teacher_T || student_T), T = temperature > 0. prune: method '' (off) | 'magnitude' (the
+  # smallest `sparsity` in [0, 1) of the `params`-matching kernels, scope 'global' | 'layer') | 'n_m'
+  # (n of every m along each kernel's input axis); schedule 'one_shot' (after begin_step updates) |
+  # 'gradual' (Zhu & Gupta cubic from begin_step to end_step, every `frequency` steps). quantize:
+  # mode '' (off) | 'ptq' | 'qat' through Qwix, weight_dtype / act_dtype ('' = weight-only) in
+  # int8 | int4 | fp8, calibration 'absmax' | 'minmax' over calibration_batches train batches,
+  # layers = a module-path regex (full match).
+  c.distill = dict(teacher='', temperature=4.0, alpha=0.5)
+  c.prune = dict(
+    method='',
+    sparsity=0.5,
+    scope='global',
+    n=2,
+    m=4,
+    schedule='one_shot',
+    begin_step=1,
+    end_step=0,
+    frequency=100,
+    params='kernel$',
+  )
+  c.quantize = dict(
+    mode='',
+    weight_dtype='int8',
+    act_dtype='int8',
+    calibration='absmax',
+    calibration_batches=4,
+    layers='.*',
+  )
+  # Fine-tuning: copy parameters matching `load` (comma-separated regexes) from a run's checkpoint,
+  # or (hf) from a HuggingFace save_pretrained directory (config.json + safetensors), whose
+  # config.json also states the model's architecture fields (config.model.kwargs must not
+  # contradict them) and whose tokenizer.json is config.data.tokenizer='hf'. Checked by
+  # check_init_from below; read by bigjax/init_from.py.
+  c.init_from = dict(checkpoint='', load='.*', hf='')
   return c
+
+
+def check_init_from(config) -> None:
+  """UserError for config.init_from (declared just above): both a checkpoint and an HF directory,
+  a load pattern that is not a regular expression, or tokenizer='hf' without an HF directory."""
+  import re
+
+  init = config.init_from
+  if init.checkpoint and init.hf:
+    raise UserError(
+      f'config.init_from.checkpoint={init.checkpoint!r} and config.init_from.hf={init.hf!r} are '
+      'both set; start from one of them'
+    )
+  for pattern in init.load.split(','):
+    try:
+      re.compile(pattern.strip())
+    except re.error as e:
+      raise UserError(
+        f'config.init_from.load pattern {pattern.strip()!r} is not a regular '
+        f'expression ({e}); fix it'
+      ) from None
+  if config.data.tokenizer == 'hf' and not init.hf:
+    raise UserError(
+      "config.data.tokenizer='hf' reads the tokenizer.json of config.init_from.hf, which is "
+      'empty; set config.init_from.hf=<save_pretrained directory> or choose another tokenizer'
+    )
 
 
 def load_config_file(spec):
@@ -228,6 +294,19 @@ RANGES = (
   ('augment.max_scale', 0.0, 'a scale fraction'),
   ('distributed.timeout_s', 1, 'seconds'),
   ('distributed.peer_timeout_s', 1, 'seconds'),
+  ('distill.temperature', 0.0, 'a softmax temperature (> 0)'),
+  ('prune.begin_step', 1, 'the number of updates before the first pruning'),
+  ('prune.end_step', 0, 'a step count'),
+  ('prune.frequency', 1, 'a step interval'),
+  ('prune.n', 1, 'weights kept per group of m'),
+  ('prune.m', 2, 'a group size'),
+  ('quantize.calibration_batches', 1, 'a batch count'),
+)
+
+# (field, whether 1 itself is allowed, what it means): fractions in [0, 1] or [0, 1).
+FRACTIONS = (
+  ('distill.alpha', True, 'the weight of the task loss'),
+  ('prune.sparsity', False, 'the fraction of weights pruned; 1 would prune them all'),
 )
 
 
@@ -240,23 +319,26 @@ def _get(config, field: str):
 
 def check_ranges(config) -> None:
   """UserError naming the first field of RANGES below its lowest value, a run with nothing to
-  train, or an init_from.load pattern that is not a regular expression."""
+  train, or a bad config.init_from (check_init_from)."""
   for field, lowest, what in RANGES:
     value = _get(config, field)
     if value < lowest:
       raise UserError(f'config.{field}={value} must be >= {lowest} ({what})')
+  for field, closed, what in FRACTIONS:
+    value = _get(config, field)
+    if not (0 <= value <= 1 if closed else 0 <= value < 1):
+      raise UserError(f'config.{field}={value} must be in [0, 1{"]" if closed else ")"} ({what})')
   if not config.num_steps and not config.num_epochs:
     raise UserError('config.num_steps=0 and config.num_epochs=0: nothing to train; set one of them')
-  import re
-
-  for pattern in config.init_from.load.split(','):
-    try:
-      re.compile(pattern.strip())
-    except re.error as e:
-      raise UserError(
-        f'config.init_from.load pattern {pattern.strip()!r} is not a regular '
-        f'expression ({e}); fix it'
-      ) from None
+  steps = tuple(config.profile_steps)
+  if steps and not (
+    len(steps) == 2 and all(isinstance(s, int) for s in steps) and 0 <= steps[0] < steps[1]
+  ):
+    raise UserError(
+      f'config.profile_steps={steps} must be two step numbers (a, b) with 0 <= a < b (the trace '
+      'covers the steps after a through b), or () for no trace'
+    )
+  check_init_from(config)
 
 
 def flat_fields(tree: dict, prefix: str = '') -> dict:

@@ -20,8 +20,9 @@ import numpy as np
 import optax
 
 from bigjax import checkpoint as checkpoint_lib
-from bigjax import config_lib, optim, registry, steps
+from bigjax import config_lib, init_from, optim, registry, steps
 from bigjax import mesh as mesh_lib
+from bigjax.compress import distill, prune, quantize
 from bigjax.data import pipeline
 from bigjax.errors import UserError
 from bigjax.tasks import base as task_base
@@ -39,7 +40,9 @@ def tokenizer_for(config) -> Any:
     return None
   from bigjax.data import text
 
-  return text.dataset_tokenizer(d.name, d.tokenizer, d.vocab_size, d.data_dir, d.train_split)
+  return text.dataset_tokenizer(
+    d.name, d.tokenizer, d.vocab_size, d.data_dir, d.train_split, config.init_from.hf
+  )
 
 
 def load_data(config, tokenizer=None) -> tuple[Arrays, Arrays, str]:
@@ -128,13 +131,40 @@ def make_task(cfg, data: task_base.DataInfo) -> task_base.Task:
     ) from None
 
 
-def model_kwargs(cfg, data: task_base.DataInfo, task: task_base.Task) -> dict[str, Any]:
-  """config.model.kwargs plus the model's `data_fields` filled from the data and the task."""
+def model_kwargs(
+  cfg,
+  data: task_base.DataInfo,
+  task: task_base.Task,
+  pretrained: init_from.Architecture | None = None,
+) -> dict[str, Any]:
+  """config.model.kwargs plus the model's `data_fields` filled from the data and the task, plus
+  the architecture a pretrained checkpoint states (config.init_from.hf). Each fact is stated
+  once: a config field that contradicts the checkpoint, or data (the tokenizer's vocabulary) that
+  contradict it, is a UserError naming both."""
   cls = registry.MODELS.get(cfg.name)
   kwargs = cfg.kwargs.to_dict()
+  stated = dict(pretrained.kwargs) if pretrained else {}
+  for field, value in stated.items():
+    if field in kwargs and kwargs[field] != value:
+      assert pretrained is not None
+      raise UserError(
+        f'config.model.kwargs.{field}={kwargs[field]!r} contradicts {pretrained.where} '
+        f'({pretrained.name_of(field)} gives {field}={value!r}); remove '
+        f'config.model.kwargs.{field} (the checkpoint states it)'
+      )
+  kwargs.update(stated)
   facts = dict(dataclasses.asdict(data), output_size=task.output_size)
   for field, fact in cls.data_fields.items():
     if facts[fact] is None:
+      continue
+    if field in stated:
+      assert pretrained is not None
+      if stated[field] != facts[fact]:
+        raise UserError(
+          f'{pretrained.where} gives {field}={stated[field]!r} ({pretrained.name_of(field)}) but '
+          f'the tokenizer (config.data.tokenizer) gives {fact}={facts[fact]!r}; use '
+          "config.data.tokenizer='hf', the checkpoint's own tokenizer.json"
+        )
       continue
     if field in kwargs:
       raise UserError(
@@ -145,11 +175,17 @@ def model_kwargs(cfg, data: task_base.DataInfo, task: task_base.Task) -> dict[st
   return kwargs
 
 
-def make_model(cfg, data: task_base.DataInfo, task: task_base.Task) -> nn.Module:
-  """config.model -> Model(**kwargs, **derived fields); bad kwargs -> UserError."""
+def make_model(
+  cfg,
+  data: task_base.DataInfo,
+  task: task_base.Task,
+  pretrained: init_from.Architecture | None = None,
+) -> nn.Module:
+  """config.model -> Model(**kwargs, **derived fields, **pretrained architecture); bad kwargs ->
+  UserError."""
   cls = registry.MODELS.get(cfg.name)
   try:
-    return cls(**model_kwargs(cfg, data, task))
+    return cls(**model_kwargs(cfg, data, task, pretrained))
   except TypeError as e:
     raise UserError(
       f'config.model.kwargs does not fit {cfg.name!r} ({e}); fix or remove that field'
@@ -190,6 +226,7 @@ class Experiment:
   sample: dict
   shardings: Any
   abstract: Any
+  teacher: Any = None  # bigjax.compress.distill.Teacher with config.distill
 
   @property
   def batch_sharding(self) -> jax.sharding.NamedSharding:
@@ -220,6 +257,8 @@ class Experiment:
       nan_policy=c.nan_policy,
       grad_accum_steps=c.grad_accum_steps,
       log_grad_norms=c.log_grad_norms,
+      distill=self.teacher,
+      prune_cfg=c.prune if prune.enabled(c.prune) else None,
     )
     return (
       jax.jit(
@@ -231,6 +270,17 @@ class Experiment:
       .lower(self.abstract, self._abstract_batch(self.batches.batch(0), c.batch_size))
       .compile()
     )
+
+  def create_state(self) -> steps.TrainState:
+    """The initial train state in self.shardings (with config.distill, the teacher's variables
+    in state.teacher)."""
+    teacher_model = self.teacher.model if self.teacher else None
+    state = steps.create_state(
+      self.model, self.tx, self.sample, self.config.seed, self.shardings, teacher_model
+    )
+    if self.teacher:
+      state = state.replace(teacher=distill.place(self.teacher.variables, state.teacher))
+    return state
 
   def compile_eval_step(self) -> Any:
     """AOT-compiles eval_step(state, batch) -> the task's per-example eval outputs."""
@@ -273,13 +323,14 @@ def build(config, devices=None) -> Experiment:
   config_lib.check_config(config, mesh_lib.data_parallel_size(mesh), jax.process_count())
   registry.TASKS.check(config.task.name)  # names first: a typo needs no data read
   registry.MODELS.check(config.model.name)
+  pretrained = init_from.hf_architecture(config)  # before the data: a wrong directory is cheap
   tokenizer = tokenizer_for(config)
   train_arrays, eval_arrays, eval_name = load_data(config, tokenizer)
   data = data_info(
     config, tokenizer, train_arrays['label'].shape[1:] if 'label' in train_arrays else ()
   )
   task = make_task(config.task, data)
-  model = make_model(config.model, data, task)
+  model = make_model(config.model, data, task, pretrained)
   es_metric = config.early_stopping.metric
   if es_metric and es_metric not in task.report_metrics:
     raise UserError(
@@ -297,8 +348,9 @@ def build(config, devices=None) -> Experiment:
   total_steps = config.num_steps or config.num_epochs * batches.steps_per_epoch
   tx = optim.make_optimizer(config.optim, total_steps)
   sample = steps.sample_batch(task, train_arrays)
+  model, tx, teacher = _compression(config, data, task, model, tx, sample)
   try:
-    boxed = steps.abstract_state(model, tx, sample, config.seed)
+    boxed = steps.abstract_state(model, tx, sample, config.seed, teacher.model if teacher else None)
   except ValueError as e:
     raise model_error(model, e) from None
   shardings = mesh_lib.tree_shardings(boxed, mesh, config.sharding_rules)
@@ -317,4 +369,38 @@ def build(config, devices=None) -> Experiment:
     sample,
     shardings,
     abstract,
+    teacher,
   )
+
+
+def _compression(config, data, task, model, tx, sample):
+  """config.quantize / prune / distill applied to the built parts -> (model, tx, teacher or None):
+  QAT wraps the model, pruning wraps the optimizer, distillation loads the teacher; each checked
+  first (UserError naming its field)."""
+  if not (
+    quantize.enabled(config.quantize)
+    or prune.enabled(config.prune)
+    or distill.enabled(config.distill)
+  ):
+    return model, tx, None
+  x = steps.prepare_inputs(sample['inputs'], None, None)
+  init = dict(train=False, init_rngs={'params': jax.random.key(0)})
+  try:
+    variables = jax.eval_shape(lambda: steps.apply_model(model, None, sample, **init))
+  except ValueError as e:
+    raise model_error(model, e) from None
+  quantize.check(config.quantize, model, x)
+  prune.check(config.prune, variables['params'])
+  teacher = None
+  if distill.enabled(config.distill):
+    out = jax.eval_shape(
+      lambda v: steps.apply_model(model, v, sample, train=False), nn.meta.unbox(variables)
+    )
+    teacher = distill.load(
+      config.distill, lambda cfg: make_model(cfg, data, task), sample, out.shape
+    )
+  if config.quantize.mode == 'qat':
+    model = quantize.qat_model(model, config.quantize)
+  if prune.enabled(config.prune):
+    tx = prune.wrap(tx, config.prune)
+  return model, tx, teacher

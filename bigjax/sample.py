@@ -17,7 +17,7 @@ import os
 import ml_collections
 import numpy as np
 
-from bigjax import checkpoint, cli, experiment
+from bigjax import checkpoint, cli, experiment, init_from
 from bigjax.errors import UserError
 
 
@@ -37,7 +37,7 @@ def sample(workdir: str, prompt: str, **kwargs) -> str:
   tokenizer = experiment.tokenizer_for(config)
   data = experiment.data_info(config, tokenizer)
   task = experiment.make_task(config.task, data)
-  model = experiment.make_model(config.model, data, task)
+  model = experiment.make_model(config.model, data, task, init_from.hf_architecture(config))
   try:
     _, state = checkpoint.load_latest(os.path.join(workdir, 'checkpoints'))
   except FileNotFoundError:

@@ -19,12 +19,15 @@ from bigjax.data import augment as augment_lib
 
 @flax.struct.dataclass
 class TrainState:
-  """step: () int32; params; model_state: non-trainable collections (e.g. batch_stats); opt_state."""
+  """step: () int32; params; model_state: non-trainable collections (e.g. batch_stats); opt_state;
+  teacher: a frozen distillation teacher's variables (config.distill; None = no teacher, and then
+  the state's tree is the same as without the field)."""
 
   step: jax.Array
   params: Any
   model_state: Any
   opt_state: Any
+  teacher: Any = None
 
 
 def sample_batch(task, arrays):
@@ -33,29 +36,37 @@ def sample_batch(task, arrays):
   return task.prepare(batch, jax.random.key(0))
 
 
-def _init_state(model, tx, sample, rng):
+def _init_state(model, tx, sample, rng, teacher_model=None):
   variables = apply_model(
     model, None, sample, train=False, init_rngs={'params': rng, 'dropout': rng}
   )
   params = variables.pop('params')
+  teacher = None
+  if teacher_model is not None:  # placeholder values; the caller puts the teacher's own there
+    teacher = apply_model(teacher_model, None, sample, train=False, init_rngs={'params': rng})
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
     model_state=dict(variables),
     opt_state=tx.init(params),
+    teacher=teacher,
   )
 
 
-def abstract_state(model, tx, sample, seed):
+def abstract_state(model, tx, sample, seed, teacher_model=None):
   """Shapes of the train state with logical-axis boxes, computed without allocating anything.
 
-  sample: a prepared batch of one (see sample_batch)."""
-  return jax.eval_shape(functools.partial(_init_state, model, tx, sample), jax.random.key(seed))
+  sample: a prepared batch of one (see sample_batch). teacher_model: config.distill's teacher,
+  whose variables (with their logical axes) become state.teacher."""
+  init = functools.partial(_init_state, model, tx, sample, teacher_model=teacher_model)
+  return jax.eval_shape(init, jax.random.key(seed))
 
 
-def create_state(model, tx, sample, seed, shardings):
-  """Initialises the train state directly into `shardings` (nothing is materialised unsharded)."""
-  init = lambda rng: nn.meta.unbox(_init_state(model, tx, sample, rng))
+def create_state(model, tx, sample, seed, shardings, teacher_model=None):
+  """Initialises the train state directly into `shardings` (nothing is materialised unsharded).
+  With a teacher_model, state.teacher holds freshly initialised variables to be replaced by the
+  teacher's own (bigjax.compress.distill.place)."""
+  init = lambda rng: nn.meta.unbox(_init_state(model, tx, sample, rng, teacher_model=teacher_model))
   return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
 
@@ -101,6 +112,8 @@ def make_train_step(
   nan_policy='raise',
   grad_accum_steps=1,
   log_grad_norms=False,
+  distill=None,
+  prune_cfg=None,
 ):
   """Returns train_step(state, batch) -> (state, metrics).
 
@@ -114,9 +127,13 @@ def make_train_step(
   leaves params, model and optimizer state unchanged (the step counter still advances).
   log_grad_norms: metrics also hold 'grad_norm/<name>', the L2 norm of the gradients of each
   top-level parameter module (e.g. hidden_0 ... output for the MLP).
+  distill: a bigjax.compress.distill.Teacher: its model runs on the same inputs with
+  state.teacher and the loss becomes Teacher.loss (metrics add 'task_loss', 'distill_kl').
+  prune_cfg: config.prune when pruning: metrics add 'sparsity' and 'sparsity/<layer>' (exact zeros
+  of the new parameters).
   """
 
-  def loss_and_grads(params, model_state, batch, k_augment, k_dropout):
+  def loss_and_grads(params, model_state, batch, k_augment, k_dropout, teacher=None):
     mutable = list(model_state) or False
 
     def loss_fn(params):
@@ -131,12 +148,17 @@ def make_train_step(
       )
       outputs, new_model_state = out if mutable else (out, model_state)
       loss, metrics = task.loss_and_metrics(outputs, batch)
+      if distill is not None:
+        teacher_out = apply_model(
+          distill.model, teacher, batch, train=False, augment=(k_augment, augment_cfg)
+        )
+        loss, metrics = distill.loss(loss, metrics, outputs, teacher_out)
       return loss, (metrics, dict(new_model_state))
 
     (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return grads, model_state, dict(metrics, loss=loss)
 
-  def accumulated(params, model_state, batch, k_augment, k_dropout):
+  def accumulated(params, model_state, batch, k_augment, k_dropout, teacher=None):
     a = grad_accum_steps
     micro = jax.tree.map(
       lambda x: jnp.swapaxes(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 0, 1), batch
@@ -146,13 +168,24 @@ def make_train_step(
       grads_sum, model_state, metrics_sum = carry
       i, mb = xs
       grads, model_state, metrics = loss_and_grads(
-        params, model_state, mb, jax.random.fold_in(k_augment, i), jax.random.fold_in(k_dropout, i)
+        params,
+        model_state,
+        mb,
+        jax.random.fold_in(k_augment, i),
+        jax.random.fold_in(k_dropout, i),
+        teacher,
       )
       add = lambda x, y: jax.tree.map(jnp.add, x, y)
       return (add(grads_sum, grads), model_state, add(metrics_sum, metrics)), None
 
     shapes = jax.eval_shape(
-      loss_and_grads, params, model_state, jax.tree.map(lambda x: x[0], micro), k_augment, k_dropout
+      loss_and_grads,
+      params,
+      model_state,
+      jax.tree.map(lambda x: x[0], micro),
+      k_augment,
+      k_dropout,
+      teacher,
     )
     zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
     (grads, model_state, metrics), _ = jax.lax.scan(
@@ -168,7 +201,7 @@ def make_train_step(
     batch = task.prepare(batch, k_task)
     compute = loss_and_grads if grad_accum_steps == 1 else accumulated
     grads, model_state, metrics = compute(
-      state.params, state.model_state, batch, k_augment, k_dropout
+      state.params, state.model_state, batch, k_augment, k_dropout, state.teacher
     )
     loss = metrics.pop('loss')
     grad_norm = optax.tree.norm(grads)
@@ -191,6 +224,10 @@ def make_train_step(
     }
     if log_grad_norms:
       metrics.update({f'grad_norm/{name}': optax.tree.norm(g) for name, g in grads.items()})
+    if prune_cfg is not None:
+      from bigjax.compress import prune
+
+      metrics.update(prune.sparsity_metrics(new.params, prune_cfg))
     return new, metrics
 
   return train_step

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from bigjax import checkpoint as checkpoint_lib
-from bigjax import cli, experiment, flops, history, init_from, reporting, steps
+from bigjax import cli, experiment, flops, history, init_from, optim, reporting
 from bigjax import mesh as mesh_lib
 from bigjax import workdir as workdir_lib
 from bigjax.errors import NonFiniteError, Preempted, UserError
@@ -93,11 +93,9 @@ def train_and_evaluate(
   exp = experiment.build(config, devices)
   saved = workdir_lib.read_saved_config(workdir)
   workdir_lib.check_same_components(workdir, saved, config)
-  loaded = {}
-  if config.init_from.checkpoint:  # read and checked before anything is written
-    loaded = init_from.load_matching(
-      exp.abstract.params, config.init_from.checkpoint, config.init_from.load
-    )
+  # config.init_from (a run's checkpoint or a HuggingFace directory): read and checked before
+  # anything is written; `loaded` puts its parameters into the fresh state.
+  loaded = init_from.prepare(config, exp.model, exp.abstract.params)
   chief = jax.process_index() == 0
   if chief:
     try:
@@ -131,9 +129,9 @@ def _train(config, exp, workdir, saved, loaded, allow_config_change, t_start) ->
   if changes and chief:
     workdir_lib.record_changes(workdir, step or 0, changes)
   if state is None:
-    state, step = steps.create_state(exp.model, exp.tx, exp.sample, config.seed, exp.shardings), 0
-    if loaded:
-      state = state.replace(params=init_from.merge(state.params, loaded))
+    state, step = exp.create_state(), 0
+    if loaded is not None:
+      state = state.replace(params=loaded(state.params))
   loop = Loop(step=step, last_saved=step or None)
 
   # -- 3. Compile the steps ahead of time (compile time is reported apart from training).
@@ -143,7 +141,11 @@ def _train(config, exp, workdir, saved, loaded, allow_config_change, t_start) ->
   eval_step = exp.compile_eval_step()
 
   # -- 4. Train.
-  reporter = reporting.Reporter(workdir, step, exp.total_steps)
+  reporter = reporting.Reporter(
+    workdir, step, exp.total_steps, wandb=config.wandb, run_config=config.to_dict()
+  )
+  lr_at = optim.learning_rate_schedule(config.optim, exp.total_steps)  # lr of update `count`
+  profile = reporting.Profile(os.path.join(workdir, 'profile'), config.profile_steps, chief)
   reporter.print(
     f'bigjax: {config.model.name} on {config.data.name}, {exp.total_steps} steps, '
     f'mesh ({mesh_lib.layout(exp.mesh)}), {exp.mesh.size} '
@@ -178,7 +180,16 @@ def _train(config, exp, workdir, saved, loaded, allow_config_change, t_start) ->
         'config.optim.clip_norm, or use config.nan_policy=skip'
       )
     loop.skipped += int((1 - finite).sum())
-    reporter.scalars(loop.step, 'train', dict(loop.train_metrics, skipped_steps=loop.skipped))
+    reporter.scalars(
+      loop.step,
+      'train',
+      dict(
+        loop.train_metrics,
+        skipped_steps=loop.skipped,
+        lr=float(lr_at(loop.step - 1)),  # the step just taken applied update number step - 1
+        steps_per_s=reporter.steps_per_s(loop.step),
+      ),
+    )
     hist.append({'step': loop.step, 'split': 'train', **loop.train_metrics})
 
   def periodic_eval():
@@ -187,6 +198,11 @@ def _train(config, exp, workdir, saved, loaded, allow_config_change, t_start) ->
     reporter.scalars(loop.step, 'eval', report)
     hist.append({'step': loop.step, 'split': 'eval', **_scalars(report)})
     loop.last_eval = (loop.step, report)
+    reporter.print(
+      f'step {loop.step}: eval '
+      + ', '.join(f'{k}={v:.4g}' for k, v in _scalars(report).items())
+      + f' (lr {float(lr_at(loop.step - 1)):.3g})'
+    )
     if early.stopped:
       reporter.print(
         f'early stopping at step {loop.step}: {config.early_stopping.metric} has '
@@ -201,11 +217,13 @@ def _train(config, exp, workdir, saved, loaded, allow_config_change, t_start) ->
       PeerWatch(config.distributed.peer_timeout_s, last_saved, config.distributed.timeout_s),
     ):
       while loop.step < exp.total_steps and not early.stopped:
+        profile.before(loop.step)
         state, metrics = train_step(state, exp.to_global(exp.batches.batch(loop.step)))
         if loop.t_train is None:  # throughput counts the steps after the first (warm-up) one
           jax.block_until_ready(metrics)
           loop.t_train, loop.first_timed_step = time.time(), loop.step + 1
         loop.step += 1
+        profile.after(loop.step, state)
         loop.pending.append(metrics)
         reporter.step()
         done = loop.step == exp.total_steps
@@ -245,9 +263,14 @@ def _train(config, exp, workdir, saved, loaded, allow_config_change, t_start) ->
       reporter.scalars(step, 'eval', eval_report)
       hist.append({'step': step, 'split': 'eval', **_scalars(eval_report)})
       early.update(step, eval_report, state)
+    if config.quantize.mode:  # the quantized model's eval, size and speed (quant_*, *_bytes, *_ms)
+      from bigjax.compress import quantize
+
+      eval_report = {**eval_report, **quantize.report(exp, state)}
     reporter.print(
       'final eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in _scalars(eval_report).items())
     )
+    reporter.hparams(config.to_dict(), {f'eval/{k}': v for k, v in _scalars(eval_report).items()})
     throughput = flops.throughput_report(exp, train_step, train_s, timed_steps) if chief else None
     if throughput and throughput['mfu'] is not None:
       rate = (
@@ -260,6 +283,7 @@ def _train(config, exp, workdir, saved, loaded, allow_config_change, t_start) ->
         f"MFU {throughput['mfu']:.1%} of {throughput['peak_source']}"
       )
   finally:
+    profile.close()
     ckpt.close()  # waits for in-flight saves: nothing already written is lost
     early.close()
     hist.close()

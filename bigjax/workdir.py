@@ -41,6 +41,8 @@ EXECUTION_FIELDS = (
   'data.data_dir',
   'log_grad_norms',
   'save_eval_predictions',
+  'profile_steps',
+  'wandb.',
   'init_from.',  # read only when a run starts
 )
 

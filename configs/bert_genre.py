@@ -28,7 +28,7 @@ def get_config(arg=None):
   config.optim.update(lr=1e-3, warmup_steps=50)  # the same for both starts: a fair comparison
   config.num_steps = 20 if args.smoke else 600
   config.checkpoint_every = 10 if args.smoke else 300
-  config.init_from = dict(
+  config.init_from.update(
     checkpoint='' if args.init == 'none' else args.init,
     load='^embed/,^position_embed/,^segment_embed/,^embed_norm/,^stack/,^pooler/',
   )

@@ -50,6 +50,9 @@ SIZES = [
   pytest.param(
     'gpt_shakespeare', 'size=small', 5000, _gpt_params(4, 128, 128), id='gpt_shakespeare:size=small'
   ),
+  # llama: per layer 2 D + D N H + 2 D K H + N H D + 3 D M (D 128, N 4, K 2, H 32, M 384), the
+  # 260 x 128 embedding and untied head, the final norm.
+  pytest.param('llama_shakespeare', None, 3000, 854_144, id='llama_shakespeare'),
   pytest.param('mlp_breast_cancer', None, 50 * (455 // 32), None, id='mlp_breast_cancer'),
   pytest.param('mlp_mnist', None, 5 * (4000 // 64), None, id='mlp_mnist'),
   pytest.param('mnist_cnn', None, 10 * (4000 // 64), None, id='mnist_cnn'),

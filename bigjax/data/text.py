@@ -122,15 +122,18 @@ def dataset_tokenizer(
   vocab_size: int = 0,
   data_dir: str | None = None,
   train_split: str = 'train',
+  pretrained_dir: str = '',
 ) -> tokenizers.Tokenizer:
   """The tokenizer of a text dataset: tokenizers.get_tokenizer(tokenizer, ...) trained on
   `train_split` only and cached in `tokenizer_cache_dir` (the train split is read, and the cache
-  folder looked up, only by a tokenizer that needs them and has no cached model)."""
+  folder looked up, only by a tokenizer that needs them and has no cached model), or read from
+  `pretrained_dir` (config.init_from.hf) by tokenizer='hf'."""
   return tokenizers.get_tokenizer(
     tokenizer,
     lambda: load_texts(name, train_split, data_dir)[0],
     vocab_size,
     lambda: tokenizer_cache_dir(name, train_split, data_dir),
+    pretrained_dir,
   )
 
 

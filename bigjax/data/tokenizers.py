@@ -9,7 +9,13 @@ Every tokenizer puts its four specials at the END of the vocabulary: ids below
                      trained on a dataset's TRAIN split only, with byte fallback, cached on disk
                      (see `text.dataset_tokenizer`). A token is several bytes: divide a
                      bits-per-token loss by `bytes_per_token` for bits per byte.
-Both round-trip every UTF-8 text exactly, and encoding text never yields a special id.
+  'hf'               the tokenizer of the HuggingFace checkpoint in config.init_from.hf: its
+                     tokenizer.json read with the `tokenizers` package (no transformers). Its
+                     specials are the checkpoint's own ([PAD], <s>, ...: see `HFTokenizer`), not
+                     four ids at the end, and its vocab_size is the checkpoint's config.json
+                     vocab_size when that is larger (padded embeddings).
+'bytes' and 'sentencepiece' round-trip every UTF-8 text exactly, and encoding text never yields a
+special id.
 
 A tokenizer object exposes `.name`, `.vocab_size`, `.num_regular_tokens`, the special ids `.pad`,
 `.cls`, `.sep`, `.mask`, `.encode(text) -> (L,) int32` and `.decode(ids) -> str`.
@@ -35,7 +41,8 @@ _SP_RECIPE = 1  # part of the cache file name: bump it when the training options
 _WHITESPACE = '\u2581'  # SentencePiece's escaped space: in the input it would decode as ' '
 
 Text = str | bytes
-# Name -> factory(train_texts, vocab_size, cache_dir) -> tokenizer; see `get_tokenizer`.
+# Name -> factory(train_texts, vocab_size, cache_dir, pretrained_dir) -> tokenizer; see
+# `get_tokenizer`.
 TOKENIZERS = registry.Registry('tokenizers', 'config.data.tokenizer')
 
 
@@ -120,7 +127,78 @@ class SentencePieceTokenizer:
     return self._sp.decode(ids[ids < self.num_regular_tokens].tolist())
 
 
-Tokenizer = ByteTokenizer | SentencePieceTokenizer
+class HFTokenizer:
+  """A HuggingFace fast tokenizer from a save_pretrained directory's tokenizer.json.
+
+  encode: text -> ids without special tokens (no BOS/EOS/CLS added: the 'lm' view concatenates the
+  texts); decode drops specials. num_regular_tokens: the tokenizer's own vocabulary size;
+  vocab_size: the larger of that and config.json's vocab_size (the model's embedding rows). The
+  special ids come from tokenizer_config.json's pad/cls/sep/mask tokens (cls falls back to the BOS
+  token, sep to EOS), else config.json's pad/bos/eos_token_id; -1 where the checkpoint has none.
+  """
+
+  name = 'hf'
+
+  def __init__(self, directory: str):
+    import json
+    import os
+
+    directory = os.path.expanduser(directory)
+    path = os.path.join(directory, 'tokenizer.json')
+    if not os.path.exists(path):
+      raise UserError(
+        f"config.data.tokenizer='hf' needs {path}; save a fast tokenizer there "
+        "(tokenizer.save_pretrained(dir)) or choose another config.data.tokenizer"
+      )
+    try:
+      from tokenizers import Tokenizer as _Tokenizer
+    except ImportError as e:
+      raise UserError("tokenizer='hf' needs the tokenizers package: pip install tokenizers") from e
+    try:
+      self._tok = _Tokenizer.from_file(path)
+    except Exception as e:  # pylint: disable=broad-except  (tokenizers raises bare Exceptions)
+      raise UserError(
+        f'{path} cannot be read by the tokenizers package ({e}); re-save it'
+      ) from None
+
+    def read(name):
+      file = os.path.join(directory, name)
+      if not os.path.exists(file):
+        return {}
+      with open(file) as f:
+        return json.load(f)
+
+    model_config, tok_config = read('config.json'), read('tokenizer_config.json')
+    n = self._tok.get_vocab_size(with_added_tokens=True)
+    self.num_regular_tokens = n
+    self.vocab_size = max(n, int(model_config.get('vocab_size') or 0))
+
+    def special(*names, config_id=None):
+      for key in names:
+        token = tok_config.get(key)
+        token = token.get('content') if isinstance(token, dict) else token
+        if isinstance(token, str) and self._tok.token_to_id(token) is not None:
+          return self._tok.token_to_id(token)
+      value = model_config.get(config_id) if config_id else None
+      return value if isinstance(value, int) else -1
+
+    self.pad = special('pad_token', config_id='pad_token_id')
+    self.cls = special('cls_token', 'bos_token', config_id='bos_token_id')
+    self.sep = special('sep_token', 'eos_token', config_id='eos_token_id')
+    self.mask = special('mask_token')
+
+  def encode(self, text: Text) -> np.ndarray:
+    """str or UTF-8 bytes -> (L,) int32 ids, no special tokens added."""
+    text = text.decode('utf-8', errors='replace') if isinstance(text, bytes) else str(text)
+    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+  def decode(self, ids: np.ndarray) -> str:
+    """(L,) ids -> str; special tokens dropped."""
+    ids = np.asarray(ids).reshape(-1)
+    return self._tok.decode(ids[(ids >= 0) & (ids < self.num_regular_tokens)].tolist())
+
+
+Tokenizer = ByteTokenizer | SentencePieceTokenizer | HFTokenizer
 
 
 def _training_lines(texts: Iterable[Text], max_bytes: int) -> list[str]:
@@ -182,8 +260,10 @@ CacheDir = str | Callable[[], str] | None
 
 
 @TOKENIZERS.register('bytes')
-def _bytes(train_texts: Texts, vocab_size: int, cache_dir: CacheDir) -> ByteTokenizer:
-  del train_texts, cache_dir  # nothing to train or cache
+def _bytes(
+  train_texts: Texts, vocab_size: int, cache_dir: CacheDir, pretrained_dir: str = ''
+) -> ByteTokenizer:
+  del train_texts, cache_dir, pretrained_dir  # nothing to train, cache or read
   if vocab_size not in (0, VOCAB_SIZE):
     raise UserError(
       f"the 'bytes' tokenizer has vocab_size {VOCAB_SIZE}, not {vocab_size}; use "
@@ -194,8 +274,9 @@ def _bytes(train_texts: Texts, vocab_size: int, cache_dir: CacheDir) -> ByteToke
 
 @TOKENIZERS.register('sentencepiece')
 def _sentencepiece_model(
-  train_texts: Texts, vocab_size: int, cache_dir: CacheDir
+  train_texts: Texts, vocab_size: int, cache_dir: CacheDir, pretrained_dir: str = ''
 ) -> SentencePieceTokenizer:
+  del pretrained_dir  # trained on the dataset, not read from a checkpoint
   vocab_size = vocab_size or SP_DEFAULT_VOCAB_SIZE
   cache_dir = cache_dir() if callable(cache_dir) else cache_dir
   path = None
@@ -215,8 +296,31 @@ def _sentencepiece_model(
   return tokenizer
 
 
+@TOKENIZERS.register('hf')
+def _hf(
+  train_texts: Texts, vocab_size: int, cache_dir: CacheDir, pretrained_dir: str = ''
+) -> HFTokenizer:
+  del train_texts, cache_dir  # read from the checkpoint, never trained
+  if not pretrained_dir:
+    raise UserError(
+      "config.data.tokenizer='hf' reads the tokenizer.json of config.init_from.hf, which is "
+      'empty; set config.init_from.hf=<save_pretrained directory> or choose another tokenizer'
+    )
+  tokenizer = HFTokenizer(pretrained_dir)
+  if vocab_size not in (0, tokenizer.vocab_size):
+    raise UserError(
+      f"config.data.vocab_size={vocab_size} contradicts the 'hf' tokenizer's {tokenizer.vocab_size} "
+      f'({pretrained_dir}); set config.data.vocab_size=0'
+    )
+  return tokenizer
+
+
 def get_tokenizer(
-  name: str = 'bytes', train_texts: Texts = None, vocab_size: int = 0, cache_dir: CacheDir = None
+  name: str = 'bytes',
+  train_texts: Texts = None,
+  vocab_size: int = 0,
+  cache_dir: CacheDir = None,
+  pretrained_dir: str = '',
 ) -> Tokenizer:
   """The tokenizer called `name` in TOKENIZERS (unknown names: UserError naming them all).
 
@@ -225,9 +329,10 @@ def get_tokenizer(
   must be trained). cache_dir: where the SentencePiece model is kept, or a function returning that
   folder (called only by tokenizers that cache), as `spm_bpe_{vocab_size}_r{recipe}.model`: loaded
   if there, else trained and written (atomically, so concurrent processes are safe: they train the
-  same model); None trains without caching.
+  same model); None trains without caching. pretrained_dir: the HuggingFace directory the 'hf'
+  tokenizer reads (config.init_from.hf).
   """
-  return TOKENIZERS.get(name)(train_texts, vocab_size, cache_dir)
+  return TOKENIZERS.get(name)(train_texts, vocab_size, cache_dir, pretrained_dir)
 
 
 def bytes_per_token(tokenizer: Tokenizer, texts: Iterable[Text]) -> float:

@@ -200,7 +200,7 @@ class Stack(nn.Module):
     if self.scan:
       scanned = nn.scan(
         cls,
-        variable_axes={'params': 0, 'cache': 0},
+        variable_axes={'params': 0, 'cache': 0, 'attention': 0},
         split_rngs={'params': True, 'dropout': True},
         in_axes=(nn.broadcast,) * 4,
         length=self.num_layers,

@@ -87,6 +87,27 @@ def reference_attention(
   return jnp.einsum('bnts,bsnh->btnh', weights, v)
 
 
+def attention_weights(
+  q: jax.Array,
+  k: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  bias: jax.Array | None = None,
+  causal: bool = False,
+) -> jax.Array:
+  """The attention probabilities every kernel computes: q (B, T, N, H), k (B, S, K, H) ->
+  (B, N, T, S) float32 rows summing to 1 (fully masked rows 0). Not used in training; the layer
+  sows it for bigjax.explain (attention maps and rollout)."""
+  B, T, N, H = q.shape
+  S, K = k.shape[1:3]
+  k = jnp.repeat(jnp.asarray(k, jnp.float32), N // K, axis=2)
+  logits = jnp.einsum('btnh,bsnh->bnts', jnp.asarray(q, jnp.float32), k) / math.sqrt(H)
+  if bias is not None:
+    logits = logits + jnp.asarray(bias, jnp.float32)
+  mask = combine_masks(mask, causal_mask(T, S) if causal else None)
+  return _masked_softmax(logits, None if mask is None else jnp.broadcast_to(mask, logits.shape))
+
+
 def _check_inputs(q, k, v, mask, bias):
   chex.assert_rank([q, k, v], 4)
   chex.assert_equal_shape([k, v])

@@ -12,7 +12,12 @@ import jax.numpy as jnp
 
 from bigjax.errors import UserError
 from bigjax.models import layers
-from bigjax.models.attention.kernels import IMPLEMENTATIONS, combine_masks, dot_product_attention
+from bigjax.models.attention.kernels import (
+  IMPLEMENTATIONS,
+  attention_weights,
+  combine_masks,
+  dot_product_attention,
+)
 from bigjax.models.attention.positions import apply_rotary
 
 
@@ -161,6 +166,9 @@ class MultiHeadAttention(nn.Module):
       q = apply_rotary(q, positions_BT, self.rotary_base)
       k = apply_rotary(k, positions_BT, self.rotary_base)
 
+    # bigjax.explain's attention maps: only it makes 'attention' mutable (never init or training)
+    if self.is_mutable_collection('attention') and not self.is_initializing():
+      self.sow('attention', 'weights', attention_weights(q, k, mask=mask, bias=bias, causal=causal))
     dropout_rate = self.dropout_rate if train else 0.0
     out = dot_product_attention(
       q,

@@ -1,11 +1,29 @@
-"""HuggingFace BERT -> bigjax `bert.Model`: the config and the PyTorch state dict
-(BertForPreTraining / BertForMaskedLM / BertModel; logits equal to 1e-4, tests/test_hf_parity.py)."""
+"""HuggingFace BERT <-> bigjax `bert.Model`: the config, the tensor mapping (one
+`hf.convert.Mapping` for PyTorch state dicts, `save_pretrained` directories and export) and the
+exported config (BertForPreTraining / BertForMaskedLM / BertModel; logits equal to 1e-4:
+tests/test_hf_parity.py, tests/test_hf_import.py)."""
 
+import flax
 import flax.linen as nn
 
 from bigjax.errors import UserError
 from bigjax.models.bert import Model
 from bigjax.models.hf import convert as hf_convert
+
+MODEL = 'bert'  # the bigjax model family (config.model.name)
+MODEL_TYPES = ('bert',)  # config.json model_type
+# bigjax field -> the HF config.json field that states it (for messages)
+HF_NAMES = {
+  'vocab_size': 'vocab_size',
+  'num_layers': 'num_hidden_layers',
+  'num_heads': 'num_attention_heads',
+  'embed_dim': 'hidden_size',
+  'mlp_dim': 'intermediate_size',
+  'max_len': 'max_position_embeddings',
+  'type_vocab_size': 'type_vocab_size',
+  'pad_id': 'pad_token_id',
+  'norm_eps': 'layer_norm_eps',
+}
 
 # ----------------------------------------------------------------------------------------------
 # HuggingFace BERT weights (BertForPreTraining / BertForMaskedLM / BertModel PyTorch state dicts).
@@ -67,33 +85,16 @@ def config_from_hf(hf_config, head='pretrain', num_classes=2):
   )
 
 
-def params_from_hf(state_dict, config, init_params=None):
-  """bert.Model params from a HuggingFace BERT PyTorch state dict.
+def architecture(hf_config) -> dict:
+  """The bert.Model fields a BERT config.json fixes: config_from_hf without the bigjax-side
+  choices (head, num_classes, dropout), plus num_kv_heads=None."""
+  arch = config_from_hf(hf_config)
+  for name in ('head', 'num_classes', 'dropout'):
+    del arch[name]
+  return dict(arch, num_kv_heads=None)
 
-  state_dict: {name: torch tensor or numpy array} of BertForPreTraining, BertForMaskedLM or
-  BertModel (or another Bert* model: unknown entries are ignored), names with or without the
-  'bert.' prefix. config: bert.Model kwargs (dict or ConfigDict), normally
-  config_from_hf(hf_model.config, head=...); scan=True is supported. Returns the unboxed params
-  tree as float32 numpy arrays, for `model.apply({'params': params}, tokens_BT, segment_ids_BT)`.
 
-  nn.Linear weights (out, in) are transposed; query/key/value kernels become (D, N, H), biases
-  (N, H), attention.output.dense the 'out' kernel (N, H, D). The encoder (embeddings, layers) is
-  always required. Heads:
-    head='pretrain': pooler (pooler.dense), MLM head (cls.predictions.transform.dense/LayerNorm;
-      its decoder is the tied word embedding, checked equal when present; cls.predictions.bias ->
-      'mlm_bias') and NSP head (cls.seq_relationship -> 'nsp'). BertModel has no MLM/NSP head and
-      BertForMaskedLM no pooler/NSP head: a missing head raises UserError unless init_params is
-      given.
-    head='classify': pooler required. HF has no weights for bigjax's 'classifier' head, so without
-      init_params the returned tree has every parameter except 'classifier'; complete it from a
-      fresh init: `params = {**nn.meta.unbox(model.init(rng, tokens))['params'], **converted}`.
-  init_params: optional, the same model's params from its init (boxed or unboxed, with or
-  without the {'params': ...} wrapper). Heads absent from the state dict (and 'classifier') are
-  then copied from it, so the result is the complete tree. Raises UserError naming any missing
-  entry or shape mismatch, and for config fields that HF BERT weights cannot fill.
-  """
-  what = 'bert.params_from_hf'
-  model = hf_convert.build(Model, hf_convert.model_kwargs(config, what), what)
+def _check_model(model, what):
   hf_convert.require(model, dict(activation='gelu_exact', pre_ln=False), what)
   if model.num_kv_heads not in (None, model.num_heads):
     raise UserError(
@@ -106,99 +107,150 @@ def params_from_hf(state_dict, config, init_params=None):
     raise UserError(
       f'{what}: config embed_dim={model.embed_dim} is not divisible by num_heads={model.num_heads}'
     )
+
+
+# Optional parts: (group, what a checkpoint without it is) -- see `mapping`.
+POOLER, MLM, NSP = 'pooler', 'MLM head', 'NSP head'
+
+
+def mapping(model: Model, what: str = 'bert') -> hf_convert.Mapping:
+  """BertForPreTraining / BertForMaskedLM / BertModel tensors <-> bert.Model params.
+
+  nn.Linear weights (out, in) are transposed; query/key/value kernels become (D, N, H), biases
+  (N, H), attention.output.dense the 'out' kernel (N, H, D). The encoder (embeddings, layers) is
+  required; the pooler (pooler.dense), the MLM head (cls.predictions.transform.dense/LayerNorm,
+  cls.predictions.bias -> 'mlm_bias'; its decoder is the tied word embedding, checked equal when
+  present) and the NSP head (cls.seq_relationship -> 'nsp') are optional groups (BertModel has no
+  MLM/NSP head, BertForMaskedLM no pooler/NSP head). head='classify' uses the pooler; HF has no
+  weights for bigjax's 'classifier', which keeps its initialisation.
+  """
+  _check_model(model, what)
+  d, v = model.embed_dim, model.vocab_size
+  m = model.mlp_dim or 4 * d
+  copy, linear = hf_convert.copy, hf_convert.linear
+
+  def norm(name, path, group=''):  # original-BERT conversions name LayerNorm's params gamma/beta
+    return [
+      copy((f'{name}.weight', f'{name}.gamma'), (d,), f'{path}/scale', group),
+      copy((f'{name}.bias', f'{name}.beta'), (d,), f'{path}/bias', group),
+    ]
+
+  def dense(name, d_in, d_out, path, group=''):
+    return [
+      linear(f'{name}.weight', (d_out, d_in), f'{path}/kernel', group),
+      copy(f'{name}.bias', (d_out,), f'{path}/bias', group),
+    ]
+
+  rules = [
+    copy('embeddings.word_embeddings.weight', (v, d), 'embed/embedding'),
+    copy('embeddings.position_embeddings.weight', (model.max_len, d), 'position_embed/embedding'),
+    copy(
+      'embeddings.token_type_embeddings.weight',
+      (model.type_vocab_size, d),
+      'segment_embed/embedding',
+    ),
+    *norm('embeddings.LayerNorm', 'embed_norm'),
+  ]
+  for i in range(model.num_layers):
+    p, q = f'encoder.layer.{i}.', f'stack/layer_{i}/'
+    for name in ('query', 'key', 'value'):  # output features head-major
+      rules += dense(p + f'attention.self.{name}', d, d, q + f'self_attention/{name}')
+    rules += [
+      *dense(p + 'attention.output.dense', d, d, q + 'self_attention/out'),
+      *norm(p + 'attention.output.LayerNorm', q + 'attention_norm'),
+      *dense(p + 'intermediate.dense', d, m, q + 'mlp/wi'),
+      *dense(p + 'output.dense', m, d, q + 'mlp/wo'),
+      *norm(p + 'output.LayerNorm', q + 'mlp_norm'),
+    ]
+  rules += dense('pooler.dense', d, d, 'pooler', POOLER)
+  tied: tuple[tuple[str, str], ...] = ()
+  if model.head == 'pretrain':
+    rules += [
+      *dense('cls.predictions.transform.dense', d, d, 'mlm_dense', MLM),
+      *norm('cls.predictions.transform.LayerNorm', 'mlm_norm', MLM),
+      copy(('cls.predictions.bias', 'cls.predictions.decoder.bias'), (v,), 'mlm_bias', MLM),
+      *dense('cls.seq_relationship', d, 2, 'nsp', NSP),
+    ]
+    tied = (('cls.predictions.decoder.weight', 'embed/embedding'),)
+  return hf_convert.Mapping(
+    prefix='bert.',
+    rules=rules,
+    unprefixed=('cls.',),
+    tied=tied,
+    fresh=('^classifier/',),
+  )
+
+
+def hf_config(model: Model) -> dict:
+  """The BertConfig (as config.json's dict) of a bert.Model with head='pretrain'."""
+  _check_model(model, 'export')
+  if model.head != 'pretrain':
+    raise UserError(
+      f"export: a bert run with head={model.head!r} has no HuggingFace counterpart here (bigjax's "
+      "classifier head is not BertForSequenceClassification's); export a head='pretrain' run"
+    )
+  return dict(
+    architectures=['BertForPreTraining'],
+    model_type='bert',
+    vocab_size=model.vocab_size,
+    hidden_size=model.embed_dim,
+    num_hidden_layers=model.num_layers,
+    num_attention_heads=model.num_heads,
+    intermediate_size=model.mlp_dim or 4 * model.embed_dim,
+    max_position_embeddings=model.max_len,
+    type_vocab_size=model.type_vocab_size,
+    layer_norm_eps=model.norm_eps,
+    hidden_act='gelu',
+    pad_token_id=model.pad_id if model.pad_id >= 0 else None,
+    hidden_dropout_prob=model.dropout,
+    attention_probs_dropout_prob=model.dropout,
+    tie_word_embeddings=True,
+  )
+
+
+def params_from_hf(state_dict, config, init_params=None):
+  """bert.Model params from a HuggingFace BERT PyTorch state dict.
+
+  state_dict: {name: torch tensor or numpy array} of BertForPreTraining, BertForMaskedLM or
+  BertModel (or another Bert* model: unknown entries are ignored), names with or without the
+  'bert.' prefix. config: bert.Model kwargs (dict or ConfigDict), normally
+  config_from_hf(hf_model.config, head=...); scan=True is supported. Returns the unboxed params
+  tree as float32 numpy arrays, for `model.apply({'params': params}, tokens_BT, segment_ids_BT)`
+  (the layout: `mapping`). Heads:
+    head='pretrain': pooler, MLM head and NSP head; a head the state dict lacks raises UserError
+      unless init_params is given.
+    head='classify': pooler required. HF has no weights for bigjax's 'classifier' head, so without
+      init_params the returned tree has every parameter except 'classifier'; complete it from a
+      fresh init: `params = {**nn.meta.unbox(model.init(rng, tokens))['params'], **converted}`.
+  init_params: optional, the same model's params from its init (boxed or unboxed, with or
+  without the {'params': ...} wrapper). Heads absent from the state dict (and 'classifier') are
+  then copied from it, so the result is the complete tree. Raises UserError naming any missing
+  entry or shape mismatch, and for config fields that HF BERT weights cannot fill.
+  """
+  what = 'bert.params_from_hf'
+  model = hf_convert.build(Model, hf_convert.model_kwargs(config, what), what)
+  rules = mapping(model, what)
   target = hf_convert.abstract_params(model, min(8, model.max_len))
   fresh = None
   if init_params is not None:
     fresh = nn.meta.unbox(init_params)
-    if set(fresh) == {'params'}:
+    if 'params' in fresh:  # model.init's variables ({'params': ...} and other collections)
       fresh = fresh['params']
     fresh = hf_convert.check_tree(fresh, target, f'{what} (init_params)')
-  sd = hf_convert.StateDict(state_dict, 'bert.', what)
-  d, n, v = model.embed_dim, model.num_heads, model.vocab_size
-  m, h = model.mlp_dim or 4 * d, d // n
-
-  def norm(name):  # original-BERT conversions name LayerNorm's parameters gamma/beta
-    return {
-      'scale': sd.take((d,), f'{name}.weight', f'{name}.gamma'),
-      'bias': sd.take((d,), f'{name}.bias', f'{name}.beta'),
-    }
-
-  def linear(name, d_in, d_out):  # nn.Linear: y = x @ weight.T + bias, weight (out, in)
-    return {
-      'kernel': sd.take((d_out, d_in), f'{name}.weight').T,
-      'bias': sd.take((d_out,), f'{name}.bias'),
-    }
-
-  def layer(i):
-    p = f'encoder.layer.{i}.'
-    attn = {}
-    for name in ('query', 'key', 'value'):
-      proj = linear(p + f'attention.self.{name}', d, d)  # output features head-major
-      attn[name] = {'kernel': proj['kernel'].reshape(d, n, h), 'bias': proj['bias'].reshape(n, h)}
-    out = linear(p + 'attention.output.dense', d, d)
-    attn['out'] = {'kernel': out['kernel'].reshape(n, h, d), 'bias': out['bias']}
-    return {
-      'self_attention': attn,
-      'attention_norm': norm(p + 'attention.output.LayerNorm'),
-      'mlp': {'wi': linear(p + 'intermediate.dense', d, m), 'wo': linear(p + 'output.dense', m, d)},
-      'mlp_norm': norm(p + 'output.LayerNorm'),
-    }
-
-  word = sd.take((v, d), 'embeddings.word_embeddings.weight')
-  params = {
-    'embed': {'embedding': word},
-    'position_embed': {
-      'embedding': sd.take((model.max_len, d), 'embeddings.position_embeddings.weight')
-    },
-    'segment_embed': {
-      'embedding': sd.take((model.type_vocab_size, d), 'embeddings.token_type_embeddings.weight')
-    },
-    'embed_norm': norm('embeddings.LayerNorm'),
-    'stack': hf_convert.stack_layers([layer(i) for i in range(model.num_layers)], model.scan),
-  }
-
-  def mlm():
-    sd.check_tied('cls.predictions.decoder.weight', word)
-    return {
-      'mlm_dense': linear('cls.predictions.transform.dense', d, d),
-      'mlm_norm': norm('cls.predictions.transform.LayerNorm'),
-      'mlm_bias': sd.take((v,), 'cls.predictions.bias', 'cls.predictions.decoder.bias'),
-    }
-
-  # (description, entry that marks the head as present, its params, converter)
-  heads = [
-    ('pooler', 'pooler.dense.weight', ('pooler',), lambda: {'pooler': linear('pooler.dense', d, d)})
-  ]
-  if model.head == 'pretrain':
-    heads += [
-      (
-        'MLM head',
-        'cls.predictions.transform.dense.weight',
-        ('mlm_dense', 'mlm_norm', 'mlm_bias'),
-        mlm,
-      ),
-      (
-        'NSP head',
-        'cls.seq_relationship.weight',
-        ('nsp',),
-        lambda: {'nsp': linear('cls.seq_relationship', d, 2)},
-      ),
-    ]
-  for label, marker, names, convert in heads:
-    if sd.has(marker):
-      params.update(convert())
-    elif fresh is not None:
-      params.update({name: fresh[name] for name in names})
-    else:
-      raise UserError(
-        f'{what}: state dict has no {label} ({marker!r}) for head={model.head!r} (BertModel '
-        'checkpoints lack the MLM/NSP heads, BertForMaskedLM ones the pooler and NSP head); '
-        'pass init_params=<params from model.init> to start missing heads fresh'
-        + (", or convert with head='classify'" if label == 'NSP head' else '')
-      )
-  if model.head == 'classify':
-    if fresh is not None:
-      params['classifier'] = fresh['classifier']
-    else:
-      target = {k: t for k, t in target.items() if k != 'classifier'}
-  return hf_convert.check_tree(params, target, what)
+  source = hf_convert.StateDictSource(state_dict, rules.prefix, what)
+  flat, plan = hf_convert.load_all(source, rules, hf_convert.flat_shapes(target), what)
+  if plan.absent_groups and fresh is None:
+    group = plan.absent_groups[0]
+    marker = next(r.name for r in rules.rules if r.group == group)
+    raise UserError(
+      f'{what}: state dict has no {group} ({marker!r}) for head={model.head!r} (BertModel '
+      'checkpoints lack the MLM/NSP heads, BertForMaskedLM ones the pooler and NSP head); '
+      'pass init_params=<params from model.init> to start missing heads fresh'
+      + (", or convert with head='classify'" if group == NSP else '')
+    )
+  if fresh is not None:
+    fresh_flat = flax.traverse_util.flatten_dict(fresh, sep='/')
+    flat.update({k: fresh_flat[k] for k in plan.fresh})
+  else:  # head='classify' without init_params: everything but the classifier
+    target = {k: t for k, t in target.items() if k != 'classifier'}
+  return hf_convert.check_tree(flax.traverse_util.unflatten_dict(flat, sep='/'), target, what)

@@ -1,0 +1,117 @@
+"""Knowledge distillation (Hinton, Vinyals & Dean 2015) from a frozen teacher (config.distill).
+
+  loss = alpha * task loss + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+
+config.distill fields: teacher (a finished run's workdir: its config.json names the teacher's
+model, its newest checkpoint holds the weights; '' = off), temperature T > 0, alpha in [0, 1].
+The teacher may be another model family than the student; it is built from its own config.model
+with the student's data facts (classes, vocabulary), so its outputs must have the student's shape.
+Its variables live in the train state (`state.teacher`: parameters and model state, no optimizer
+state) with the shardings of their own logical axis names, and it runs inside the same jitted step
+on the same (augmented) inputs, under stop_gradient. T^2 keeps the soft term's gradients on the
+scale of the hard term's as T changes (Hinton et al., section 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import dataclasses
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from bigjax.errors import UserError
+
+
+def enabled(cfg) -> bool:
+  """True when config.distill names a teacher."""
+  return bool(cfg.teacher)
+
+
+def kl_term(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
+  """T^2 * KL(softmax(teacher / T) || softmax(student / T)) over the last axis, averaged over the
+  leading ones. student_logits, teacher_logits: (..., K) -> () float32."""
+  t = jnp.asarray(temperature, jnp.float32)
+  log_p_teacher = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t)
+  log_p_student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t)
+  kl = jnp.sum(jnp.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1)
+  return t**2 * jnp.mean(kl)
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A frozen teacher: its model, its variables (host arrays {'params': ..., other collections}),
+  and the loss weights."""
+
+  model: nn.Module
+  variables: dict
+  temperature: float
+  alpha: float
+  run_dir: str
+
+  def loss(self, task_loss: jax.Array, metrics: dict, student_out, teacher_out):
+    """-> (alpha * task_loss + (1 - alpha) * kl_term, metrics + 'task_loss', 'distill_kl')."""
+    kl = kl_term(student_out, jax.lax.stop_gradient(teacher_out), self.temperature)
+    loss = self.alpha * task_loss + (1.0 - self.alpha) * kl
+    return loss, dict(metrics, task_loss=task_loss, distill_kl=kl)
+
+
+def load(cfg, make_model: Callable[[Any], nn.Module], sample: dict, student_out_shape) -> Teacher:
+  """config.distill -> Teacher, read and checked before anything is written.
+
+  make_model: config.model (the teacher's) -> module built with the student's data facts;
+  sample: a prepared batch of one; student_out_shape: the student's output shape on it.
+  UserError: no run in config.distill.teacher, a checkpoint that does not fit the teacher's model
+  (other classes or sizes), or teacher outputs whose shape is not the student's."""
+  from bigjax import checkpoint, init_from, steps
+
+  if not cfg.temperature > 0:
+    raise UserError(f'config.distill.temperature={cfg.temperature} must be > 0 (e.g. 4.0)')
+  path = os.path.expanduser(cfg.teacher)
+  config_path = os.path.join(path, 'config.json')
+  if not os.path.exists(config_path):
+    raise UserError(
+      f'config.distill.teacher={cfg.teacher!r} has no config.json; give the workdir of a '
+      'finished bigjax run'
+    )
+  with open(config_path) as f:
+    teacher_config = ml_collections.ConfigDict(json.load(f))
+  model = make_model(teacher_config.model)
+  _, state = checkpoint.load_latest(init_from.checkpoint_dir(path))
+  variables = {'params': state['params'], **state.get('model_state', {})}
+  boxed = jax.eval_shape(
+    lambda: steps.apply_model(
+      model, None, sample, train=False, init_rngs={'params': jax.random.key(0)}
+    )
+  )
+  want = checkpoint.signature(nn.meta.unbox(boxed))
+  have = checkpoint.signature(variables)
+  if want != have:
+    bad = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    raise UserError(
+      f'config.distill.teacher={cfg.teacher!r}: its checkpoint does not fit its model on this '
+      f"task's data ({bad[0]}: {have.get(bad[0], ('missing',))[0]} saved, "
+      f"{want.get(bad[0], ('missing',))[0]} here); distill from a teacher trained on the same "
+      'classes / vocabulary'
+    )
+  out = jax.eval_shape(lambda v: steps.apply_model(model, v, sample, train=False), variables)
+  if getattr(out, 'shape', None) != tuple(student_out_shape):
+    raise UserError(
+      f'config.distill.teacher={cfg.teacher!r} outputs shape {getattr(out, "shape", out)} but '
+      f'the student outputs {tuple(student_out_shape)}; use a teacher trained for this task'
+    )
+  return Teacher(model, jax.tree.map(np.asarray, variables), cfg.temperature, cfg.alpha, path)
+
+
+def place(variables: dict, like: Any) -> Any:
+  """The teacher's host variables put onto the devices with the shardings of `like` (the state's
+  freshly initialised teacher tree of the same structure)."""
+  return jax.tree.map(
+    lambda v, x: jax.device_put(np.asarray(v, x.dtype), x.sharding), variables, like
+  )

@@ -1,0 +1,103 @@
+"""Export a run as a HuggingFace save_pretrained directory.
+
+  bigjax-export --workdir=runs/llama_shakespeare --to=exported/llama_shakespeare
+
+Reads the run's config.json and newest checkpoint, builds the same model (its data-derived fields
+from the run's tokenizer and, for a run started from config.init_from.hf, the architecture from
+that directory, as bigjax-train does), maps the parameters to the family's HuggingFace names
+(bigjax/models/hf/<family>.py `mapping`, the one the import uses) and writes config.json +
+model.safetensors with `safetensors.numpy` (no torch), plus the starting checkpoint's tokenizer
+files when there is one. `transformers`' from_pretrained(DIR) loads the result and gives the
+same logits (tests/test_hf_import.py). Families: gpt (GPT2LMHeadModel), bert with
+head='pretrain' (BertForPreTraining), llama (LlamaForCausalLM, or Qwen2/Mistral as the starting
+checkpoint was).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from bigjax import checkpoint, cli, experiment, init_from
+from bigjax.errors import UserError
+
+# A transform of the checkpoint's params tree before the mapping: the hook for folding adapters
+# into the base weights (a later `--merge` flag passes PEFT's fold here); None exports as saved.
+ParamsTransform = Callable[[Any, Any], Any]
+
+
+def load_run(workdir: str) -> tuple[Any, Any, Any]:
+  """(config, model, params as host numpy arrays) of the newest checkpoint in `workdir`."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise UserError(f'--workdir={workdir} holds no config.json; give the workdir of a bigjax run')
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  tokenizer = experiment.tokenizer_for(config)
+  data = experiment.data_info(config, tokenizer)
+  task = experiment.make_task(config.task, data)
+  model = experiment.make_model(config.model, data, task, init_from.hf_architecture(config))
+  try:
+    _, state = checkpoint.load_latest(os.path.join(workdir, 'checkpoints'))
+  except FileNotFoundError:
+    raise UserError(
+      f'{workdir} holds no checkpoint yet; train it first (or wait for its first checkpoint)'
+    ) from None
+  return config, model, state['params']
+
+
+def export(workdir: str, to: str, transform: ParamsTransform | None = None) -> str:
+  """Writes the run in `workdir` to the save_pretrained directory `to`; returns `to`.
+
+  transform(params, config) -> params runs before the mapping (see ParamsTransform). UserError
+  for a model family without a HuggingFace counterpart, or parameters the mapping cannot place.
+  """
+  from bigjax.models import hf
+  from bigjax.models.hf import convert, safetensors_io
+
+  config, model, params = load_run(workdir)
+  family = hf.family_for_model(config.model.name)
+  if transform is not None:
+    params = transform(params, config)
+  tensors = convert.to_hf(params, family.mapping(model, 'export'), 'export')
+  source = init_from.hf_family(config)
+  base = dict(source[1]) if source else {}
+  extra = {}
+  if family.MODEL == 'llama' and base.get('model_type'):
+    extra['model_type'] = base['model_type']
+  hf_config = family.hf_config(model, **extra)
+  for stale in ('rope_theta', 'rope_scaling', 'torch_dtype', 'dtype', 'transformers_version'):
+    base.pop(stale, None)  # restated by hf_config or by transformers on load
+  hf_config = {**base, **hf_config, 'torch_dtype': 'float32'}
+  if family.MODEL == 'bert' and model.pad_id < 0:
+    hf_config['pad_token_id'] = None
+  return safetensors_io.save_pretrained(
+    to, tensors, hf_config, copy_from=config.init_from.hf or None
+  )
+
+
+def _main(argv: Sequence[str]) -> int:
+  from absl import logging
+
+  parser = cli.Parser('bigjax-export', __doc__)
+  parser.string('workdir', None, 'Workdir of a bigjax run (its newest checkpoint).', required=True)
+  parser.string('to', None, 'Directory to write (created if missing).', required=True)
+  fv = parser.parse(argv)
+  logging.set_verbosity(logging.WARNING)
+  if os.path.abspath(fv.to) == os.path.abspath(fv.workdir):
+    raise UserError('--to must differ from --workdir; give a new directory')
+  print(f'bigjax-export: wrote {export(fv.workdir, fv.to)}')
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """CLI entry: user errors print one line and exit 2."""
+  cli.run(_main, argv)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,36 @@
+"""Unstructured magnitude pruning of the MNIST CNN: sparsity x {one-shot, gradual}, 3 seeds.
+
+  bigjax-sweep --sweep=experiments/compression/prune_sweep.py --workdir=runs/compression/prune
+
+configs/mnist_cnn.py (620 steps of Adam 1e-3), global magnitude pruning of every kernel
+(config.prune.params='kernel$'). one_shot: the trained weights are pruned once after 310 steps
+(half of training; Han et al. 2015's prune-then-retrain), then trained 310 more with the mask.
+gradual: Zhu & Gupta 2017's cubic schedule from step 124 to 434, every 31 steps (10 prunings),
+then 186 steps with the final mask. train/sparsity is the fraction of exact zeros in the pruned
+kernels at the last logged step, measured on the weights.
+"""
+
+from bigjax import sweep
+
+
+def get_sweep():
+  return sweep.Sweep(
+    config='mnist_cnn',
+    overrides={
+      'prune.method': 'magnitude',
+      'prune.scope': 'global',
+      'prune.end_step': 434,
+      'prune.frequency': 31,
+      'log_every': 31,
+      'checkpoint_every': 310,
+    },
+    settings=sweep.product(
+      sweep.axis('prune.sparsity', [0.5, 0.9, 0.98], label='sparsity'),
+      sweep.zip_axes(
+        sweep.axis('prune.schedule', ['one_shot', 'gradual'], label='schedule'),
+        sweep.axis('prune.begin_step', [310, 124], label='begin'),
+      ),
+    ),
+    seeds=[0, 1, 2],
+    metrics=['accuracy', 'loss', 'train/sparsity'],
+  )

@@ -1,0 +1,131 @@
+"""bigjax/compress/distill.py: the loss, alpha = 1 equals plain training, a teacher equal to the
+student's init has KL 0, a teacher of another family, the mesh against one device, bad input."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from bigjax import checkpoint, experiment
+from bigjax.compress import distill
+from bigjax.errors import UserError
+
+from conftest import load_config
+
+
+def _save_run(config, workdir, devices):
+  """Writes workdir/config.json and workdir/checkpoints/0 = the config's initial train state (a
+  'finished run' to distill from). Returns the state's params on the host."""
+  exp = experiment.build(config, devices)
+  state = exp.create_state()
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json())
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  ckpt.save(0, state)
+  ckpt.close()
+  return jax.device_get(state.params)
+
+
+@pytest.fixture(scope='module')
+def teachers(tmp_path_factory):
+  """{'init': the student's own initial state, 'cnn': an mnist_cnn's initial state} as run dirs."""
+  root = tmp_path_factory.mktemp('teachers')
+  device = jax.devices()[:1]
+  _save_run(load_config('mnist_mlp_student', 'smoke'), str(root / 'init'), device)
+  _save_run(load_config('mnist_cnn', 'smoke'), str(root / 'cnn'), device)
+  return {'init': str(root / 'init'), 'cnn': str(root / 'cnn')}
+
+
+def _student(teacher='', **kw):
+  config = load_config('mnist_mlp_student', 'smoke')
+  config.distill.update(teacher=teacher, **kw)
+  return config
+
+
+def _steps(config, devices, n=3):
+  """(host params after n steps, [metrics of each step])."""
+  exp = experiment.build(config, devices)
+  state = exp.create_state()
+  train_step = exp.compile_train_step()
+  metrics = []
+  for i in range(n):
+    state, m = train_step(state, exp.to_global(exp.batches.batch(i)))
+    metrics.append(jax.device_get(m))
+  return jax.device_get(state.params), metrics
+
+
+def test_kl_term_is_t_squared_kl_of_the_softened_distributions():
+  rng = np.random.default_rng(0)
+  student, teacher = rng.normal(size=(2, 5, 7)) * 3
+  t = 3.0
+
+  def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+  p, q = softmax(teacher / t), softmax(student / t)
+  want = t**2 * np.mean(np.sum(p * np.log(p / q), axis=-1))
+  np.testing.assert_allclose(distill.kl_term(student, teacher, t), want, rtol=1e-5)
+  assert float(distill.kl_term(student, student, t)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_teacher_equal_to_the_students_init_has_kl_zero_at_step_0(teachers, one_device):
+  _, metrics = _steps(_student(teachers['init'], alpha=0.5), one_device, n=2)
+  assert abs(float(metrics[0]['distill_kl'])) < 1e-6
+  # loss = alpha * task + (1 - alpha) * 0 at step 0; after one update the student has moved
+  np.testing.assert_allclose(metrics[0]['loss'], 0.5 * metrics[0]['task_loss'], rtol=1e-6)
+  assert metrics[1]['distill_kl'] > 1e-6
+
+
+def test_alpha_one_equals_plain_training(teachers, one_device):
+  """A CNN teacher of an MLP student (another family): with alpha = 1 the parameters after 3 steps
+  are bitwise those of plain training; with alpha = 0.5 they are not."""
+  plain, plain_metrics = _steps(_student(), one_device)
+  alone, metrics = _steps(_student(teachers['cnn'], alpha=1.0, temperature=4.0), one_device)
+  jax.tree.map(np.testing.assert_array_equal, alone, plain)
+  assert [m['loss'] for m in metrics] == [m['loss'] for m in plain_metrics]
+  assert all(m['distill_kl'] > 1e-3 for m in metrics)  # the teacher ran and disagrees
+  mixed, _ = _steps(_student(teachers['cnn'], alpha=0.5, temperature=4.0), one_device)
+  diff = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), mixed, plain)
+  assert max(jax.tree.leaves(diff)) > 1e-5
+
+
+@pytest.mark.slow  # 2 builds and compiles, one on 8 devices
+def test_distillation_on_the_mesh_equals_one_device(teachers, one_device):
+  config = _student(teachers['cnn'], alpha=0.3, temperature=2.0)
+  config.optim.update(name='sgd', lr=0.1)  # see tests/test_prune.py's mesh test
+  ref, ref_metrics = _steps(config, one_device)
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  exp = experiment.build(config)
+  specs = [str(s.spec) for s in jax.tree.leaves(exp.shardings.teacher)]
+  assert any('fsdp' in s or 'tensor' in s for s in specs), specs  # the teacher is sharded
+  got, metrics = _steps(config, None)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, ref)
+  np.testing.assert_allclose(
+    [m['distill_kl'] for m in metrics], [m['distill_kl'] for m in ref_metrics], rtol=1e-5
+  )
+
+
+def test_bad_teacher_is_one_line(teachers, tmp_path, one_device):
+  # a teacher trained on another task (30 breast-cancer features, 2 classes)
+  other = load_config('mlp_breast_cancer')
+  _save_run(other, str(tmp_path / 'other'), one_device)
+  cases = [
+    (
+      _student(str(tmp_path / 'other')),
+      r"config.distill.teacher='.*other': its checkpoint does "
+      r'not fit its model on this task',
+    ),
+    (_student(str(tmp_path / 'nothing')), r"config.distill.teacher='.*nothing' has no config.json"),
+    (_student(teachers['init'], temperature=0.0), r'config.distill.temperature=0.0 must be > 0'),
+    (_student(teachers['init'], alpha=1.5), r'config.distill.alpha=1.5 must be in \[0, 1\]'),
+  ]
+  for config, message in cases:
+    with pytest.raises(UserError, match=message) as e:
+      experiment.build(config, one_device)
+    assert '\n' not in str(e.value)
+  with open(tmp_path / 'other' / 'config.json') as f:
+    assert json.load(f)['data']['name'] == 'breast_cancer'
