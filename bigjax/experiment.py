@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 import dataclasses
+import json
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -404,3 +406,27 @@ def _compression(config, data, task, model, tx, sample):
   if prune.enabled(config.prune):
     tx = prune.wrap(tx, config.prune)
   return model, tx, teacher
+
+
+def load_run(workdir: str, what: str = 'a bigjax run') -> tuple[Any, Any, nn.Module, Any]:
+  """(config, tokenizer, model, params as host arrays) of the newest checkpoint in `workdir`, the
+  model rebuilt as bigjax-train built it; UserError (naming `what` a workdir must be) without a
+  config.json or a checkpoint."""
+  import ml_collections
+
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise UserError(f'--workdir={workdir} holds no config.json; give the workdir of {what}')
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  tokenizer = tokenizer_for(config)
+  data = data_info(config, tokenizer)
+  task = make_task(config.task, data)
+  model = make_model(config.model, data, task, init_from.hf_architecture(config))
+  try:
+    _, state = checkpoint_lib.load_latest(os.path.join(workdir, 'checkpoints'))
+  except FileNotFoundError:
+    raise UserError(
+      f'{workdir} holds no checkpoint yet; train it first (or wait for its first checkpoint)'
+    ) from None
+  return config, tokenizer, model, state['params']

@@ -16,13 +16,10 @@ checkpoint was).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-import json
 import os
 from typing import Any
 
-import ml_collections
-
-from bigjax import checkpoint, cli, experiment, init_from
+from bigjax import cli, experiment, init_from
 from bigjax.errors import UserError
 
 # A transform of the checkpoint's params tree before the mapping: the hook for folding adapters
@@ -32,22 +29,8 @@ ParamsTransform = Callable[[Any, Any], Any]
 
 def load_run(workdir: str) -> tuple[Any, Any, Any]:
   """(config, model, params as host numpy arrays) of the newest checkpoint in `workdir`."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise UserError(f'--workdir={workdir} holds no config.json; give the workdir of a bigjax run')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  tokenizer = experiment.tokenizer_for(config)
-  data = experiment.data_info(config, tokenizer)
-  task = experiment.make_task(config.task, data)
-  model = experiment.make_model(config.model, data, task, init_from.hf_architecture(config))
-  try:
-    _, state = checkpoint.load_latest(os.path.join(workdir, 'checkpoints'))
-  except FileNotFoundError:
-    raise UserError(
-      f'{workdir} holds no checkpoint yet; train it first (or wait for its first checkpoint)'
-    ) from None
-  return config, model, state['params']
+  config, _, model, params = experiment.load_run(workdir)
+  return config, model, params
 
 
 def export(workdir: str, to: str, transform: ParamsTransform | None = None) -> str:

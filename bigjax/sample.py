@@ -11,13 +11,10 @@ the prompt followed by the sampled continuation.
 from __future__ import annotations
 
 from collections.abc import Sequence
-import json
-import os
 
-import ml_collections
 import numpy as np
 
-from bigjax import checkpoint, cli, experiment, init_from
+from bigjax import cli, experiment
 from bigjax.errors import UserError
 
 
@@ -27,25 +24,11 @@ def sample(workdir: str, prompt: str, **kwargs) -> str:
   kwargs: gpt.generate's max_new_tokens, temperature, top_k, top_p, seed."""
   from bigjax.models import gpt
 
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise UserError(f'--workdir={workdir} holds no config.json; give the workdir of a GPT run')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config, tokenizer, model, params = experiment.load_run(workdir, 'a GPT run')
   if config.model.name != 'gpt':
     raise UserError(f'{workdir} is a {config.model.name!r} run; sampling needs a gpt run')
-  tokenizer = experiment.tokenizer_for(config)
-  data = experiment.data_info(config, tokenizer)
-  task = experiment.make_task(config.task, data)
-  model = experiment.make_model(config.model, data, task, init_from.hf_architecture(config))
   try:
-    _, state = checkpoint.load_latest(os.path.join(workdir, 'checkpoints'))
-  except FileNotFoundError:
-    raise UserError(
-      f'{workdir} holds no checkpoint yet; train it first (or wait for its first checkpoint)'
-    ) from None
-  try:
-    out = gpt.generate(model, state['params'], tokenizer.encode(prompt)[None], **kwargs)
+    out = gpt.generate(model, params, tokenizer.encode(prompt)[None], **kwargs)
   except ValueError as e:
     raise UserError(f'{e}; change --prompt or --max_new_tokens') from None
   return prompt + tokenizer.decode(np.asarray(out)[0])

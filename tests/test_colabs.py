@@ -94,6 +94,7 @@ def test_set_up_cell_chooses_the_cpu_path_here_and_the_matching_jax_elsewhere(mo
     legacy['install_commands']('tpu-node')
 
 
+@pytest.mark.slow  # executes the notebook: 40-80 s on 2 cores (CI's slow pass runs it)
 def test_quickstart(tmp_path):
   nb = _run('quickstart', tmp_path)
   text = _text(nb)
@@ -103,6 +104,7 @@ def test_quickstart(tmp_path):
   _plots_render(nb)
 
 
+@pytest.mark.slow  # executes the notebook: 40-80 s on 2 cores (CI's slow pass runs it)
 def test_sharding(tmp_path):
   nb = _run('sharding', tmp_path)
   text = _text(nb)
@@ -121,6 +123,7 @@ def test_sharding(tmp_path):
   _plots_render(nb)
 
 
+@pytest.mark.slow  # executes the notebook: 40-80 s on 2 cores (CI's slow pass runs it)
 def test_gpt_shakespeare(tmp_path):
   nb = _run('gpt_shakespeare', tmp_path)
   text = _text(nb)
@@ -131,11 +134,12 @@ def test_gpt_shakespeare(tmp_path):
   _plots_render(nb)
 
 
+@pytest.mark.slow  # executes the notebook: 40-80 s on 2 cores (CI's slow pass runs it)
 def test_sweep_results(tmp_path):
   nb = _run('sweep_results', tmp_path)
   text = _text(nb)
   settings = [l for l in text.splitlines() if ' accuracy ' in l and 'over 1 run(s)' in l]
-  assert len(settings) == 4  # 2 learning rates x 2 dropout rates, one seed each on SMOKE
+  assert len(settings) == 4  # 2 learning rates x 2 weight decays, one seed each on SMOKE
   assert all(float(l.split(' accuracy ')[1].split()[0]) > 0.8 for l in settings)
   assert 'best setting: ' in text
   _plots_render(nb)

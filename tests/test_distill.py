@@ -80,6 +80,7 @@ def test_teacher_equal_to_the_students_init_has_kl_zero_at_step_0(teachers, one_
   assert metrics[1]['distill_kl'] > 1e-6
 
 
+@pytest.mark.slow  # two 20-step runs with a CNN teacher, ~80 s on 2 busy cores
 def test_alpha_one_equals_plain_training(teachers, one_device):
   """A CNN teacher of an MLP student (another family): with alpha = 1 the parameters after 3 steps
   are bitwise those of plain training; with alpha = 0.5 they are not."""

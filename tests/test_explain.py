@@ -379,3 +379,35 @@ def test_saliency_is_jitted_per_shape(cnn):
   size = gradients.saliency._cache_size()
   gradients.saliency(cnn.scorer, cnn.variables, x + 0.1, t + 1, {})
   assert gradients.saliency._cache_size() == size
+
+
+# ----------------------------------------------------------------------------------------------
+# BERT and ResNet (the text encoder and the batch-norm CNN): the same identities
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_bert_integrated_gradients_on_embeddings_complete_and_attention_per_head(tmp_path_factory):
+  bert = _load(_train(tmp_path_factory, 'bert_genre', 'smoke,init=none', num_steps=10))
+  out = explain.explain(bert, 'integrated_gradients', indices=[0, 1, 2, 3])
+  total, diff = out['completeness'].T
+  assert np.all(np.abs(diff) > 1e-3)
+  assert _relative_gap(out).max() < 0.01, (total, diff)
+  seq_len = bert.exp.config.data.seq_len
+  assert out['attributions'].shape == (4, seq_len)
+  att = explain.explain(bert, 'attention', indices=[0])
+  maps = att['attention']  # (examples, layers, heads, T, S), rows are distributions
+  assert maps.shape[0] == 1 and maps.shape[-2:] == (seq_len, seq_len)
+  np.testing.assert_allclose(maps.sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_resnet_gradcam_and_integrated_gradients(tmp_path_factory):
+  resnet = _load(
+    _train(tmp_path_factory, 'cifar10_resnet', 'smoke', num_steps=10, **{'data.name': 'mnist5k'})
+  )
+  out = explain.explain(resnet, 'gradcam', indices=[0, 1])
+  assert out['upsampled'].shape == (2, 28, 28)
+  assert np.all(out['maps'] >= 0) and out['maps'].max() > 0
+  other = explain.explain(resnet, 'gradcam', indices=[0, 1], target=(int(out['target'][0]) + 1) % 10)
+  assert not np.allclose(other['maps'], out['maps'])  # the map depends on the class explained
+  ig = explain.explain(resnet, 'integrated_gradients', indices=[0, 1])
+  assert _relative_gap(ig).max() < 0.01

@@ -137,6 +137,7 @@ def test_pruned_weights_are_exactly_zero_after_every_step(one_device):
   assert max(moved) > 1e-5
 
 
+@pytest.mark.slow  # a full build + compile + 14 steps; the masks are unit-tested above
 def test_n_m_training_keeps_two_of_four(one_device):
   config = _pruning_config(
     method='n_m', n=2, m=4, schedule='one_shot', begin_step=3, params='(conv_1|dense_0)/kernel'

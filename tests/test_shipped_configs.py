@@ -56,6 +56,7 @@ SIZES = [
   pytest.param('mlp_breast_cancer', None, 50 * (455 // 32), None, id='mlp_breast_cancer'),
   pytest.param('mlp_mnist', None, 5 * (4000 // 64), None, id='mlp_mnist'),
   pytest.param('mnist_cnn', None, 10 * (4000 // 64), None, id='mnist_cnn'),
+  pytest.param('mnist_mlp_student', None, 10 * (4000 // 64), 25_450, id='mnist_mlp_student'),
   pytest.param('vit_mnist', None, 20 * (4000 // 64), None, id='vit_mnist'),
 ]
 MOCKED = {'cifar10_cnn', 'cifar10_resnet'}  # not available offline
