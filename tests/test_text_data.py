@@ -271,7 +271,7 @@ def test_tokenizer_objects_and_their_errors():
   with pytest.raises(
     UserError,
     match=r"config.data.tokenizer='wordpiece' is unknown; known "
-    r"tokenizers: bytes, sentencepiece$",
+    r"tokenizers: bytes, hf, sentencepiece$",
   ):
     text.load_text_split('shakespeare', 'validation', 'lm', 64, tokenizer='wordpiece')
   with pytest.raises(UserError, match=r'cannot train a SentencePiece tokenizer of vocab_size=100'):
