@@ -53,7 +53,7 @@ def _plots_render(nb):
 
 def test_every_notebook_starts_with_the_same_set_up_cell():
   firsts = [nbformat.read(p, as_version=4).cells[1].source for p in NOTEBOOKS]
-  assert set(NAMES) >= {'quickstart', 'sharding', 'gpt_shakespeare', 'sweep_results'}
+  assert set(NAMES) >= {'quickstart', 'sharding', 'gpt_shakespeare', 'sweep_results', 'explain'}
   assert len(set(firsts)) == 1 and 'def detect_runtime' in firsts[0]
   for path in NOTEBOOKS:
     params = [
@@ -142,4 +142,19 @@ def test_sweep_results(tmp_path):
   assert len(settings) == 4  # 2 learning rates x 2 weight decays, one seed each on SMOKE
   assert all(float(l.split(' accuracy ')[1].split()[0]) > 0.8 for l in settings)
   assert 'best setting: ' in text
+  _plots_render(nb)
+
+
+@pytest.mark.slow  # executes the notebook: 40-80 s on 2 cores (CI's slow pass runs it)
+def test_explain(tmp_path):
+  nb = _run('explain', tmp_path)
+  text = _text(nb)
+  gaps = [
+    float(l.split('gap ')[1].rstrip('%')) for l in text.splitlines() if 'completeness gap' in l
+  ]
+  assert len(gaps) == 2 and gaps[1] < gaps[0] and gaps[1] < 5.0  # more IG steps converge
+  top, rand = (
+    float(x.split()[-1]) for x in text.split('logit drop: ')[1].splitlines()[0].split(',')
+  )
+  assert top > 2 * rand  # the pixels IG ranks highest matter more than random ones
   _plots_render(nb)
