@@ -399,7 +399,7 @@ def _compression(config, data, task, model, tx, sample):
       lambda v: steps.apply_model(model, v, sample, train=False), nn.meta.unbox(variables)
     )
     teacher = distill.load(
-      config.distill, lambda cfg: make_model(cfg, data, task), sample, out.shape
+      config.distill, lambda cfg, arch: make_model(cfg, data, task, arch), sample, out.shape
     )
   if config.quantize.mode == 'qat':
     model = quantize.qat_model(model, config.quantize)

@@ -130,3 +130,40 @@ def test_bad_teacher_is_one_line(teachers, tmp_path, one_device):
     assert '\n' not in str(e.value)
   with open(tmp_path / 'other' / 'config.json') as f:
     assert json.load(f)['data']['name'] == 'breast_cancer'
+
+
+@pytest.mark.slow  # builds the Shakespeare data and a GPT twice: ~60 s on 2 idle cores
+def test_huggingface_teacher_gives_transformers_logits_to_the_kl(tmp_path, one_device):
+  """config.distill.teacher = a transformers GPT-2 save_pretrained directory (random weights, the
+  byte vocabulary): a fresh GPT student's first-step KL term equals kl_term of the student's
+  logits against transformers' own logits of that batch (so the teacher ran with the checkpoint's
+  weights), and a checkpoint missing a tensor is one line naming it."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  torch.manual_seed(0)
+  hf_config = transformers.GPT2Config(
+    vocab_size=260, n_positions=32, n_embd=24, n_layer=2, n_head=3, initializer_range=0.2
+  )
+  hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
+  hf_model.save_pretrained(str(tmp_path / 'gpt2'), safe_serialization=True)
+  config = load_config('gpt_shakespeare', 'smoke')
+  config.distill.update(teacher=str(tmp_path / 'gpt2'), temperature=2.0, alpha=0.5)
+  exp = experiment.build(config, one_device)
+  state = exp.create_state()
+  batch = exp.task.prepare(exp.batches.batch(0), None)
+  with torch.no_grad():
+    want = hf_model(input_ids=torch.tensor(np.asarray(batch['inputs'], np.int64))).logits.numpy()
+  student = exp.model.apply({'params': state.params}, batch['inputs'], train=False)
+  kl_want = float(distill.kl_term(student, want, 2.0))
+  _, metrics = exp.compile_train_step()(state, exp.to_global(exp.batches.batch(0)))
+  assert kl_want > 0.1  # a random student and a random teacher disagree
+  np.testing.assert_allclose(float(metrics['distill_kl']), kl_want, rtol=1e-4)
+
+  from safetensors.numpy import load_file, save_file
+
+  tensors = load_file(str(tmp_path / 'gpt2' / 'model.safetensors'))
+  tensors = {k: v for k, v in tensors.items() if 'h.1.mlp.c_fc' not in k}
+  save_file(tensors, str(tmp_path / 'gpt2' / 'model.safetensors'), metadata={'format': 'pt'})
+  with pytest.raises(UserError, match=r"h\.1\.mlp\.c_fc") as e:
+    experiment.build(config, one_device)
+  assert '\n' not in str(e.value)

@@ -3,7 +3,9 @@
   loss = alpha * task loss + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
 config.distill fields: teacher (a finished run's workdir: its config.json names the teacher's
-model, its newest checkpoint holds the weights; '' = off), temperature T > 0, alpha in [0, 1].
+model, its newest checkpoint holds the weights; or a HuggingFace `save_pretrained` directory of a
+family bigjax imports (config.json with a model_type, safetensors weights); '' = off), temperature
+T > 0, alpha in [0, 1].
 The teacher may be another model family than the student; it is built from its own config.model
 with the student's data facts (classes, vocabulary), so its outputs must have the student's shape.
 Its variables live in the train state (`state.teacher`: parameters and model state, no optimizer
@@ -20,6 +22,7 @@ import json
 import os
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -62,10 +65,11 @@ class Teacher:
     return loss, dict(metrics, task_loss=task_loss, distill_kl=kl)
 
 
-def load(cfg, make_model: Callable[[Any], nn.Module], sample: dict, student_out_shape) -> Teacher:
+def load(cfg, make_model: Callable[[Any, Any], nn.Module], sample: dict, student_out_shape) -> Teacher:
   """config.distill -> Teacher, read and checked before anything is written.
 
-  make_model: config.model (the teacher's) -> module built with the student's data facts;
+  make_model: (config.model of the teacher, init_from.Architecture or None) -> module built with
+  the student's data facts (and the architecture an HF checkpoint states);
   sample: a prepared batch of one; student_out_shape: the student's output shape on it.
   UserError: no run in config.distill.teacher, a checkpoint that does not fit the teacher's model
   (other classes or sizes), or teacher outputs whose shape is not the student's."""
@@ -78,13 +82,16 @@ def load(cfg, make_model: Callable[[Any], nn.Module], sample: dict, student_out_
   if not os.path.exists(config_path):
     raise UserError(
       f'config.distill.teacher={cfg.teacher!r} has no config.json; give the workdir of a '
-      'finished bigjax run'
+      'finished bigjax run or a HuggingFace save_pretrained directory'
     )
   with open(config_path) as f:
-    teacher_config = ml_collections.ConfigDict(json.load(f))
-  model = make_model(teacher_config.model)
-  _, state = checkpoint.load_latest(init_from.checkpoint_dir(path))
-  variables = {'params': state['params'], **state.get('model_state', {})}
+    stated = json.load(f)
+  if 'model_type' in stated:  # a HuggingFace checkpoint, not a bigjax run
+    model, variables = _hf_teacher(cfg.teacher, path, stated, make_model, sample)
+  else:
+    model = make_model(ml_collections.ConfigDict(stated).model, None)
+    _, state = checkpoint.load_latest(init_from.checkpoint_dir(path))
+    variables = {'params': state['params'], **state.get('model_state', {})}
   boxed = jax.eval_shape(
     lambda: steps.apply_model(
       model, None, sample, train=False, init_rngs={'params': jax.random.key(0)}
@@ -107,6 +114,38 @@ def load(cfg, make_model: Callable[[Any], nn.Module], sample: dict, student_out_
       f'the student outputs {tuple(student_out_shape)}; use a teacher trained for this task'
     )
   return Teacher(model, jax.tree.map(np.asarray, variables), cfg.temperature, cfg.alpha, path)
+
+
+def _hf_teacher(name: str, path: str, hf_config: dict, make_model, sample: dict):
+  """(model, host variables) of the HuggingFace checkpoint in `path`: the family's bigjax model
+  with the architecture its config.json states, every parameter read from its safetensors (the
+  checks of config.init_from.hf). UserError if the checkpoint leaves a parameter uninitialised (a
+  teacher must be complete, e.g. not a base model without the task's head)."""
+  from bigjax import init_from, steps
+  from bigjax.models import hf
+
+  family = hf.family_of(hf_config, os.path.join(path, 'config.json'))
+  where = os.path.join(path, 'config.json')
+  try:
+    stated = family.architecture(hf_config)
+  except UserError as e:
+    raise UserError(f'config.distill.teacher: {where}: {e}') from None
+  arch = init_from.Architecture(stated, where, dict(family.HF_NAMES))
+  model = make_model(ml_collections.ConfigDict(dict(name=family.MODEL, kwargs={})), arch)
+  init = lambda: steps.apply_model(
+    model, None, sample, train=False, init_rngs={'params': jax.random.key(0)}
+  )
+  abstract = nn.meta.unbox(jax.eval_shape(init))
+  loaders, fresh = init_from.hf_plan(path, model, abstract['params'])
+  if fresh:
+    raise UserError(
+      f'config.distill.teacher={name!r} has no tensors for {", ".join(fresh[:3])}; a teacher '
+      "must be complete: give a checkpoint with this task's head (or fine-tune one first)"
+    )
+  flat = {k: np.asarray(load()) for k, load in loaders.items()}
+  params = flax.traverse_util.unflatten_dict(flat, sep='/')
+  others = {k: v for k, v in abstract.items() if k != 'params'}
+  return model, {'params': params, **jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), others)}
 
 
 def place(variables: dict, like: Any) -> Any:
