@@ -11,6 +11,12 @@ files when there is one. `transformers`' from_pretrained(DIR) loads the result a
 same logits (tests/test_hf_import.py). Families: gpt (GPT2LMHeadModel), bert with
 head='pretrain' (BertForPreTraining), llama (LlamaForCausalLM, or Qwen2/Mistral as the starting
 checkpoint was).
+
+  bigjax-export --workdir=runs/mnist_cnn --to=exported/mnist_cnn --quantized   (or --pruned)
+
+writes the compressed weights of any run instead, as one .npz (`quantized.npz`: int8 weights and
+their scales, from the run's config.quantize or int8 PTQ; `pruned.npz`: each kernel's non-zeros
+plus a 1-bit mask), and prints its size on disk against the float32 parameters'.
 """
 
 from __future__ import annotations
@@ -63,16 +69,50 @@ def export(workdir: str, to: str, transform: ParamsTransform | None = None) -> s
   )
 
 
+COMPRESSED = {'quantized': 'quantized.npz', 'pruned': 'pruned.npz'}  # --flag -> file in --to
+
+
+def export_compressed(workdir: str, to: str, kind: str) -> tuple[str, int, int]:
+  """Writes the run's newest checkpoint compressed (`kind`: 'quantized' | 'pruned', see
+  COMPRESSED) into the directory `to`; returns (file, its bytes on disk, float params' bytes)."""
+  from bigjax import checkpoint
+  from bigjax.compress import prune, quantize
+
+  if not os.path.exists(os.path.join(workdir, 'config.json')):
+    raise UserError(f'--workdir={workdir} holds no config.json; give the workdir of a bigjax run')
+  try:
+    _, state = checkpoint.load_latest(init_from.checkpoint_dir(workdir))
+  except FileNotFoundError:
+    raise UserError(f'{workdir} holds no checkpoint yet; train it first') from None
+  float_bytes = quantize.param_bytes(state['params'])
+  os.makedirs(to, exist_ok=True)
+  path = os.path.join(to, COMPRESSED[kind])
+  write = quantize.write_quantized if kind == 'quantized' else prune.write_sparse
+  return path, write(workdir, path), int(float_bytes)
+
+
 def _main(argv: Sequence[str]) -> int:
   from absl import logging
 
   parser = cli.Parser('bigjax-export', __doc__)
   parser.string('workdir', None, 'Workdir of a bigjax run (its newest checkpoint).', required=True)
   parser.string('to', None, 'Directory to write (created if missing).', required=True)
+  parser.boolean('quantized', False, 'Write int8 weights + scales (to/quantized.npz) instead.')
+  parser.boolean('pruned', False, 'Write sparse weights + 1-bit masks (to/pruned.npz) instead.')
   fv = parser.parse(argv)
   logging.set_verbosity(logging.WARNING)
   if os.path.abspath(fv.to) == os.path.abspath(fv.workdir):
     raise UserError('--to must differ from --workdir; give a new directory')
+  kinds = [k for k in COMPRESSED if getattr(fv, k)]
+  if len(kinds) > 1:
+    raise UserError('--quantized and --pruned write different files; give one of them')
+  if kinds:
+    path, size, float_size = export_compressed(fv.workdir, fv.to, kinds[0])
+    print(
+      f'bigjax-export: wrote {path}: {size:,} bytes on disk, {float_size / size:.2f}x smaller '
+      f'than the float32 parameters ({float_size:,} bytes)'
+    )
+    return 0
   print(f'bigjax-export: wrote {export(fv.workdir, fv.to)}')
   return 0
 
