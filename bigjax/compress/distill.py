@@ -65,7 +65,9 @@ class Teacher:
     return loss, dict(metrics, task_loss=task_loss, distill_kl=kl)
 
 
-def load(cfg, make_model: Callable[[Any, Any], nn.Module], sample: dict, student_out_shape) -> Teacher:
+def load(
+  cfg, make_model: Callable[[Any, Any], nn.Module], sample: dict, student_out_shape
+) -> Teacher:
   """config.distill -> Teacher, read and checked before anything is written.
 
   make_model: (config.model of the teacher, init_from.Architecture or None) -> module built with
