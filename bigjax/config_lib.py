@@ -6,6 +6,8 @@ in `--config=configs/mnist_cnn.py:data=tfds,smoke`. Like big_vision's `parse_arg
 default whose type the value is cast to.
 """
 
+import json
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -56,7 +58,14 @@ def base_config():
   # or a 'sentencepiece' one of vocab_size trained on the train split. eval_max_examples > 0:
   # evaluate on the first N eval examples only. cv_folds K >= 2: K-fold cross-validation inside the
   # train split (fixed fold assignment, stratified by label): train on K-1 folds, evaluate on fold
-  # cv_fold (0 <= cv_fold < K) instead of eval_split; 0 = off.
+  # cv_fold (0 <= cv_fold < K) instead of eval_split; 0 = off. name: a TFDS name, dir:PATH (a
+  # bigjax-prepare folder) or hf:PATH (a datasets save_to_disk folder). Reading (bigjax/data/
+  # inputs.py, loader.py; checked by inputs.check): load 'memory' | 'stream' | 'auto'; image_size
+  # > 0 decodes images per example, inception crop (+ left-right flip with image_flip) to train,
+  # resize + centre crop to evaluate; grain worker processes (0 = none), reader threads, host
+  # batches read ahead (prefetch) and batches moved to the devices ahead (device_prefetch).
+  # pack (view 'lm' only): documents tokenized once into a uint16/uint32 token file and read as
+  # seq_len windows with segment ids and per-document positions (bigjax/data/packing.py).
   c.data = dict(
     name='mnist5k',
     data_dir=config_dict.placeholder(str),
@@ -64,12 +73,20 @@ def base_config():
     eval_split='test',
     standardize=False,
     view='',
+    pack=False,
     seq_len=128,
     tokenizer='bytes',
     vocab_size=0,
     eval_max_examples=0,
     cv_folds=0,
     cv_fold=0,
+    load='auto',
+    image_size=0,
+    image_flip=True,
+    workers=0,
+    threads=1,
+    prefetch=2,
+    device_prefetch=1,
   )
   c.augment = dict(enabled=False, crop_padding=0, flip=False, max_rotate_degrees=0.0, max_scale=0.0)
   c.model = dict(name='cnn', kwargs=ml_collections.ConfigDict())
@@ -94,7 +111,8 @@ def base_config():
   # multiply to the number of slices/processes (bigjax/mesh.py). All dcn_* = 1: one flat mesh.
   c.mesh = dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
   # Multi-process runs: set coordinator_address/num_processes/process_id (one command per process,
-  # differing in process_id), or auto=True on TPU pods / SLURM (see mesh.initialize_distributed).
+  # differing in process_id), or auto=True on TPU pods / MPI; the tasks of a SLURM step (srun,
+  # bigjax-launch) need neither (see mesh.initialize_distributed).
   # peer_timeout_s: a peer with no sign of life for this long ends the run with one line
   # (bigjax.preemption.PeerWatch); XLA's own heartbeat abort is set to come later.
   c.distributed = dict(
@@ -175,13 +193,139 @@ def base_config():
     calibration_batches=4,
     layers='.*',
   )
+  # Adversarial robustness (bigjax/robust/; checked there, by robust.evaluate.check and
+  # robust.adversarial.from_config). Attack fields: method 'fgsm' | 'pgd', norm 'linf' | 'l2',
+  # radius eps >= 0 in the model's input units (images in [0, 1]; text: token embeddings); pgd runs
+  # `steps` >= 1 of step_size (0 = 2.5 * eps / steps) from a uniform random start in the ball
+  # (random_start), best of `restarts` >= 1. eval_attacks: methods () = off, else every method at
+  # every eps; each eval reports robust_accuracy_<method>_<norm>_<eps> over the first max_examples
+  # eval examples (0 = all). adversarial: method '' = off; the first round(fraction * B) examples of
+  # each train batch, fraction in (0, 1], are replaced by attacks on the current model.
+  c.eval_attacks = dict(
+    methods=(),
+    norm='linf',
+    eps=(),
+    steps=10,
+    step_size=0.0,
+    random_start=True,
+    restarts=1,
+    max_examples=0,
+  )
+  c.adversarial = dict(
+    method='',
+    norm='linf',
+    eps=0.3,
+    steps=10,
+    step_size=0.0,
+    random_start=True,
+    restarts=1,
+    fraction=1.0,
+  )
+  # Ensembles (bigjax/ensemble/members.py, checked there): members N >= 1 trains N members in one
+  # jitted step (stacked on a leading 'members' axis, which mesh_axis '' keeps replicated or maps to
+  # 'data' | 'fsdp' | 'tensor'); the eval averages their probabilities and adds nll, brier, ece and
+  # entropy. bigjax-ensemble combines separately trained runs.
+  c.ensemble = dict(members=1, mesh_axis='')
   # Fine-tuning: copy parameters matching `load` (comma-separated regexes) from a run's checkpoint,
   # or (hf) from a HuggingFace save_pretrained directory (config.json + safetensors), whose
   # config.json also states the model's architecture fields (config.model.kwargs must not
   # contradict them) and whose tokenizer.json is config.data.tokenizer='hf'. Checked by
   # check_init_from below; read by bigjax/init_from.py.
   c.init_from = dict(checkpoint='', load='.*', hf='')
+  # Parameter-efficient fine-tuning (bigjax/peft/; checked by check_peft below and the method):
+  # method '' (off) | 'lora' | 'ia3' | 'adapter' freezes the base and trains only the adapter.
+  # target: a regex searched in Dense kernel paths ('stack/layer_0/self_attention/query/kernel');
+  # rank r >= 1, alpha (the update is scaled by alpha / r), dropout on the adapter's input, dora
+  # (DoRA's magnitude and direction). save: 'all' checkpoints the whole train state, 'trainable'
+  # only the adapter and its optimizer state (a resume rebuilds the base from config.init_from).
+  # init_from: a HF PEFT save_pretrained LoRA adapter directory put onto the config.init_from.hf
+  # base (its adapter_config.json states rank, alpha, dora and the targets:
+  # bigjax/peft/hf_adapter.py). quantize: QLoRA, '' (a float base) | 'int8' | 'nf4' frozen kernels
+  # of the Dense layers whose module path quantize_layers full-matches (bigjax/peft/qlora.py).
+  # method 'ia3': scales on the target layers' outputs, on the inputs of those ia3_feedforward (a
+  # regex) matches; 'adapter': a bottleneck MLP of width `bottleneck` on the target layers' outputs.
+  # 'adalora': SVD-form updates of initial rank `rank`, pruned to an average target_rank between
+  # steps tinit and num_steps - tfinal (every delta_t), importance smoothing beta1 / beta2, the
+  # orthogonality regulariser's weight orth_reg (bigjax/peft/adalora.py).
+  c.peft = dict(
+    method='',
+    target='self_attention/(query|value)/kernel',
+    rank=8,
+    alpha=16.0,
+    dropout=0.0,
+    dora=False,
+    save='all',
+    init_from='',
+    quantize='',
+    quantize_layers='.*',
+    ia3_feedforward='mlp/wo/kernel',
+    bottleneck=16,
+    adalora=dict(target_rank=4, tinit=0, tfinal=0, delta_t=1, beta1=0.85, beta2=0.85, orth_reg=0.5),
+  )
+  # Federated learning, simulated (bigjax/federated/; checked by check_federated below): clients
+  # K > 0 turns it on (0 = off) and every step of the run becomes a round of FedAvg (McMahan et
+  # al. 2017): config.num_steps rounds (log_every, eval_every and checkpoint_every count rounds);
+  # in each, max(1, round(C * K)) clients (C = client_fraction in (0, 1]) drawn from (seed, round)
+  # train local_epochs E >= 1 over their own examples in batches of local_batch_size B (0 = all
+  # of them: B = inf) with config.optim from a fresh optimizer state (its lr schedule runs over
+  # rounds), and the new global parameters are their average weighted by example count. split:
+  # 'iid' | 'shards' (sorted by label, shards_per_client single-label shards each) | 'dirichlet'
+  # (each label spread over the clients by Dir(alpha), alpha > 0). prox_mu > 0 adds FedProx's
+  # (mu / 2) ||w - w_round||^2 to the local loss. FedSGD: local_epochs=1, local_batch_size=0 and
+  # config.optim.name='sgd'.
+  c.federated = dict(
+    clients=0,
+    client_fraction=0.1,
+    local_epochs=1,
+    local_batch_size=10,
+    split='iid',
+    shards_per_client=2,
+    alpha=0.5,
+    prox_mu=0.0,
+  )
   return c
+
+
+def check_federated(config) -> None:
+  """UserError for the open intervals of config.federated (declared just above): client_fraction
+  outside (0, 1], alpha <= 0; the other ranges are in RANGES, the data-dependent checks (more
+  clients than examples) in bigjax/federated."""
+  fed = config.federated
+  if not 0 < fed.client_fraction <= 1:
+    raise UserError(
+      f'config.federated.client_fraction={fed.client_fraction} must be in (0, 1] (the fraction '
+      'C of the clients that train in each round)'
+    )
+  if fed.alpha <= 0:
+    raise UserError(
+      f'config.federated.alpha={fed.alpha} must be > 0 (the Dirichlet concentration; small = '
+      'more skewed labels)'
+    )
+
+
+PEFT_SAVES = ('all', 'trainable')  # config.peft.save
+
+
+def check_peft(config) -> None:
+  """UserError for config.peft (declared just above): an unknown save mode, save='trainable'
+  with no base to rebuild the frozen parameters from (config.init_from), or an adapter to import
+  (init_from) without method 'lora' and its base (config.init_from.hf)."""
+  peft = config.peft
+  if peft.save not in PEFT_SAVES:
+    raise UserError(
+      f'config.peft.save={peft.save!r} is unknown; use one of {", ".join(PEFT_SAVES)}'
+    )
+  if peft.save == 'trainable' and not (config.init_from.hf or config.init_from.checkpoint):
+    raise UserError(
+      "config.peft.save='trainable' rebuilds the frozen base from config.init_from on resume, "
+      "which is empty; set config.init_from.hf or .checkpoint, or use config.peft.save='all'"
+    )
+  if peft.init_from and (peft.method != 'lora' or not config.init_from.hf):
+    raise UserError(
+      f'config.peft.init_from={peft.init_from!r} puts a PEFT LoRA adapter onto the '
+      "config.init_from.hf base; set config.peft.method='lora' and config.init_from.hf to the "
+      "adapter's base model directory"
+    )
 
 
 def check_init_from(config) -> None:
@@ -208,6 +352,25 @@ def check_init_from(config) -> None:
       "config.data.tokenizer='hf' reads the tokenizer.json of config.init_from.hf, which is "
       'empty; set config.init_from.hf=<save_pretrained directory> or choose another tokenizer'
     )
+
+
+def saved_config(path: str) -> ml_collections.ConfigDict:
+  """The config a finished run saved as JSON (`path`: its config.json) laid over today's
+  base_config(), so fields added since the run was saved hold their defaults (a method that did
+  not exist then is off). JSON lists come back as tuples."""
+  with open(path) as f:
+    saved = json.load(f)
+
+  def lay(into, values):
+    for key, value in values.items():
+      if isinstance(value, dict) and isinstance(into.get(key), ml_collections.ConfigDict):
+        lay(into[key], value)
+      else:
+        into[key] = tuple(value) if isinstance(value, list) else value
+
+  config = base_config()
+  lay(config, saved)
+  return config
 
 
 def load_config_file(spec):
@@ -289,6 +452,11 @@ RANGES = (
   ('eval_every', 0, 'a step interval (0 = evaluate at the end only)'),
   ('keep_checkpoints', 1, 'the number of checkpoints kept (at least the newest one)'),
   ('data.eval_max_examples', 0, 'an example count (0 = all)'),
+  ('data.image_size', 0, 'a side in pixels (0 = records are fixed-size arrays)'),
+  ('data.workers', 0, 'a number of grain worker processes (0 = read in this process)'),
+  ('data.threads', 1, 'a number of grain reader threads'),
+  ('data.prefetch', 1, 'a number of host batches read ahead'),
+  ('data.device_prefetch', 0, 'a number of batches moved to the devices ahead'),
   ('augment.crop_padding', 0, 'a pixel count'),
   ('augment.max_rotate_degrees', 0.0, 'an angle'),
   ('augment.max_scale', 0.0, 'a scale fraction'),
@@ -301,12 +469,26 @@ RANGES = (
   ('prune.n', 1, 'weights kept per group of m'),
   ('prune.m', 2, 'a group size'),
   ('quantize.calibration_batches', 1, 'a batch count'),
+  ('peft.rank', 1, 'a LoRA rank'),
+  ('peft.bottleneck', 1, 'an adapter bottleneck width'),
+  ('peft.adalora.tinit', 0, 'a step count'),
+  ('peft.adalora.tfinal', 0, 'a step count'),
+  ('peft.adalora.delta_t', 1, 'a step interval'),
+  ('peft.adalora.orth_reg', 0.0, 'a regulariser weight'),
+  ('federated.clients', 0, 'a number of clients (0 = not federated)'),
+  ('federated.local_epochs', 1, 'a number of local epochs per round'),
+  ('federated.local_batch_size', 0, 'a local batch size (0 = all of a client: B = inf)'),
+  ('federated.shards_per_client', 1, 'a number of label shards per client'),
+  ('federated.prox_mu', 0.0, "FedProx's proximal weight (0 = FedAvg)"),
 )
 
 # (field, whether 1 itself is allowed, what it means): fractions in [0, 1] or [0, 1).
 FRACTIONS = (
   ('distill.alpha', True, 'the weight of the task loss'),
   ('prune.sparsity', False, 'the fraction of weights pruned; 1 would prune them all'),
+  ('peft.dropout', False, 'the dropout rate of the adapter input'),
+  ('peft.adalora.beta1', False, 'an importance smoothing factor'),
+  ('peft.adalora.beta2', False, 'an uncertainty smoothing factor'),
 )
 
 
@@ -319,7 +501,8 @@ def _get(config, field: str):
 
 def check_ranges(config) -> None:
   """UserError naming the first field of RANGES below its lowest value, a run with nothing to
-  train, or a bad config.init_from (check_init_from)."""
+  train, a bad config.init_from (check_init_from), config.peft (check_peft) or config.federated
+  (check_federated)."""
   for field, lowest, what in RANGES:
     value = _get(config, field)
     if value < lowest:
@@ -339,6 +522,8 @@ def check_ranges(config) -> None:
       'covers the steps after a through b), or () for no trace'
     )
   check_init_from(config)
+  check_peft(config)
+  check_federated(config)
 
 
 def flat_fields(tree: dict, prefix: str = '') -> dict:

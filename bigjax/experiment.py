@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -22,10 +21,13 @@ import numpy as np
 import optax
 
 from bigjax import checkpoint as checkpoint_lib
-from bigjax import config_lib, init_from, optim, registry, steps
+from bigjax import config_lib, federated, init_from, optim, peft, registry, robust, steps
 from bigjax import mesh as mesh_lib
 from bigjax.compress import distill, prune, quantize
+from bigjax.data import inputs as data_inputs
+from bigjax.data import loader as data_loader
 from bigjax.data import pipeline
+from bigjax.ensemble import members as ensemble
 from bigjax.errors import UserError
 from bigjax.tasks import base as task_base
 
@@ -229,6 +231,10 @@ class Experiment:
   shardings: Any
   abstract: Any
   teacher: Any = None  # bigjax.compress.distill.Teacher with config.distill
+  attack_eval: Any = None  # bigjax.robust.evaluate.RobustEval with config.eval_attacks
+  adversarial: Any = None  # bigjax.robust.adversarial.Adversarial with config.adversarial
+  peft: Any = None  # bigjax.peft.Plan with config.peft (frozen base, trainable adapter)
+  eval_loader: Any = None  # bigjax.data.loader.EvalBatches of the eval split (grain)
 
   @property
   def batch_sharding(self) -> jax.sharding.NamedSharding:
@@ -250,6 +256,8 @@ class Experiment:
     """AOT-compiles the jitted, donated train step (state, batch) -> (state, metrics) for this
     mesh; no data is moved."""
     c = self.config
+    if federated.enabled(c):  # config.federated: the step is a FedAvg round (bigjax/federated)
+      return federated.compile_round(self)
     step = steps.make_train_step(
       self.model,
       self.task,
@@ -261,6 +269,8 @@ class Experiment:
       log_grad_norms=c.log_grad_norms,
       distill=self.teacher,
       prune_cfg=c.prune if prune.enabled(c.prune) else None,
+      adversarial=self.adversarial,
+      peft=self.peft,
     )
     return (
       jax.jit(
@@ -297,7 +307,20 @@ class Experiment:
     )
 
   def eval_batches(self) -> Iterator[Arrays]:
-    return pipeline.eval_batches(self.eval_arrays, self.config.eval_batch_size)
+    return iter(self.eval_loader)
+
+  def eval_labels(self) -> np.ndarray | None:
+    """The eval split's labels (N, ...) in order (None for unlabelled data)."""
+    return self.eval_loader.labels()
+
+  def device_batches(self, start: int) -> Iterator[dict[str, jax.Array]]:
+    """Global train batches of steps start..total_steps-1, read ahead by grain and moved to the
+    devices config.data.device_prefetch batches ahead of the running step."""
+    return data_loader.device_iterator(
+      self.batches.iterate(start, self.total_steps),
+      self.to_global,
+      self.config.data.device_prefetch,
+    )
 
   def evaluate(self, eval_step, state, return_outputs: bool = False):
     """Runs the model over the whole eval split -> task.eval_report(outputs, labels) dict, and
@@ -310,9 +333,11 @@ class Experiment:
 
         out = multihost_utils.process_allgather(out, tiled=True)
       outputs.append(jax.device_get(out))
-    n = len(self.eval_arrays['inputs'])
+    n = self.eval_loader.num_examples
     outputs = jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *outputs)
-    report = self.task.eval_report(outputs, self.eval_arrays.get('label'))
+    report = self.task.eval_report(outputs, self.eval_labels())
+    if self.attack_eval is not None:  # config.eval_attacks: robust_accuracy_* beside the rest
+      report.update(self.attack_eval.report(self, state))
     return (report, outputs) if return_outputs else report
 
 
@@ -327,12 +352,13 @@ def build(config, devices=None) -> Experiment:
   registry.MODELS.check(config.model.name)
   pretrained = init_from.hf_architecture(config)  # before the data: a wrong directory is cheap
   tokenizer = tokenizer_for(config)
-  train_arrays, eval_arrays, eval_name = load_data(config, tokenizer)
-  data = data_info(
-    config, tokenizer, train_arrays['label'].shape[1:] if 'label' in train_arrays else ()
-  )
+  # config.data.load: host arrays from load_data, or records streamed from the source (grain).
+  splits = data_inputs.build(config, tokenizer, load_data)
+  train_arrays, eval_arrays = splits.train_arrays, splits.eval_arrays
+  data = data_info(config, tokenizer, splits.label_shape)
   task = make_task(config.task, data)
   model = make_model(config.model, data, task, pretrained)
+  model, task = ensemble.wrap(config, model, task)  # config.ensemble.members > 1: stacked members
   es_metric = config.early_stopping.metric
   if es_metric and es_metric not in task.report_metrics:
     raise UserError(
@@ -344,19 +370,24 @@ def build(config, devices=None) -> Experiment:
       f'config.save_eval_predictions=True needs a classification task, not '
       f'config.task.name={config.task.name!r}; set it to False'
     )
-  task.check_data(train_arrays, config.data.name, config.data.train_split)
-  task.check_data(eval_arrays, config.data.name, eval_name)
-  batches = pipeline.TrainBatches(train_arrays, config.batch_size, config.seed)
+  task.check_data(splits.check_train, config.data.name, config.data.train_split)
+  task.check_data(splits.check_eval, config.data.name, splits.eval_name)
+  batches = splits.train
   total_steps = config.num_steps or config.num_epochs * batches.steps_per_epoch
   tx = optim.make_optimizer(config.optim, total_steps)
-  sample = steps.sample_batch(task, train_arrays)
+  batches, tx = federated.plan(config, splits.train_arrays, mesh, batches, tx)  # rounds
+  sample = steps.sample_batch(task, splits.sample)
   model, tx, teacher = _compression(config, data, task, model, tx, sample)
+  model, tx, adapter = peft.build(config, model, tx, sample)  # config.peft: bigjax/peft
   try:
     boxed = steps.abstract_state(model, tx, sample, config.seed, teacher.model if teacher else None)
   except ValueError as e:
     raise model_error(model, e) from None
-  shardings = mesh_lib.tree_shardings(boxed, mesh, config.sharding_rules)
+  shardings = mesh_lib.tree_shardings(boxed, mesh, ensemble.sharding_rules(config))
   abstract = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
+  attack_eval, adversarial = robust.from_config(
+    config, model, task, splits.sample['inputs'].dtype, abstract.params
+  )
   return Experiment(
     config,
     mesh,
@@ -372,6 +403,10 @@ def build(config, devices=None) -> Experiment:
     shardings,
     abstract,
     teacher,
+    attack_eval,
+    adversarial,
+    peft=adapter,
+    eval_loader=splits.evals,
   )
 
 
@@ -412,13 +447,11 @@ def load_run(workdir: str, what: str = 'a bigjax run') -> tuple[Any, Any, nn.Mod
   """(config, tokenizer, model, params as host arrays) of the newest checkpoint in `workdir`, the
   model rebuilt as bigjax-train built it; UserError (naming `what` a workdir must be) without a
   config.json or a checkpoint."""
-  import ml_collections
 
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise UserError(f'--workdir={workdir} holds no config.json; give the workdir of {what}')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = config_lib.saved_config(path)
   tokenizer = tokenizer_for(config)
   data = data_info(config, tokenizer)
   task = make_task(config.task, data)
@@ -429,4 +462,5 @@ def load_run(workdir: str, what: str = 'a bigjax run') -> tuple[Any, Any, nn.Mod
     raise UserError(
       f'{workdir} holds no checkpoint yet; train it first (or wait for its first checkpoint)'
     ) from None
-  return config, tokenizer, model, state['params']
+  model, params = peft.run_params(config, model, state['params'])  # a config.peft adapter's run
+  return config, tokenizer, model, params

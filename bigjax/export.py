@@ -1,6 +1,8 @@
 """Export a run as a HuggingFace save_pretrained directory.
 
   bigjax-export --workdir=runs/llama_shakespeare --to=exported/llama_shakespeare
+  bigjax-export --workdir=runs/llama_lora --to=exported/llama_lora_merged --merge
+  bigjax-export --workdir=runs/llama_lora --to=exported/llama_lora_adapter --adapter
 
 Reads the run's config.json and newest checkpoint, builds the same model (its data-derived fields
 from the run's tokenizer and, for a run started from config.init_from.hf, the architecture from
@@ -10,7 +12,12 @@ model.safetensors with `safetensors.numpy` (no torch), plus the starting checkpo
 files when there is one. `transformers`' from_pretrained(DIR) loads the result and gives the
 same logits (tests/test_hf_import.py). Families: gpt (GPT2LMHeadModel), bert with
 head='pretrain' (BertForPreTraining), llama (LlamaForCausalLM, or Qwen2/Mistral as the starting
-checkpoint was).
+checkpoint was). A run trained with a config.peft adapter is exported with --merge: the adapter is
+folded into the base weights (LoRA: W + alpha/r A B; DoRA: rescaled columns), giving a plain
+checkpoint of the base architecture (tests/test_peft_runs.py); --adapter writes its LoRA as a HF
+PEFT adapter directory instead (adapter_config.json + adapter_model.safetensors, base_model_name_or_path
+the run's config.init_from.hf), which `peft.PeftModel.from_pretrained(base, DIR)` loads with the
+run's logits (bigjax/peft/hf_adapter.py, tests/test_peft_hf.py).
 
   bigjax-export --workdir=runs/mnist_cnn --to=exported/mnist_cnn --quantized   (or --pruned)
 
@@ -28,9 +35,26 @@ from typing import Any
 from bigjax import cli, experiment, init_from
 from bigjax.errors import UserError
 
-# A transform of the checkpoint's params tree before the mapping: the hook for folding adapters
-# into the base weights (a later `--merge` flag passes PEFT's fold here); None exports as saved.
+# A transform of the checkpoint's params tree before the mapping: --merge passes merge_adapter,
+# which folds a config.peft adapter into the base weights; None exports as saved.
 ParamsTransform = Callable[[Any, Any], Any]
+
+
+def merge_adapter(params: Any, config: Any) -> Any:
+  """The ParamsTransform of --merge: config.peft's adapter folded into the base weights."""
+  from bigjax import peft
+
+  if not peft.enabled(config.get('peft')):
+    raise UserError('--merge: the run was trained without config.peft; export it without --merge')
+  return peft.merged_params(config.peft, params)
+
+
+def export_adapter(workdir: str, to: str) -> str:
+  """--adapter: writes the run's config.peft LoRA as a PEFT adapter directory `to`."""
+  from bigjax.peft import hf_adapter
+
+  config, _, model, params = experiment.load_run(workdir)
+  return hf_adapter.save(config, model, params, to)
 
 
 def load_run(workdir: str) -> tuple[Any, Any, Any]:
@@ -43,15 +67,23 @@ def export(workdir: str, to: str, transform: ParamsTransform | None = None) -> s
   """Writes the run in `workdir` to the save_pretrained directory `to`; returns `to`.
 
   transform(params, config) -> params runs before the mapping (see ParamsTransform). UserError
-  for a model family without a HuggingFace counterpart, or parameters the mapping cannot place.
+  for a model family without a HuggingFace counterpart, parameters the mapping cannot place, or a
+  config.peft run exported with no transform (it needs --merge).
   """
+  from bigjax import peft
   from bigjax.models import hf
   from bigjax.models.hf import convert, safetensors_io
 
   config, model, params = load_run(workdir)
+  model = peft.common.base_model(model)  # a config.peft run exports its base architecture
   family = hf.family_for_model(config.model.name)
   if transform is not None:
     params = transform(params, config)
+  elif peft.enabled(config.get('peft')):
+    raise UserError(
+      f'{workdir} trained a config.peft.method={config.peft.method!r} adapter; export it with '
+      '--merge (folds the adapter into the base weights) or --adapter (a PEFT adapter directory)'
+    )
   tensors = convert.to_hf(params, family.mapping(model, 'export'), 'export')
   source = init_from.hf_family(config)
   base = dict(source[1]) if source else {}
@@ -99,13 +131,18 @@ def _main(argv: Sequence[str]) -> int:
   parser.string('to', None, 'Directory to write (created if missing).', required=True)
   parser.boolean('quantized', False, 'Write int8 weights + scales (to/quantized.npz) instead.')
   parser.boolean('pruned', False, 'Write sparse weights + 1-bit masks (to/pruned.npz) instead.')
+  parser.boolean('merge', False, 'Fold the config.peft adapter (LoRA, DoRA) into the weights.')
+  parser.boolean('adapter', False, 'Write the config.peft LoRA as a HF PEFT adapter directory.')
   fv = parser.parse(argv)
   logging.set_verbosity(logging.WARNING)
   if os.path.abspath(fv.to) == os.path.abspath(fv.workdir):
     raise UserError('--to must differ from --workdir; give a new directory')
   kinds = [k for k in COMPRESSED if getattr(fv, k)]
-  if len(kinds) > 1:
-    raise UserError('--quantized and --pruned write different files; give one of them')
+  if len(kinds) + fv.merge + fv.adapter > 1:
+    raise UserError('--quantized, --pruned, --merge and --adapter write different files; give one')
+  if fv.adapter:
+    print(f'bigjax-export: wrote {export_adapter(fv.workdir, fv.to)}')
+    return 0
   if kinds:
     path, size, float_size = export_compressed(fv.workdir, fv.to, kinds[0])
     print(
@@ -113,7 +150,7 @@ def _main(argv: Sequence[str]) -> int:
       f'than the float32 parameters ({float_size:,} bytes)'
     )
     return 0
-  print(f'bigjax-export: wrote {export(fv.workdir, fv.to)}')
+  print(f'bigjax-export: wrote {export(fv.workdir, fv.to, merge_adapter if fv.merge else None)}')
   return 0
 
 

@@ -189,13 +189,31 @@ def _build_sharded(loaders, abstract_params, shardings) -> dict[str, jax.Array]:
 def prepare(config, model: Any, abstract_params: Any) -> Callable[[Any], Any] | None:
   """Reads and checks config.init_from before anything is written; returns the function that
   puts the chosen parameters into a freshly initialised (sharded) params tree, or None when the
-  run starts from scratch."""
+  run starts from scratch. With config.peft the base is loaded; the adapter keeps its init, or
+  (config.peft.init_from) is read from a PEFT adapter directory after the base."""
+  from bigjax.peft import hf_adapter
+
+  base = _prepare_base(config, model, abstract_params)
+  adapter = hf_adapter.loader(config, model, abstract_params)
+  if adapter is None or base is None:
+    return base
+  return lambda params: adapter(base(params))
+
+
+def _prepare_base(config, model: Any, abstract_params: Any) -> Callable[[Any], Any] | None:
+  from bigjax import peft
+  from bigjax.peft import qlora
+
+  adapted = peft.common.flat(abstract_params)  # QLoRA: float tensors are quantized as read
+  model, abstract_params = peft.common.without_adapter(config, model, abstract_params)
   init = config.init_from
   if init.checkpoint:
     chosen = load_matching(abstract_params, init.checkpoint, init.load)
+    chosen = qlora.quantize_arrays(adapted, chosen)
     return lambda params: merge(params, chosen)
   if init.hf:
     loaders, _ = hf_plan(init.hf, model, abstract_params, init.load)
+    loaders = qlora.quantize_loaders(adapted, loaders)
 
     def put(params):
       shardings = jax.tree.map(lambda x: x.sharding, params)

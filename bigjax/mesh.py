@@ -10,6 +10,7 @@ two), so one rule table serves every model size.
 """
 
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -30,6 +31,8 @@ def initialize_distributed(cfg):
   cfg = config.distributed: coordinator_address ('host:port'), num_processes and process_id give
   an explicit cluster (e.g. several processes on one machine, or clusters without a scheduler jax
   knows); auto=True lets `jax.distributed.initialize()` read TPU pod / SLURM / MPI environments.
+  One of several tasks of a SLURM job step (`srun`, bigjax-launch) needs neither: jax reads the
+  coordinator (the step's first node), the number of processes and this one's id from SLURM.
   timeout_s bounds the wait for peers: a missing peer fails the run instead of hanging it.
   """
   if jax.distributed.is_initialized():
@@ -46,8 +49,17 @@ def initialize_distributed(cfg):
       process_id=cfg.process_id,
       **timeouts,
     )
-  elif cfg.auto:
+  elif cfg.auto or in_slurm_step_of_several_tasks():
     jax.distributed.initialize(**timeouts)
+
+
+def in_slurm_step_of_several_tasks() -> bool:
+  """Whether this process is one task of a SLURM job step (srun) with more than one task: the
+  variables jax's SLURM cluster detection reads are set (a batch script has no SLURM_STEP_NODELIST;
+  a one-task step needs no distributed initialisation)."""
+  env = os.environ
+  needed = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_PROCID', 'SLURM_LOCALID')
+  return all(k in env for k in needed) and int(env.get('SLURM_NTASKS', '1')) > 1
 
 
 def _resolve(sizes, num_devices, devices_text):

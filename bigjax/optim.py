@@ -57,7 +57,9 @@ def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
   return SCHEDULES.get(cfg.schedule)(cfg, total_steps)
 
 
-DECAYED = ('kernel', 'embedding')  # weight matrices and embedding tables, by their flax names
+# Weight matrices and embedding tables, by their flax names; LoRA's A and B (bigjax/peft) too, as
+# HF's Trainer and loralib decay them (pulling the update B A towards the base model).
+DECAYED = ('kernel', 'embedding', 'lora_a', 'lora_b')
 
 
 def decay_mask(params):

@@ -1,6 +1,10 @@
 """SIGTERM/SIGINT during training: finish the step in flight, save, exit; agreed across processes.
 And a lost peer (`PeerWatch`): the survivors exit with one line instead of hanging or aborting.
 
+The same for the signal a scheduler sends before a job's time limit (SLURM's `--signal=USR2@s`, the
+one submitit asks for; `SUBMITIT_PREEMPT_SIGNAL` names another): SLURM sends it to every process of
+the job, and its default action would end the run without saving (bigjax/cluster/train_job.py).
+
 The loop reads `stop_requested(step)` once per step. With several processes every one must save
 the same step, so the flag is combined across processes (any one signalled means all stop), but
 only at log steps: the collective then runs every config.log_every steps, not every step.
@@ -20,8 +24,15 @@ import jax
 import numpy as np
 
 
+def stop_signals() -> tuple[signal.Signals, ...]:
+  """SIGTERM, SIGINT and the scheduler's time-limit signal (default SIGUSR2)."""
+  limit = getattr(signal, 'SIG' + os.environ.get('SUBMITIT_PREEMPT_SIGNAL', 'USR2'), signal.SIGUSR2)
+  return tuple(dict.fromkeys((signal.SIGTERM, signal.SIGINT, limit)))
+
+
 class Preemption:
-  """Context manager that turns SIGTERM/SIGINT into a flag (handlers restored on exit)."""
+  """Context manager that turns the stop signals (`stop_signals`) into a flag (handlers restored
+  on exit)."""
 
   def __init__(self, log_every: int):
     self.requested: str | bool = False
@@ -30,13 +41,15 @@ class Preemption:
 
   def __enter__(self) -> Preemption:
     if threading.current_thread() is threading.main_thread():  # signals only reach that thread
-      for sig in (signal.SIGTERM, signal.SIGINT):
+      for sig in stop_signals():
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
     del frame
-    self.requested = signal.Signals(signum).name
+    # The first signal names the stop (a job's tasks may get SLURM's warning, then their wrapper's
+    # SIGTERM).
+    self.requested = self.requested or signal.Signals(signum).name
 
   def stop_requested(self, step: int) -> str | bool:
     """The signal name (or 'preemption of a peer process') when training must stop after `step`,

@@ -86,7 +86,8 @@ def prepare_inputs(inputs, rng, augment_cfg):
   return x
 
 
-MODEL_KWARG_KEYS = ('segment_ids',)  # batch entries passed to the model as keyword arguments
+# batch entries passed to the model as keyword arguments ('positions': packed LM windows)
+MODEL_KWARG_KEYS = ('segment_ids', 'positions')
 
 
 def apply_model(
@@ -114,6 +115,8 @@ def make_train_step(
   log_grad_norms=False,
   distill=None,
   prune_cfg=None,
+  adversarial=None,
+  peft=None,
 ):
   """Returns train_step(state, batch) -> (state, metrics).
 
@@ -131,31 +134,38 @@ def make_train_step(
   state.teacher and the loss becomes Teacher.loss (metrics add 'task_loss', 'distill_kl').
   prune_cfg: config.prune when pruning: metrics add 'sparsity' and 'sparsity/<layer>' (exact zeros
   of the new parameters).
+  adversarial: a bigjax.robust.adversarial.Adversarial (config.adversarial): part of each batch
+  is replaced by attacks on the current parameters before the loss.
+  peft: a bigjax.peft.Plan (config.peft): only its trainable parameters are differentiated, and
+  the frozen ones are carried over bitwise.
   """
 
   def loss_and_grads(params, model_state, batch, k_augment, k_dropout, teacher=None):
     mutable = list(model_state) or False
+    student, augment = model, (k_augment, augment_cfg)
+    if adversarial is not None:  # attacked inputs (or shifted embeddings): bigjax/robust
+      variables = {'params': params, **model_state}
+      student, batch, augment = adversarial.perturb(model, variables, batch, augment, k_dropout)
 
     def loss_fn(params):
       out = apply_model(
-        model,
+        student,
         {'params': params, **model_state},
         batch,
         train=True,
         rngs={'dropout': k_dropout},
         mutable=mutable,
-        augment=(k_augment, augment_cfg),
+        augment=augment,
       )
       outputs, new_model_state = out if mutable else (out, model_state)
       loss, metrics = task.loss_and_metrics(outputs, batch)
       if distill is not None:
-        teacher_out = apply_model(
-          distill.model, teacher, batch, train=False, augment=(k_augment, augment_cfg)
-        )
+        teacher_out = apply_model(distill.model, teacher, batch, train=False, augment=augment)
         loss, metrics = distill.loss(loss, metrics, outputs, teacher_out)
       return loss, (metrics, dict(new_model_state))
 
-    (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    grad_fn = jax.value_and_grad if peft is None else peft.value_and_grad  # bigjax/peft
+    (loss, (metrics, model_state)), grads = grad_fn(loss_fn, has_aux=True)(params)
     return grads, model_state, dict(metrics, loss=loss)
 
   def accumulated(params, model_state, batch, k_augment, k_dropout, teacher=None):
@@ -206,9 +216,12 @@ def make_train_step(
     loss = metrics.pop('loss')
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if peft is not None:  # the frozen parameters stay bitwise as they were (bigjax/peft)
+      params = peft.keep_frozen(params, state.params)
     new = state.replace(
       step=state.step + 1,
-      params=optax.apply_updates(state.params, updates),
+      params=params,
       model_state=model_state,
       opt_state=opt_state,
     )

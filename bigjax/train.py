@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from bigjax import checkpoint as checkpoint_lib
-from bigjax import cli, experiment, flops, history, init_from, optim, reporting
+from bigjax import cli, experiment, federated, flops, history, init_from, optim, peft, reporting
 from bigjax import mesh as mesh_lib
 from bigjax import workdir as workdir_lib
 from bigjax.errors import NonFiniteError, Preempted, UserError
@@ -114,6 +114,7 @@ def _train(config, exp, workdir, saved, loaded, allow_config_change, t_start) ->
   chief = jax.process_index() == 0
   sharding_lines, state_bytes = mesh_lib.describe(exp.abstract, exp.shardings)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
+  ckpt = peft.checkpointer(config, exp, ckpt, loaded)  # config.peft.save='trainable': adapter only
   try:
     changes = workdir_lib.resume_changes(config, exp.abstract, ckpt, saved, allow_config_change)
   except UserError:
@@ -145,14 +146,17 @@ def _train(config, exp, workdir, saved, loaded, allow_config_change, t_start) ->
     workdir, step, exp.total_steps, wandb=config.wandb, run_config=config.to_dict()
   )
   lr_at = optim.learning_rate_schedule(config.optim, exp.total_steps)  # lr of update `count`
+  unit = federated.unit(config)  # 'round' with config.federated, else 'step'
   profile = reporting.Profile(os.path.join(workdir, 'profile'), config.profile_steps, chief)
   reporter.print(
-    f'bigjax: {config.model.name} on {config.data.name}, {exp.total_steps} steps, '
+    f'bigjax: {config.model.name} on {config.data.name}, {exp.total_steps} {unit}s, '
     f'mesh ({mesh_lib.layout(exp.mesh)}), {exp.mesh.size} '
     f'{jax.devices()[0].platform} devices, {state_bytes / 2**20:.1f} MiB of train '
     'state per device (per-parameter sharding in sharding.txt)'
     + (f', resuming at step {step}' if step else '')
   )
+  if exp.peft is not None:  # config.peft: trainable / total parameters
+    reporter.print(exp.peft.describe())
   if changes:
     reporter.print(
       f'bigjax: resuming with config changes (in config_changes.jsonl): '
@@ -199,7 +203,7 @@ def _train(config, exp, workdir, saved, loaded, allow_config_change, t_start) ->
     hist.append({'step': loop.step, 'split': 'eval', **_scalars(report)})
     loop.last_eval = (loop.step, report)
     reporter.print(
-      f'step {loop.step}: eval '
+      f'{unit} {loop.step}: eval '
       + ', '.join(f'{k}={v:.4g}' for k, v in _scalars(report).items())
       + f' (lr {float(lr_at(loop.step - 1)):.3g})'
     )
@@ -216,9 +220,10 @@ def _train(config, exp, workdir, saved, loaded, allow_config_change, t_start) ->
       Preemption(config.log_every) as preemption,
       PeerWatch(config.distributed.peer_timeout_s, last_saved, config.distributed.timeout_s),
     ):
+      batches = exp.device_batches(loop.step)  # grain, read ahead and moved to the devices ahead
       while loop.step < exp.total_steps and not early.stopped:
         profile.before(loop.step)
-        state, metrics = train_step(state, exp.to_global(exp.batches.batch(loop.step)))
+        state, metrics = train_step(state, next(batches))
         if loop.t_train is None:  # throughput counts the steps after the first (warm-up) one
           jax.block_until_ready(metrics)
           loop.t_train, loop.first_timed_step = time.time(), loop.step + 1
@@ -257,7 +262,7 @@ def _train(config, exp, workdir, saved, loaded, allow_config_change, t_start) ->
       eval_report, outputs = exp.evaluate(eval_step, state, return_outputs=True)
       if config.save_eval_predictions and chief:
         save_eval_predictions(
-          os.path.join(workdir, 'eval_predictions.npz'), exp.task, outputs, exp.eval_arrays['label']
+          os.path.join(workdir, 'eval_predictions.npz'), exp.task, outputs, exp.eval_labels()
         )
     if not hist.has(step, 'eval'):
       reporter.scalars(step, 'eval', eval_report)

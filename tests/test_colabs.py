@@ -158,3 +158,23 @@ def test_explain(tmp_path):
   )
   assert top > 2 * rand  # the pixels IG ranks highest matter more than random ones
   _plots_render(nb)
+
+
+@pytest.mark.slow  # executes the notebook: three smoke GPT runs, ~90 s on 2 cores
+def test_finetune_lora(tmp_path):
+  nb = _run('finetune_lora', tmp_path)
+  text = _text(nb)
+  shares = {
+    l.split(':')[0]: float(l.split('(')[1].split('%')[0])
+    for l in text.splitlines()
+    if l.startswith(('full: ', 'lora: '))
+  }
+  assert shares['full'] == 100.0 and 0 < shares['lora'] < 10.0  # only the adapter trains
+  for name in ('full', 'lora'):
+    first, last = (float(x) for x in text.split(f'{name} fine-tune train loss ')[1].split()[0:3:2])
+    assert last < first - 0.05, (name, first, last)  # both keep learning from the checkpoint
+  diffs = [float(x.split()[0]) for x in text.split('max abs difference ')[1:]]
+  assert len(diffs) == 2 and max(diffs) < 1e-4  # merged == adapter, in bigjax and transformers
+  assert "'config.json', 'model.safetensors'" in text  # the HF directory and the merged export
+  assert sum(l.startswith("'ROMEO.") for l in text.splitlines()) == 3
+  _plots_render(nb)

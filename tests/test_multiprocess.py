@@ -21,6 +21,8 @@ from bigjax import checkpoint
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # two-process runs, 90-350 s each on 2 cores; CI runs the slow pass
+
 BASE = [
   '--config=configs/mlp_breast_cancer.py:smoke',
   '--config.mesh.data=2',

@@ -73,6 +73,7 @@ def test_nan_policy_skip_drops_bad_updates_and_counts_them(tmp_path, monkeypatch
   assert np.isfinite(results['eval']['loss']) and results['eval']['accuracy'] > 0.8
 
 
+@pytest.mark.slow  # rebalanced 2026-12-02: >60 s on the loaded 2-core machine; CI runs the slow pass
 def test_sigterm_saves_and_rerun_resumes(tmp_path):
   """SIGTERM once training is under way (its first logged step is in history.jsonl): the step in
   flight finishes, one checkpoint is written, exit 143; the re-run, told to stop 20 steps later

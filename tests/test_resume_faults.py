@@ -25,6 +25,10 @@ from bigjax import workdir as workdir_lib
 
 from conftest import REPO, file_digests
 
+pytestmark = (
+  pytest.mark.slow
+)  # a trained run per test (20-90 s each on 2 cores); CI runs the slow pass
+
 CNN = os.path.join(REPO, 'configs', 'mnist_cnn.py')
 BASE = [
   f'--config={CNN}:smoke',

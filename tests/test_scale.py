@@ -22,7 +22,9 @@ def _losses(results):
 TEMP_RATIO = {'mlp_breast_cancer': 1.0, 'gpt_shakespeare': 0.5}  # measured 0.95, 0.29
 
 
-@pytest.mark.parametrize('name', ['mlp_breast_cancer', 'gpt_shakespeare'])
+@pytest.mark.parametrize(
+  'name', ['mlp_breast_cancer', pytest.param('gpt_shakespeare', marks=pytest.mark.slow)]
+)
 def test_gradient_accumulation_equals_the_big_batch_step(name, tmp_path, one_device):
   config = load_config(name, 'smoke')
   config.num_steps, config.log_every = 6, 1
@@ -61,6 +63,7 @@ def _dot_dtypes(config, devices):
 BF16_DOT_FRACTION = 0.75
 
 
+@pytest.mark.slow  # rebalanced 2026-12-02: >60 s on the loaded 2-core machine; CI runs the slow pass
 def test_bf16_compute_follows_the_fp32_loss_curve(tmp_path, one_device):
   config = load_config('gpt_shakespeare', 'smoke')
   config.log_every = 1

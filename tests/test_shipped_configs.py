@@ -53,13 +53,24 @@ SIZES = [
   # llama: per layer 2 D + D N H + 2 D K H + N H D + 3 D M (D 128, N 4, K 2, H 32, M 384), the
   # 260 x 128 embedding and untied head, the final norm.
   pytest.param('llama_shakespeare', None, 3000, 854_144, id='llama_shakespeare'),
+  # The ImageNet and LM1B configs at their smoke size (a full-size ResNet-50 step at 224 px takes
+  # minutes on a CPU); tests/test_data_configs.py compiles them on 8 devices.
+  pytest.param('imagenet_resnet50', 'smoke', 2, None, id='imagenet_resnet50:smoke', marks=SLOW),
+  pytest.param('imagenet_vit', 'smoke', 2, None, id='imagenet_vit:smoke', marks=SLOW),
+  pytest.param('lm1b_gpt', 'smoke', 2, None, id='lm1b_gpt:smoke', marks=SLOW),
   pytest.param('mlp_breast_cancer', None, 50 * (455 // 32), None, id='mlp_breast_cancer'),
   pytest.param('mlp_mnist', None, 5 * (4000 // 64), None, id='mlp_mnist'),
   pytest.param('mnist_cnn', None, 10 * (4000 // 64), None, id='mnist_cnn'),
   pytest.param('mnist_mlp_student', None, 10 * (4000 // 64), 25_450, id='mnist_mlp_student'),
   pytest.param('vit_mnist', None, 20 * (4000 // 64), None, id='vit_mnist'),
 ]
-MOCKED = {'cifar10_cnn', 'cifar10_resnet'}  # not available offline
+MOCKED = {
+  'cifar10_cnn',
+  'cifar10_resnet',
+  'imagenet_resnet50',
+  'imagenet_vit',
+  'lm1b_gpt',
+}  # not offline
 MOCK_EXAMPLES = 256  # two batches of 128
 
 

@@ -155,7 +155,7 @@ def test_second_invocation_launches_nothing(finished, monkeypatch):
   def no_launch(*args, **kwargs):
     raise AssertionError(f'the second invocation launched {args}')
 
-  monkeypatch.setattr(sweep.launch.subprocess, 'Popen', no_launch)
+  monkeypatch.setattr(subprocess, 'Popen', no_launch)
   runs = sweep.run_sweep(SMOKE, workdir)
   assert [r.status for r in runs] == ['skipped'] * 4
   assert (

@@ -76,7 +76,9 @@ def _sharding_report(workdir):
   return params, int(state.replace(',', ''))
 
 
-@pytest.mark.parametrize('name', ['mnist_cnn', 'mlp_breast_cancer'])
+@pytest.mark.parametrize(
+  'name', [pytest.param('mnist_cnn', marks=pytest.mark.slow), 'mlp_breast_cancer']
+)
 def test_sharded_training_matches_one_device(name, tmp_path, one_device):
   config = load_config(name, 'smoke')
   config.num_steps, config.log_every = 12, 1
@@ -154,7 +156,7 @@ def _cli(config, workdir, overrides):
 # The MLP runs by default; the CNN and GPT kills (~30 s each) run in CI's `-m slow` pass.
 @pytest.mark.parametrize(
   'name',
-  [n if n == 'mlp_breast_cancer' else pytest.param(n, marks=pytest.mark.slow) for n in KILL_RUNS],
+  [pytest.param(n, marks=pytest.mark.slow) for n in KILL_RUNS],  # 200 s+ each on 2 cores,
 )
 def test_killed_and_rerun_ends_with_identical_parameters(name, tmp_path):
   """SIGKILL at two points (mid-epoch), re-run the same command each time: bitwise equal result."""

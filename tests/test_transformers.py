@@ -26,7 +26,12 @@ def _gpt(**kw):
 
 
 @pytest.mark.parametrize(
-  'positions, scan', [('learned', False), ('rotary', True), ('sinusoidal', False)]
+  'positions, scan',
+  [
+    ('learned', False),
+    pytest.param('rotary', True, marks=pytest.mark.slow),
+    ('sinusoidal', False),
+  ],
 )
 def test_gpt_incremental_decoding_equals_full_forward(positions, scan):
   model, params, tokens = _gpt(positions=positions, scan=scan)
@@ -44,6 +49,7 @@ def test_gpt_incremental_decoding_equals_full_forward(positions, scan):
   np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=1e-5)
 
 
+@pytest.mark.slow  # rebalanced 2026-12-02: >60 s on the loaded 2-core machine; CI runs the slow pass
 def test_generate_greedy_matches_argmax_of_full_forward_and_sampling_is_seeded():
   model, params, tokens = _gpt()
   prompt = np.asarray(tokens[:, :3])
@@ -88,6 +94,7 @@ def _compiled_dots(fn, *args):
   return len(re.findall(r' dot\(', jax.jit(fn).lower(*args).compile().as_text()))
 
 
+@pytest.mark.slow  # rebalanced 2026-12-02: >60 s on the loaded 2-core machine; CI runs the slow pass
 def test_scan_and_remat_give_the_same_function():
   _, params, tokens = _gpt()
   base = dict(vocab_size=50, num_layers=2, num_heads=4, embed_dim=32, max_len=16)
@@ -195,6 +202,7 @@ def test_transformer_smoke_configs_learn(name, arg, metric, factor, tmp_path, on
     assert out.startswith('To be') and len(out) > len('To be')
 
 
+@pytest.mark.slow  # rebalanced 2026-12-02: >60 s on the loaded 2-core machine; CI runs the slow pass
 def test_gpt_sharded_training_matches_one_device(tmp_path, one_device):
   config = load_config('gpt_shakespeare', 'smoke')
   config.num_steps, config.log_every = 8, 1
@@ -206,6 +214,7 @@ def test_gpt_sharded_training_matches_one_device(tmp_path, one_device):
   np.testing.assert_allclose(sharded['eval']['loss'], ref['eval']['loss'], rtol=1e-4)
 
 
+@pytest.mark.slow  # rebalanced 2026-12-02: >60 s on the loaded 2-core machine; CI runs the slow pass
 def test_fine_tune_from_pretraining_loads_encoder_and_keeps_new_head_fresh(tmp_path, one_device):
   pre = load_config('bert_shakespeare_mlm', 'smoke')
   pre.num_steps = 4

@@ -263,21 +263,11 @@ def write_quantized(run_dir: str, path: str, cfg=None) -> int:
   when activations are quantized, and writes the arrays (flat_arrays, an uncompressed .npz) to
   `path`. Returns the file's size on disk in bytes. What `bigjax-export --quantized` calls."""
   import io
-  import json
   import os
-
-  import ml_collections
 
   from bigjax import checkpoint, config_lib, experiment, init_from, reporting, steps
 
-  with open(os.path.join(run_dir, 'config.json')) as f:
-    saved = json.load(f)
-  config = config_lib.base_config()
-  for key, value in saved.items():  # the run's fields over today's defaults
-    if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
-      config[key].update(value)
-    else:
-      config[key] = tuple(value) if isinstance(value, list) else value
+  config = config_lib.saved_config(os.path.join(run_dir, 'config.json'))
   if cfg is not None:
     config.quantize.update(cfg)
   if not config.quantize.mode:

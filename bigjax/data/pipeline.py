@@ -1,25 +1,25 @@
-"""From a TFDS name to per-step global batches.
+"""TFDS builders and data sources, and whole splits read into host arrays (config.data.load =
+'memory').
 
-A split is read once from its TFDS data source into host memory (all datasets bigjax ships or
-names fit easily), as a dict {'inputs': (N, ...), 'label': (N,)}. The batch for a training step is
-a pure function of (seed, step): epoch e uses the permutation `default_rng([seed, e])` of the split,
-drops the remainder, and each process takes only its own rows of the global batch. That makes
-resuming at any step exact, mid-epoch included.
+`open_source` opens a TFDS split for random access (never downloading; the offline builders are
+prepared on first use); `load_split` reads any source's split (bigjax.data.sources: TFDS, `dir:`,
+`hf:`) whole into {'inputs': (N, ...), 'label': (N,)}. The batches by step over those arrays (or
+over a streamed source) are bigjax.data.loader's: `TrainBatches` and `eval_batches` here are the
+same objects, kept under the names the rest of bigjax has always used.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-import dataclasses
 import os
 
-import jax
 import numpy as np
 
-from bigjax.data import offline
+from bigjax.data import loader, offline, sources
+from bigjax.data.inputs import INPUT_KEYS
 from bigjax.errors import DataError
 
-INPUT_KEYS = ('image', 'features')  # the first present becomes batch['inputs']
+TrainBatches = loader.TrainBatches
 
 
 def _data_dir(data_dir):
@@ -43,18 +43,10 @@ def builder(name: str, data_dir: str | None):
 
 
 def num_classes(name: str, data_dir: str | None, label_key: str = 'label') -> int | None:
-  """Number of classes of the dataset's `label_key` feature, from its TFDS builder info (read
-  without preparing or reading the data); None if that feature is not a ClassLabel (e.g. a
-  regression target). DataError if the dataset has no such feature."""
-  import tensorflow_datasets as tfds
-
-  features = builder(name, data_dir).info.features
-  if label_key not in features:
-    raise DataError(
-      f'dataset {name!r} has no feature {label_key!r}; its features: {", ".join(sorted(features))}'
-    )
-  feature = features[label_key]
-  return feature.num_classes if isinstance(feature, tfds.features.ClassLabel) else None
+  """Number of classes of the dataset's `label_key` feature, from its metadata (read without
+  preparing or reading the data); None if that feature is not a class label (e.g. a regression
+  target). DataError if the dataset has no such feature. Any source kind (bigjax.data.sources)."""
+  return sources.num_classes(name, data_dir, label_key)
 
 
 def _not_prepared(name, where):
@@ -113,7 +105,7 @@ def load_split(name: str, split: str, data_dir: str | None = None) -> dict:
   Returns {'inputs': (N, ...) array, 'label': (N,) int32}; `inputs` is the record's 'image' (uint8,
   NHWC) or 'features' (float32). Offline datasets are prepared on first use.
   """
-  source = open_source(name, split, data_dir)
+  source = sources.open_split(name, split, data_dir)
   records = [source[i] for i in range(len(source))]
   if not records:
     raise DataError(f'split {split!r} of dataset {name!r} is empty')
@@ -123,9 +115,24 @@ def load_split(name: str, split: str, data_dir: str | None = None) -> dict:
       f'dataset {name!r} records have keys {sorted(records[0])}; bigjax expects one '
       f'of {INPUT_KEYS} and "label"'
     )
-  inputs = _stack(name, split, [r[key] for r in records])
+  values = [r[key] for r in records]
+  if key == 'image' and isinstance(values[0], (bytes, np.bytes_)):  # encoded: same size needed
+    values = _decode_all(name, split, data_dir, values)
+  inputs = _stack(name, split, values)
   labels = np.asarray([r['label'] for r in records], np.int32)
   return {'inputs': inputs, 'label': labels}
+
+
+def _decode_all(name, split, data_dir, values):
+  from bigjax.data import images
+
+  shape = sources.features(name, data_dir).get('image', sources.Feature('image')).shape
+  channels = int(shape[-1]) if shape and shape[-1] in (1, 3) else 3
+  out = []
+  for i, value in enumerate(values):
+    image = images.decode(value, channels, f'dataset {name!r} split {split!r} record {i}')
+    out.append(np.asarray(image, np.uint8).reshape(image.size[1], image.size[0], channels))
+  return out
 
 
 def _stack(name, split, values):
@@ -222,54 +229,9 @@ def standardize(train: dict, *others: dict) -> list[dict]:
   return [dict(a, inputs=((a['inputs'] - mean) / std).astype(np.float32)) for a in (train, *others)]
 
 
-@dataclasses.dataclass
-class TrainBatches:
-  """Process-local training batches, a pure function of the step.
-
-  arrays: the split, {'inputs': (N, ...), 'label': (N,)}; batch_size: the global batch size.
-  `batch(step)` returns this process's rows: {'inputs': (B/P, ...), 'label': (B/P,)}.
-  """
-
-  arrays: dict
-  batch_size: int
-  seed: int
-
-  def __post_init__(self):
-    n = len(self.arrays['inputs'])
-    self.steps_per_epoch = n // self.batch_size
-    if self.steps_per_epoch == 0:
-      raise DataError(
-        f'config.batch_size={self.batch_size} is larger than the training split '
-        f'({n} examples); lower config.batch_size'
-      )
-    procs = jax.process_count()
-    self._rows = slice(
-      jax.process_index() * self.batch_size // procs,
-      (jax.process_index() + 1) * self.batch_size // procs,
-    )
-    self._epoch, self._perm = None, None
-
-  def batch(self, step: int) -> dict:
-    epoch, i = divmod(step, self.steps_per_epoch)
-    if epoch != self._epoch:
-      self._epoch = epoch
-      self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.arrays['inputs']))
-    idx = self._perm[i * self.batch_size : (i + 1) * self.batch_size][self._rows]
-    return {k: v[idx] for k, v in self.arrays.items()}
-
-
 def eval_batches(arrays: dict, batch_size: int) -> Iterator[dict]:
   """Yields process-local eval batches covering every example once.
 
   The last batch is padded to `batch_size`; batch['mask'] (B/P,) is 1.0 on real examples.
   """
-  n = len(arrays['inputs'])
-  procs, pid = jax.process_count(), jax.process_index()
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size)
-    mask = (idx < n).astype(np.float32)
-    idx = np.minimum(idx, n - 1)
-    rows = slice(pid * batch_size // procs, (pid + 1) * batch_size // procs)
-    batch = {k: v[idx[rows]] for k, v in arrays.items()}
-    batch['mask'] = mask[rows]
-    yield batch
+  return iter(loader.EvalBatches(arrays, batch_size))

@@ -19,13 +19,16 @@ import re
 import numpy as np
 
 from bigjax import registry
-from bigjax.data import pipeline, text_views, tokenizers
+from bigjax.data import pipeline, sources, text_views, tokenizers
 from bigjax.errors import DataError, UserError
 
 # The byte tokenizer's ids, for callers outside bigjax/data that still read them from here; new
 # code imports them from bigjax.data.tokenizers.
 
 ALL_VIEWS = ('lm', 'classification', 'pairs')
+# A `dir:` / `hf:` record feature of token ids (uint16 / uint32 arrays): a pre-tokenized dataset,
+# read by config.data.pack=True (bigjax.data.packing) instead of tokenizing text.
+PRETOKENIZED_KEY = 'tokens'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +56,33 @@ TEXT_DATASETS.add(
 )
 
 
+def _own_text_dataset(name: str) -> TextDataset | None:
+  """The TextDataset of a `dir:` / `hf:` dataset with a text feature (its first), labelled by its
+  'label' class feature when it has one; None for other names."""
+  if sources.parse_name(name)[0] == 'tfds':
+    return None
+  feats = sources.features(name)
+  text_key = next((k for k, f in feats.items() if f.kind == 'text'), None)
+  if text_key is None and PRETOKENIZED_KEY in feats:  # token ids (config.data.pack reads them)
+    text_key = PRETOKENIZED_KEY
+  if text_key is None:
+    raise UserError(
+      f'dataset {name!r} has no text feature (its features: {", ".join(sorted(feats))}); '
+      "config.data.view needs one; set config.data.view=''"
+    )
+  labelled = 'label' in feats and feats['label'].kind == 'class_label'
+  views = ('lm', 'classification') if labelled else ('lm',)
+  return TextDataset(text_key, 'label' if labelled else None, views, None)
+
+
+def text_key(name: str) -> str:
+  """The record feature holding a text dataset's documents: its text, or PRETOKENIZED_KEY."""
+  return _text_dataset(name).text_key
+
+
 def _text_dataset(name: str, view: str | None = None) -> TextDataset:
   """The entry of `name`, its builder registered with TFDS; checks that it supports `view`."""
-  dataset = TEXT_DATASETS.get(name)
+  dataset = _own_text_dataset(name) or TEXT_DATASETS.get(name)
   if view is not None:
     text_views.VIEWS.check(view)
     if view not in dataset.views:
@@ -74,7 +101,7 @@ def load_texts(
   """Reads a text split whole: (texts, labels) with texts a list of N bytes and labels (N,) int32
   (None for unlabelled datasets). Offline datasets are prepared on first use; nothing downloads."""
   dataset = _text_dataset(name)
-  source = pipeline.open_source(name, split, data_dir)
+  source = sources.open_split(name, split, data_dir)
   records = [source[i] for i in range(len(source))]
   if not records:
     raise DataError(f'split {split!r} of dataset {name!r} is empty')
@@ -84,8 +111,9 @@ def load_texts(
       f'dataset {name!r} records have keys {sorted(records[0])}, not '
       f'{sorted(missing)}; fix its entry in bigjax.data.text.TEXT_DATASETS'
     )
-  if dataset.sort_key:
-    records.sort(key=lambda r: tokenizers.as_bytes(r[dataset.sort_key]))
+  sort_key = dataset.sort_key
+  if sort_key:
+    records.sort(key=lambda r: tokenizers.as_bytes(r[sort_key]))
   texts = [tokenizers.as_bytes(r[dataset.text_key]) for r in records]
   labels = None
   if dataset.label_key:
@@ -109,10 +137,13 @@ def tokenizer_cache_dir(name: str, train_split: str = 'train', data_dir: str | N
   """Where `dataset_tokenizer` keeps the dataset's trained tokenizers: under the TFDS data dir,
   bigjax_tokenizers/<name>/<version>/<train split>."""
   _text_dataset(name)
-  builder = pipeline.builder(name, data_dir)
   safe = re.sub(r'[^A-Za-z0-9_.-]+', '_', train_split)
   if safe != train_split:  # 'train[:90%]' and 'train[90%:]' must not share a model
     safe += '-' + hashlib.sha1(train_split.encode()).hexdigest()[:8]
+  kind, path = sources.parse_name(name)
+  if kind != 'tfds':  # beside the prepared records (a HuggingFace folder: likewise)
+    return os.path.join(path, 'bigjax_tokenizers', safe)
+  builder = pipeline.builder(name, data_dir)
   return os.path.join(builder.data_dir_root, 'bigjax_tokenizers', name, str(builder.version), safe)
 
 

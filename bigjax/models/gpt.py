@@ -52,8 +52,12 @@ class Model(nn.Module):
   param_dtype: str = 'float32'
 
   @nn.compact
-  def __call__(self, inputs, *, train=False, decode=False):
-    """inputs: (B, T) int token ids, T <= max_len. decode: T new tokens extend the KV cache."""
+  def __call__(self, inputs, segment_ids=None, positions=None, *, train=False, decode=False):
+    """inputs: (B, T) int token ids, T <= max_len. decode: T new tokens extend the KV cache.
+
+    Packed windows (bigjax.data.packing): segment_ids (B, T) int, tokens attend only to earlier
+    tokens of their own segment; positions (B, T) int, each token's position in its document
+    (default 0..T-1, or after the cache when decoding)."""
     chex.assert_rank(inputs, 2)
     b, t = inputs.shape
     if t > self.max_len:
@@ -74,7 +78,12 @@ class Model(nn.Module):
       start = index.value
       if not self.is_initializing():
         index.value = start + t
-    positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+    if positions is None:
+      positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+    mask = None
+    if segment_ids is not None:  # (B, 1, T, T): same segment (causal=True adds the order)
+      chex.assert_equal_shape([inputs, segment_ids, positions])
+      mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     embed = nn.Embed(
       self.vocab_size,
       self.embed_dim,
@@ -110,7 +119,7 @@ class Model(nn.Module):
       rotary=self.positions == 'rotary',
       use_bias=self.use_bias,
       max_decode_length=self.max_len,
-    )(x, None, positions, train=train, decode=decode)
+    )(x, mask, positions, train=train, decode=decode)
     return embed.attend(x).astype(jnp.float32)
 
   @nn.nowrap

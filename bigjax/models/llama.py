@@ -51,7 +51,14 @@ class Attention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    x_BTD: jax.Array,
+    positions_BT: jax.Array,
+    train: bool = False,
+    mask: jax.Array | None = None,
+  ) -> jax.Array:
+    """mask: bool broadcastable to (B, N, T, T), True = may attend (on top of causal)."""
     chex.assert_rank(x_BTD, 3)
     d = x_BTD.shape[-1]
 
@@ -78,6 +85,7 @@ class Attention(nn.Module):
       q_BTNH,
       k_BTKH,
       v_BTKH,
+      mask=mask,
       causal=True,
       dropout_rate=rate,
       dropout_rng=self.make_rng('dropout') if rate > 0 else None,
@@ -115,7 +123,7 @@ class Block(nn.Module):
   scanned: bool = False
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT):
+  def __call__(self, x_BTD, positions_BT, mask=None):
     dropout = nn.Dropout(self.dropout_rate, deterministic=not self.train)
     norm = lambda name: transformer.norm(
       'rmsnorm', self.norm_eps, self.dtype, self.param_dtype, name
@@ -133,7 +141,7 @@ class Block(nn.Module):
         self.dtype,
         self.param_dtype,
         name='self_attention',
-      )(norm('attention_norm')(x_BTD), positions_BT, self.train)
+      )(norm('attention_norm')(x_BTD), positions_BT, self.train, mask)
     )
     mlp = transformer.Mlp(
       self.mlp_dim,
@@ -158,7 +166,7 @@ class Stack(nn.Module):
   remat: str = 'none'
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, train=False):
+  def __call__(self, x_BTD, positions_BT, train=False, mask=None):
     if self.remat not in transformer.REMAT_POLICIES:
       raise ValueError(
         f'remat={self.remat!r} is unknown; use one of {", ".join(transformer.REMAT_POLICIES)}'
@@ -173,14 +181,14 @@ class Stack(nn.Module):
         cls,
         variable_axes={'params': 0},
         split_rngs={'params': True, 'dropout': True},
-        in_axes=(nn.broadcast,),
+        in_axes=(nn.broadcast, nn.broadcast),
         length=self.num_layers,
         metadata_params={nn.PARTITION_NAME: 'layers'},
       )
-      x_BTD, _ = scanned(**kwargs, scanned=True, name='layers')(x_BTD, positions_BT)
+      x_BTD, _ = scanned(**kwargs, scanned=True, name='layers')(x_BTD, positions_BT, mask)
     else:
       for i in range(self.num_layers):
-        x_BTD = cls(**kwargs, name=f'layer_{i}')(x_BTD, positions_BT)
+        x_BTD = cls(**kwargs, name=f'layer_{i}')(x_BTD, positions_BT, mask)
     b = self.block
     return transformer.norm('rmsnorm', b['norm_eps'], b['dtype'], b['param_dtype'], 'final_norm')(
       x_BTD
@@ -233,8 +241,11 @@ class Model(nn.Module):
     return n, k, self.head_dim or self.embed_dim // n
 
   @nn.compact
-  def __call__(self, inputs, *, train=False):
-    """inputs: (B, T) int token ids, T <= max_len -> (B, T, vocab_size) float32 logits."""
+  def __call__(self, inputs, segment_ids=None, positions=None, *, train=False):
+    """inputs: (B, T) int token ids, T <= max_len -> (B, T, vocab_size) float32 logits.
+
+    Packed windows (bigjax.data.packing): segment_ids (B, T), tokens attend only within their
+    segment; positions (B, T), each token's position in its document (default 0..T-1)."""
     chex.assert_rank(inputs, 2)
     b, t = inputs.shape
     if t > self.max_len:
@@ -252,7 +263,11 @@ class Model(nn.Module):
       name='embed',
     )
     x_BTD = nn.Dropout(self.dropout)(embed(inputs), deterministic=not train)
-    positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
+    positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t)) if positions is None else positions
+    mask = None
+    if segment_ids is not None:  # (B, 1, T, T): same segment (the attention adds causal order)
+      chex.assert_equal_shape([inputs, segment_ids, positions_BT])
+      mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     x_BTD = Stack(
       self.num_layers,
       scan=self.scan,
@@ -272,7 +287,7 @@ class Model(nn.Module):
         dtype=dtype,
         param_dtype=param_dtype,
       ),
-    )(x_BTD, positions_BT, train=train)
+    )(x_BTD, positions_BT, train=train, mask=mask)
     if self.tie_embeddings:
       return embed.attend(x_BTD).astype(jnp.float32)
     head = layers.dense(

@@ -1,6 +1,7 @@
 """Sweeps: one config over a grid of overrides and seeds (or CV folds), ending in a table and plots.
 
   bigjax-sweep --sweep=experiments/<name>/sweep.py --workdir=DIR [--jobs=N]
+      [--launcher=local|slurm|ray] [--gpus_per_task=G --time_min=T --partition=P ...]
   (or python -m bigjax.sweep ...; from any directory)
 
 A sweep file defines `get_sweep()` returning a `Sweep`:
@@ -25,11 +26,15 @@ will parse it, so an unknown field or a bad value is one line (UserError, exit 2
 gets results.csv (one row per run), results.md (one row per setting: mean ± std over seeds or
 folds), metric_vs_<axis>.png for each axis with several values, learning_curves.png, and whatever
 the sweep's plot(runs, DIR) draws.
+
+--launcher=slurm submits the runs as one SLURM job array through submitit, --launcher=ray as one
+Ray task each (bigjax/sweep/launchers/); what a run asks for comes from `Sweep(resources={...})`
+and the resource flags (bigjax.cluster.resources). Planning, skipping and resuming are the same.
 """
 
 # Modules: grid (axes, products, zips; names of settings and values), plan (Sweep, Run, planning,
-# finished runs), launch (the bigjax.train subprocesses, run_sweep), report (results.csv/.md,
-# plots), __main__ (the command line).
+# finished runs), launch (run_sweep: the runs through a launcher, progress), launchers/ (local,
+# slurm, ray), report (results.csv/.md, plots), __main__ (the command line).
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -8,6 +8,7 @@ import signal
 import sys
 
 from bigjax import cli
+from bigjax.cluster import resources
 import bigjax.sweep
 from bigjax.sweep.launch import run_sweep
 
@@ -22,12 +23,17 @@ def _main(argv: Sequence[str]) -> int:
   p = cli.Parser('bigjax-sweep', bigjax.sweep.__doc__)
   p.string('sweep', None, 'the sweep file, e.g. experiments/<name>/sweep.py', required=True)
   p.string('workdir', None, 'where runs/, results.* and the plots go', required=True)
-  p.integer('jobs', 1, 'runs at a time')
+  p.integer('jobs', None, 'runs at a time (default: 1 locally; any number on a cluster)')
+  p.string('launcher', 'local', 'where the runs go: local (subprocesses), slurm or ray')
+  p.string('ray_address', '', 'the Ray cluster for --launcher=ray (default $RAY_ADDRESS or local)')
+  resources.add_flags(p, "Sweep.resources in the sweep file")
   fv = p.parse(argv)
   # SIGTERM unwinds like Ctrl-C: the runs get SIGTERM too (they save a checkpoint and exit).
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
   try:
-    runs = run_sweep(fv.sweep, fv.workdir, fv.jobs)
+    runs = run_sweep(
+      fv.sweep, fv.workdir, fv.jobs, fv.launcher, resources.given_flags(fv), fv.ray_address
+    )
   except KeyboardInterrupt:
     print('bigjax: sweep interrupted; run the same command again to resume', file=sys.stderr)
     return 130

@@ -1,68 +1,22 @@
-"""Running a sweep: each run a `python -m bigjax.train` subprocess, a progress bar over the runs,
+"""Running a sweep: plan, skip finished runs, hand the others to a launcher (local subprocesses,
+SLURM jobs or Ray tasks: bigjax/sweep/launchers/), a progress bar over the scheduler's states,
 then the reports."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import os
-import re
-import shlex
-import subprocess
 import sys
 import time
+from typing import Any
 
 import tqdm
 
+from bigjax.cluster import resources as resources_lib
 from bigjax.errors import UserError
-from bigjax.sweep.plan import Run, Sweep, is_finished, load_sweep, plan, unfinished_reason
+from bigjax.sweep.launchers import LAUNCHERS, base
+from bigjax.sweep.plan import Run, Sweep, load_sweep, plan, unfinished_reason
 from bigjax.sweep.report import load_results, write_reports
-
-LOG_TAIL_LINES = 15
-
-
-def _log_tail(run, n=LOG_TAIL_LINES):
-  try:
-    with open(os.path.join(run.workdir, 'log.txt'), errors='replace') as f:
-      lines = [
-        l.rstrip()
-        for l in f.read().replace('\r', '\n').splitlines()
-        if l.strip() and not re.search(r'\d%\|', l)
-      ]  # not tqdm progress bars
-  except OSError:
-    return '(no log.txt)'
-  return '\n'.join('    ' + l for l in lines[-n:])
-
-
-class _Launch:
-  """One bigjax.train subprocess, its output appended to the run's log.txt.
-
-  The run inherits the sweep's working directory; every path on its command line is absolute."""
-
-  def __init__(self, run):
-    os.makedirs(run.workdir, exist_ok=True)
-    self.run, self.start = run, time.time()
-    cmd = [
-      sys.executable,
-      '-m',
-      'bigjax.train',
-      f'--config={run.spec}',
-      f'--workdir={os.path.abspath(run.workdir)}',
-      *run.args,
-    ]
-    self.log = open(os.path.join(run.workdir, 'log.txt'), 'a')
-    self.log.write(
-      f'\n==== bigjax.sweep {time.strftime("%Y-%m-%d %H:%M:%S")}: '
-      f'(cd {shlex.quote(os.getcwd())} && {shlex.join(cmd)})\n'
-    )
-    self.log.flush()
-    env = dict(os.environ, PYTHONUNBUFFERED='1')  # a killed run's log keeps its last lines
-    # Same process group as the sweep: Ctrl-C (or killing the group) reaches the runs too.
-    self.proc = subprocess.Popen(
-      cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-    )
-
-  def close(self):
-    self.log.close()
 
 
 def _prepare_datasets(runs):
@@ -82,80 +36,109 @@ def _prepare_datasets(runs):
       pipeline.check_available(name, split, data_dir)
 
 
-def run_sweep(sweep_path: str, workdir: str, jobs: int = 1) -> list[Run]:
-  """Runs (or finishes) the sweep in `sweep_path` under `workdir`, `jobs` runs at a time, then
-  writes results.csv, results.md and the plots into `workdir`. Returns the list of Run records;
-  failed runs have status 'failed' (the others still run). Raises UserError for invalid input before
-  anything is launched or written."""
-  if jobs < 1:
+def run_sweep(
+  sweep_path: str,
+  workdir: str,
+  jobs: int | None = None,
+  launcher: str = 'local',
+  resources: Mapping[str, Any] | None = None,
+  ray_address: str = '',
+) -> list[Run]:
+  """Runs (or finishes) the sweep in `sweep_path` under `workdir` with `launcher` ('local',
+  'slurm', 'ray'), then writes results.csv, results.md and the plots into `workdir`. Returns the
+  list of Run records; failed runs have status 'failed' (the others still run).
+
+  jobs: runs at a time (None: 1 locally, as many as the scheduler allows elsewhere; for SLURM the
+  job array's concurrency cap). resources: {field: value} of bigjax.cluster.resources.Resources
+  given on the command line, over the sweep file's `resources`. ray_address: the Ray cluster
+  (default $RAY_ADDRESS, else a local one). Raises UserError for invalid input before anything is
+  launched or written (for SLURM and Ray also: no scheduler reachable, an unknown partition,
+  resources the cluster cannot give, a workdir the nodes do not see)."""
+  if jobs is not None and jobs < 1:
     raise UserError(f'--jobs={jobs} must be at least 1')
+  launcher_cls = LAUNCHERS.get(launcher)
+  given = dict(resources or {})
+  unused = [f'--{f}' for f in given if f not in launcher_cls.uses]
+  if unused:
+    raise UserError(
+      f'{", ".join(unused)}: not a resource --launcher={launcher} can ask for; it takes '
+      f'{", ".join("--" + f for f in launcher_cls.uses) or "none"}'
+    )
   sw = load_sweep(sweep_path)
+  request = resources_lib.resolve(sw.resources, resources_lib.check(given, '--'))
   runs = plan(sw, workdir)
   for run in runs:
-    if is_finished(run):
+    if unfinished_reason(run) is None:
       run.status = 'skipped'
       load_results(run, sw)
   pending = [r for r in runs if r.status == 'pending']
-  if pending and jobs > 1:
-    _prepare_datasets(pending)
+  launch = launcher_cls(base.Options(jobs or 0, request, workdir, list(given), ray_address))
+  if pending:
+    launch.check(pending)
+    if launcher != 'local' or (jobs or 1) > 1:
+      _prepare_datasets(pending)
   os.makedirs(workdir, exist_ok=True)
-  _launch_all(sw, runs, pending, jobs)
+  _launch_all(sw, runs, pending, launch)
   write_reports(sw, runs, workdir, sweep_path)
   return runs
 
 
-def _launch_all(sw: Sweep, runs: Sequence[Run], pending: list[Run], jobs: int) -> None:
-  """Launches `pending`, `jobs` at a time, until all have ended; on any exception (Ctrl-C,
-  SIGTERM) SIGTERMs the runs still going (they save a checkpoint and exit) and waits for them."""
-  running: list = []
+def _launch_all(sw: Sweep, runs: Sequence[Run], pending: list[Run], launch: base.Launcher) -> None:
+  """Submits `pending` and follows them until all have ended; on any exception (Ctrl-C, SIGTERM)
+  stops the runs still going (they save a checkpoint and exit) and waits for them."""
   bar = tqdm.tqdm(
     total=len(runs), initial=len(runs) - len(pending), unit='run', desc='sweep', dynamic_ncols=True
   )
+  jobs: list[base.Job] = []
   try:
-    while pending or running:
-      while pending and len(running) < jobs:
-        running.append(_Launch(pending.pop(0)))
-      _postfix(bar, runs, len(running), len(pending))
-      time.sleep(0.2)
-      for launch in [l for l in running if l.proc.poll() is not None]:
-        running.remove(launch)
-        launch.close()
-        _settle(launch, sw)
+    jobs = launch.submit(pending) if pending else []
+    live = list(jobs)
+    while live:
+      _postfix(bar, runs, live)
+      time.sleep(launch.poll_s)
+      launch.refresh(live)
+      for job in [j for j in live if j.ended]:
+        live.remove(job)
+        _settle(job, sw)
         bar.update(1)
-        bar.write(_describe(launch.run, time.time() - launch.start), file=sys.stderr)
-    _postfix(bar, runs, 0, 0)
+        bar.write(_describe(job), file=sys.stderr)
+    _postfix(bar, runs, [])
   finally:
-    for launch in running:
-      launch.proc.terminate()
-    for launch in running:
-      try:
-        launch.proc.wait(timeout=60)
-      except subprocess.TimeoutExpired:
-        launch.proc.kill()
-      launch.close()
+    left = [j for j in jobs if not j.ended]
+    if left:
+      launch.stop(left)
     bar.close()
 
 
-def _postfix(bar, runs, running, left):
-  postfix = dict(running=running, left=left, failed=sum(r.status == 'failed' for r in runs))
+def _postfix(bar, runs, live):
+  postfix = dict(
+    pending=sum(j.state == base.PENDING for j in live),
+    running=sum(j.state == base.RUNNING for j in live),
+    failed=sum(r.status == 'failed' for r in runs),
+  )
   if postfix != getattr(bar, 'last_postfix', None):  # redraw on changes only (quiet when logged)
     bar.last_postfix = postfix
     bar.set_postfix(postfix)
 
 
-def _settle(launch, sw):
-  run, code = launch.run, launch.proc.returncode
+def _settle(job: base.Job, sw: Sweep) -> None:
+  run = job.run
   reason = unfinished_reason(run)
-  if code == 0 and reason is None:
+  if job.state == base.DONE and reason is None:
     run.status = 'done'
     load_results(run, sw)
-  else:
-    run.status = 'failed'
-    why = f'exit status {code}' if code else f'exited 0 but {reason}'
-    run.message = f'{why}; last lines of {os.path.join(run.workdir, "log.txt")}:\n{_log_tail(run)}'
+    return
+  run.status = 'failed'
+  why = job.why if job.state == base.FAILED else f'exited 0 but {reason}'
+  log = base.log_path(run)
+  run.message = f'{why}; last lines of {log}:\n{base.log_tail(log)}'
+  if job.scheduler_log and os.path.exists(job.scheduler_log):
+    run.message += f'\n  last lines of the SLURM log {job.scheduler_log}:\n'
+    run.message += base.log_tail(job.scheduler_log, 6)
 
 
-def _describe(run, seconds):
+def _describe(job: base.Job) -> str:
+  run, seconds = job.run, time.time() - (job.started or job.submitted)
   if run.status == 'failed':
     return f'FAILED {run.name} after {seconds:.1f} s: {run.message}'
   values = ', '.join(f'{k}={v:.4g}' for k, v in run.metrics.items())

@@ -30,7 +30,9 @@ class Sweep:
   final eval), 'train/accuracy' results['train']['accuracy'] (the train metrics of the last log
   interval), 'best/accuracy' results['best']['eval']['accuracy'] (early stopping's best state).
   derived: {name: fn(metrics dict) -> float}, computed per run after `metrics` and reported like
-  them, e.g. {'gap': lambda m: m['train/accuracy'] - m['accuracy']}."""
+  them, e.g. {'gap': lambda m: m['train/accuracy'] - m['accuracy']}.
+  resources: what each run asks a cluster for under --launcher=slurm|ray, e.g. {'gpus_per_task': 1,
+  'time_min': 240} (fields and defaults: bigjax.cluster.resources.Resources; flags override them)."""
 
   config: str
   overrides: dict = dataclasses.field(default_factory=dict)
@@ -40,6 +42,7 @@ class Sweep:
   metrics: Sequence[str] = ('loss',)
   derived: dict = dataclasses.field(default_factory=dict)
   plot: Callable | None = None
+  resources: dict = dataclasses.field(default_factory=dict)
 
   @property
   def reported(self) -> list[str]:

@@ -1,7 +1,10 @@
 """Causal language modelling: next-token cross-entropy, perplexity, bits per byte.
 
 A batch holds token windows {'inputs': (B, T + 1)}; `prepare` splits them into model inputs
-(B, T) and targets (B, T) on device. With the byte-level tokenizer one token is one byte, so
+(B, T) and targets (B, T) on device. Packed windows (config.data.pack, bigjax.data.packing) also
+hold 'segment_ids' and 'positions' (B, T + 1): the model gets those of its inputs (attention stays
+inside a document) and a target counts only when it lies in its input's document (`weights`), so
+no loss crosses a document boundary. With the byte-level tokenizer one token is one byte, so
 bits per byte = loss / ln 2.
 """
 
@@ -34,11 +37,27 @@ class Task(base.Task):
     pipeline.check_tokens(arrays, self.vocab_size, name, split)
 
   def prepare(self, batch, rng):
-    """{'inputs': (B, T+1)} -> {'inputs': (B, T) tokens, 'targets': (B, T) next tokens}."""
+    """{'inputs': (B, T+1)[, 'segment_ids', 'positions': (B, T+1)]} -> {'inputs': (B, T) tokens,
+    'targets': (B, T) next tokens[, 'segment_ids', 'positions': (B, T) of the inputs, 'weights':
+    (B, T) float32, 1 where the target lies in its input's document]}."""
     del rng
     tokens = batch['inputs']
     chex.assert_rank(tokens, 2)
-    return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
+    out = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
+    if 'segment_ids' in batch:
+      segments = batch['segment_ids']
+      chex.assert_equal_shape([tokens, segments, batch['positions']])
+      out['segment_ids'] = segments[:, :-1]
+      out['positions'] = batch['positions'][:, :-1]
+      out['weights'] = (segments[:, 1:] == segments[:, :-1]).astype(jnp.float32)
+    return out
+
+  @staticmethod
+  def _weights(batch):
+    """(B, T) float32 target weights: the packed batch's, else all ones."""
+    if 'weights' in batch:
+      return batch['weights']
+    return jnp.ones(batch['targets'].shape, jnp.float32)
 
   def _token_losses(self, logits, targets):
     chex.assert_shape(logits, (*targets.shape, self.vocab_size))
@@ -49,17 +68,20 @@ class Task(base.Task):
 
   def loss_and_metrics(self, logits, batch):
     """logits (B, T, V) float32 -> (mean token loss, {'accuracy': next-token accuracy})."""
+    weights = self._weights(batch)
+    total = jnp.maximum(weights.sum(), 1.0)
     losses = self._token_losses(logits, batch['targets'])
-    return losses.mean(), {'accuracy': (logits.argmax(-1) == batch['targets']).mean()}
+    correct = logits.argmax(-1) == batch['targets']
+    return (losses * weights).sum() / total, {'accuracy': (correct * weights).sum() / total}
 
   def eval_outputs(self, logits, batch):
     """Per example: summed token NLL (no smoothing), correct tokens, token count -> (B,) each."""
-    targets = batch['targets']
+    targets, weights = batch['targets'], self._weights(batch)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return {
-      'nll': nll.sum(-1),
-      'correct': (logits.argmax(-1) == targets).sum(-1).astype(jnp.float32),
-      'tokens': jnp.full(targets.shape[:1], targets.shape[1], jnp.float32),
+      'nll': (nll * weights).sum(-1),
+      'correct': ((logits.argmax(-1) == targets) * weights).sum(-1),
+      'tokens': weights.sum(-1),
     }
 
   def eval_report(self, outputs, labels):
