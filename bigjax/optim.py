@@ -57,9 +57,19 @@ def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
   return SCHEDULES.get(cfg.schedule)(cfg, total_steps)
 
 
-# Weight matrices and embedding tables, by their flax names; LoRA's A and B (bigjax/peft) too, as
-# HF's Trainer and loralib decay them (pulling the update B A towards the base model).
-DECAYED = ('kernel', 'embedding', 'lora_a', 'lora_b')
+# Weight matrices and embedding tables, by their flax names; the PEFT methods' matrices too
+# (bigjax/peft: LoRA's A, B, AdaLoRA's P, Q, the adapters'), as HF's Trainer and loralib decay them
+# (for LoRA it pulls the update B A towards the base model); their vectors are not decayed.
+DECAYED = (
+  'kernel',
+  'embedding',
+  'lora_a',
+  'lora_b',
+  'adalora_p',
+  'adalora_q',
+  'adapter_down',
+  'adapter_up',
+)
 
 
 def decay_mask(params):

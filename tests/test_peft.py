@@ -161,7 +161,7 @@ def test_sharded_lora_training_equals_one_device():
     (dict(target='('), "config.peft.target='(' is not a regular expression"),
     (
       dict(method='lorax'),
-      "config.peft.method='lorax' is unknown; known PEFT methods: adapter, ia3, lora",
+      "config.peft.method='lorax' is unknown; known PEFT methods: adalora, adapter, ia3, lora",
     ),
     (dict(save='some'), "config.peft.save='some' is unknown"),
     (dict(save='trainable'), "config.peft.save='trainable' rebuilds the frozen base"),

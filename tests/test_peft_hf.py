@@ -156,13 +156,18 @@ def gpt2(tmp_path_factory):
   return base, adapter, _peft_logits(base, adapter, transformers.GPT2LMHeadModel)
 
 
-def test_imported_llama_gqa_adapter_gives_peft_logits(llama):
+@pytest.mark.parametrize('scan', [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_imported_llama_gqa_adapter_gives_peft_logits(llama, scan):
   base, adapter, want = llama
-  exp, params = _imported(_config('llama', base, init_from=adapter))
-  assert exp.model.num_kv_heads == 2 and len(exp.peft.trainable) == 2 * (7 * 2 + 1)
-  assert exp.peft.spec.rank_of('stack/layer_0/self_attention/out') == 2
+  config = _config('llama', base, init_from=adapter)
+  config.model.kwargs.scan = scan  # scan: each adapter tensor stacked over the layers
+  exp, params = _imported(config)
+  layers = 1 if scan else 2
+  stack = 'stack/layers' if scan else 'stack/layer_0'
+  assert exp.model.num_kv_heads == 2 and len(exp.peft.trainable) == 2 * (7 * layers + 1)
+  assert exp.peft.spec.rank_of(f'{stack}/self_attention/out') == 2
   flat = common.flat(jax.device_get(params))
-  assert np.abs(flat['stack/layer_1/mlp/wo/lora_b']).min() > 0  # non-zero B came in
+  assert np.abs(flat[f'{stack}/mlp/wo/lora_b']).min() > 0  # non-zero B came in
   got = _logits(exp.model, params)
   assert _rel_error(got, want) <= 1e-4, _rel_error(got, want)
   base_logits = _logits(common.base_model(exp.model), common.unflat(exp.peft.split(params)[1]))

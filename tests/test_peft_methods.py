@@ -64,7 +64,11 @@ def _logits(model, params, exp):
   return np.asarray(jax.jit(model.apply)({'params': params}, tokens))
 
 
-@pytest.mark.parametrize('method', list(METHODS))
+# one compiled 30-step run per method (~12 s each idle): adalora in the default pass (its run is
+# shared with the budget test), the others in the slow pass
+@pytest.mark.parametrize(
+  'method', [pytest.param(m, marks=[] if m == 'adalora' else pytest.mark.slow) for m in METHODS]
+)
 def test_method_is_the_base_at_init_and_trains_only_its_parameters(method):
   exp, initial, final, losses, _ = _run(method)
   assert {k.rsplit('/', 1)[1] for k in exp.peft.trainable} == NAMES[method]
@@ -88,6 +92,7 @@ def test_method_is_the_base_at_init_and_trains_only_its_parameters(method):
   ), losses
 
 
+@pytest.mark.slow  # the ia3 run
 def test_ia3_merged_weights_equal_the_adapted_model():
   exp, _, final, _, _ = _run('ia3')
   merged = common.merged_params(exp.config.peft, final)
@@ -97,6 +102,7 @@ def test_ia3_merged_weights_equal_the_adapted_model():
   )
 
 
+@pytest.mark.slow  # the adapter run
 def test_adapters_have_no_merged_form():
   exp, _, final, _, _ = _run('adapter')
   with pytest.raises(UserError, match="config.peft.method='adapter' adds computation"):

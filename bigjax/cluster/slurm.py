@@ -107,9 +107,10 @@ def _describe(r: Resources) -> str:
 
 
 def check_shared(directory: str, resources: Resources) -> None:
-  """UserError unless a job on the cluster can read a marker file written here in `directory`, with
-  the Python the jobs will run (`sys.executable`). A cluster with no node free within
-  SHARED_CHECK_WAIT_S seconds leaves the check undone, with a warning."""
+  """UserError unless a job on the cluster can read a marker file written here in `directory` (a
+  folder of the workdir, which the message names), with the Python the jobs will run
+  (`sys.executable`). A cluster with no node free within SHARED_CHECK_WAIT_S seconds leaves the
+  check undone, with a warning."""
   os.makedirs(directory, exist_ok=True)
   token = uuid.uuid4().hex
   marker = os.path.join(directory, f'.shared_check_{token}')
@@ -152,9 +153,9 @@ def check_shared(directory: str, resources: Resources) -> None:
     return
   if 'No such file or directory' in job.stderr and marker in job.stderr:
     raise UserError(
-      f'--workdir: {directory} is not on a filesystem the SLURM nodes see (a job could not read '
-      'the marker file written there); use a directory on the shared filesystem (home, project '
-      'or scratch)'
+      f'--workdir={os.path.dirname(directory)} is not on a filesystem the SLURM nodes see (a job '
+      f'could not read the marker file written in {directory}); use a directory on the shared '
+      'filesystem (home, project or scratch)'
     )
   raise UserError(
     f'--launcher=slurm: a test job could not run {sys.executable} on the nodes '

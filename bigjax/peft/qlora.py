@@ -64,11 +64,18 @@ NF4_LEVELS = np.array(
 
 
 def check(cfg) -> None:
-  """UserError for an unknown config.peft.quantize or a quantize_layers that is not a regex."""
+  """UserError for an unknown config.peft.quantize, a quantize_layers that is not a regex, or
+  save='trainable' (not supported with a quantized base yet: bigjax-sample / -export rebuild the
+  base of an adapter-only checkpoint in float)."""
   if cfg.get('quantize') and cfg.quantize not in KINDS:
     raise UserError(
       f'config.peft.quantize={cfg.quantize!r} is unknown; use one of {", ".join(KINDS)} (or '
       "'' for a float base)"
+    )
+  if cfg.get('quantize') and cfg.save == 'trainable':
+    raise UserError(
+      f"config.peft.save='trainable' with config.peft.quantize={cfg.quantize!r} is not supported "
+      "(the base would be rebuilt in float for bigjax-sample / -export); use config.peft.save='all'"
     )
   try:
     re.compile(cfg.get('quantize_layers', '.*'))
