@@ -86,7 +86,9 @@ def test_quantized_export_is_int8_within_half_a_step_and_4x_smaller(run_dir, tmp
 
 
 def test_bad_export_flags_are_one_line(run_dir, tmp_path):
-  with pytest.raises(UserError, match='--quantized and --pruned write different files'):
+  with pytest.raises(
+    UserError, match='--quantized, --pruned, --merge and --adapter write different files'
+  ):
     export._main(['x', f'--workdir={run_dir}', f'--to={tmp_path}', '--quantized', '--pruned'])
   with pytest.raises(UserError, match='holds no config.json'):
     export._main(['x', f'--workdir={tmp_path}', f'--to={tmp_path}/out', '--pruned'])
