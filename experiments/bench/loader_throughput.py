@@ -16,13 +16,10 @@
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 

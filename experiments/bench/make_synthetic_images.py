@@ -13,13 +13,10 @@ committed (runs/ is ignored).
 import argparse
 import io
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from bigjax.data import records  # noqa: E402
+from bigjax.data import records
 
 
 def _image(rng: np.random.Generator) -> bytes:
