@@ -17,14 +17,15 @@ OPTIMIZERS = registry.Registry('optimizers', 'config.optim.name')
 
 
 def _warmup_then(lr, warmup, after):
+  """A linear warmup from 0 to `lr` over `warmup` steps, then `after` (counted from its end)."""
+  if not warmup:
+    return after
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
 @SCHEDULES.register('constant')
 def _constant(cfg, total_steps):
   del total_steps
-  if not cfg.warmup_steps:
-    return optax.constant_schedule(cfg.lr)
   return _warmup_then(cfg.lr, cfg.warmup_steps, optax.constant_schedule(cfg.lr))
 
 
@@ -48,8 +49,10 @@ def _warmup_linear(cfg, total_steps):
 
 @SCHEDULES.register('step')
 def _step(cfg, total_steps):
-  boundaries = {int(f * total_steps): cfg.step_decay for f in cfg.step_boundaries}
-  return optax.piecewise_constant_schedule(cfg.lr, boundaries)
+  # Boundaries are fractions of the whole run; after a warmup the decayed part counts from its end.
+  warmup = cfg.warmup_steps
+  boundaries = {int(f * total_steps) - warmup: cfg.step_decay for f in cfg.step_boundaries}
+  return _warmup_then(cfg.lr, warmup, optax.piecewise_constant_schedule(cfg.lr, boundaries))
 
 
 def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:

@@ -59,21 +59,19 @@ def _optim(**fields):
 
 
 @pytest.mark.parametrize(
-  'schedule, checks',
+  'schedule, warmup, checks',
   [
-    ('constant', {0: 1.0, 50: 1.0, 99: 1.0}),
-    ('warmup_cosine', {0: 0.0, 10: 1.0, 55: 0.5, 100: 0.0}),
-    ('warmup_linear', {0: 0.0, 10: 1.0, 55: 0.5, 100: 0.0}),
-    ('step', {0: 1.0, 49: 1.0, 50: 0.1, 75: 0.01}),
+    ('constant', 0, {0: 1.0, 50: 1.0, 99: 1.0}),
+    ('constant', 10, {0: 0.0, 5: 0.5, 10: 1.0, 99: 1.0}),
+    ('warmup_cosine', 10, {0: 0.0, 10: 1.0, 55: 0.5, 100: 0.0}),
+    ('warmup_linear', 10, {0: 0.0, 10: 1.0, 55: 0.5, 100: 0.0}),
+    ('step', 0, {0: 1.0, 49: 1.0, 50: 0.1, 75: 0.01}),
+    # Goyal et al.'s recipe: a linear warmup, then the decays at the same fractions of the run.
+    ('step', 10, {0: 0.0, 5: 0.5, 10: 1.0, 49: 1.0, 50: 0.1, 74: 0.1, 75: 0.01}),
   ],
 )
-def test_schedules(schedule, checks):
-  cfg = _optim(
-    name='sgd',
-    lr=1.0,
-    schedule=schedule,
-    warmup_steps=0 if schedule in ('constant', 'step') else 10,
-  )
+def test_schedules(schedule, warmup, checks):
+  cfg = _optim(name='sgd', lr=1.0, schedule=schedule, warmup_steps=warmup)
   fn = optim.learning_rate_schedule(cfg, 100)
   for step, lr in checks.items():
     np.testing.assert_allclose(fn(step), lr, atol=1e-6)
