@@ -25,7 +25,7 @@ def get_sweep():
       'checkpoint_every': 310,
     },
     settings=sweep.product(
-      sweep.axis('prune.sparsity', [0.5, 0.9, 0.98], label='sparsity'),
+      sweep.axis('prune.sparsity', [0.5, 0.75, 0.9, 0.95, 0.98], label='sparsity'),
       sweep.zip_axes(
         sweep.axis('prune.schedule', ['one_shot', 'gradual'], label='schedule'),
         sweep.axis('prune.begin_step', [310, 124], label='begin'),
