@@ -3,8 +3,9 @@
   bigjax-train --config=lm1b_gpt --workdir=runs/lm1b_gpt --config.data.data_dir=DIR
 
 Needs TFDS `lm1b` prepared as array_record in DIR (`tfds build lm1b --file_format=array_record
---data_dir=DIR`). The tokenizer is a 32k-piece SentencePiece BPE trained on (a subsample of at most
-16 MB of) the train split and cached beside the data (bigjax/data/tokenizers.py). The sentences
+--data_dir=DIR`). The tokenizer is a 32k-piece SentencePiece BPE trained on at most 16 MB of the
+train split, read by random access at evenly spaced records (bigjax.data.text.sample_texts; the
+split is never read whole), and cached beside the data (bigjax/data/tokenizers.py). The sentences
 are packed (config.data.pack, bigjax/data/packing.py): tokenized once, streaming, into a uint16
 token file beside the tokenizer (~1.6 GB for lm1b's ~0.8B tokens) and read as 128-token windows
 whose attention and loss never cross a sentence; host memory does not grow with the dataset.
@@ -13,6 +14,10 @@ Model: a pre-LN decoder, 6 layers, 8 heads, width 512, MLP 2048, context 128 (th
 Flax's lm1b example). Reference results on LM1B test: Transformer-XL Base (0.46B parameters)
 23.5 perplexity, Large 21.8 (Dai et al. 2019); the LSTM baselines of Jozefowicz et al. (2016) 30.
 This much smaller model is expected well above those; not run here (no lm1b, no accelerator).
+C4 instead: --config.data.name=c4/en --config.data.eval_split=validation (TFDS c4 prepared as
+array_record). Its packed token store is written in one single-threaded pass over the split on
+first use: for c4/en's ~150B tokens that is ~0.3 TB and days of tokenizing, so build it once,
+ahead of training, or start from a slice (--config.data.train_split='train[:1%]').
 Args: smoke (a tiny model with the byte tokenizer for a few steps, for tests).
 """
 

@@ -1,7 +1,8 @@
 """Exact resume on the streaming path (config.data.load=stream: grain reads each step's records from
-the TFDS array_record source): the SIGKILL runs of tests/test_train.py (MLP, CNN) and 2 processes x
-4 devices, killed after a checkpoint and re-run, end bitwise equal to an uninterrupted run; and
-1 worker process gives the same batches as none."""
+the TFDS array_record source): the SIGKILL runs of tests/test_train.py (MLP, CNN), a GPT on packed
+windows of a `dir:` text dataset, and 2 processes x 4 devices, killed after a checkpoint and re-run,
+end bitwise equal to an uninterrupted run; 1 worker process gives the same batches as none; and 2
+processes' randomly cropped rows of a step are exactly the 1-process batch's."""
 
 import os
 import subprocess
@@ -9,11 +10,13 @@ import subprocess
 import jax
 import numpy as np
 import pytest
+import test_data
 import test_multiprocess as mp
+import test_packing
 import test_train
 
 from bigjax import checkpoint, experiment
-from bigjax.data import records
+from bigjax.data import loader, records
 from bigjax.errors import UserError
 
 from conftest import REPO, kill_after_checkpoint, load_config
@@ -57,6 +60,52 @@ def test_streamed_run_killed_and_rerun_ends_with_identical_parameters(name, tmp_
   step_b, b = checkpoint.load_latest(tmp_path / 'killed' / 'checkpoints')
   assert step_a == step_b == final
   jax.tree.map(np.testing.assert_array_equal, a, b)  # bitwise
+
+
+@pytest.mark.slow  # 4 runs of a few seconds of training each, ~15 s of start-up apiece
+def test_a_packed_gpt_killed_and_rerun_ends_with_identical_parameters(tmp_path):
+  """lm1b_gpt:smoke on packed windows of a 152-document dir: text dataset (token store streamed
+  from disk, 48 steps an epoch): SIGKILL after checkpoints 20 and 40 of 60, re-run: bitwise equal
+  to an uninterrupted run."""
+  name = test_packing._text_dataset(tmp_path / 'ds', test_packing._texts())
+  overrides = [
+    f'--config.data.name={name}',
+    '--config.num_steps=60',
+    '--config.checkpoint_every=20',
+  ]
+  cmd, env = test_train._cli('lm1b_gpt:smoke', tmp_path / 'full', overrides)
+  subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+  cmd, env = test_train._cli('lm1b_gpt:smoke', tmp_path / 'killed', overrides)
+  ckpts = tmp_path / 'killed' / 'checkpoints'
+  for step in (20, 40):
+    kill_after_checkpoint(cmd, env, ckpts, step)
+    saved = [int(s) for s in os.listdir(ckpts) if s.isdigit()]
+    assert step in saved and max(saved) < 60, f'not killed mid-way: {saved}'
+  subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+  step_a, a = checkpoint.load_latest(tmp_path / 'full' / 'checkpoints')
+  step_b, b = checkpoint.load_latest(ckpts)
+  assert step_a == step_b == 60
+  jax.tree.map(np.testing.assert_array_equal, a, b)  # bitwise
+
+
+def test_two_processes_crop_their_rows_exactly_as_one_process(monkeypatch):
+  """Images of random sizes, inception-cropped and flipped per example: processes 0 and 1 of 2
+  (jax.process_index / process_count patched) each read half of every step's rows, and their
+  halves concatenate to exactly the 1-process batch, within and across the epoch boundary."""
+  source = test_data._image_records(40)
+  transform = test_data._crop_transform()
+  one = loader.TrainBatches(source, 8, 1, transform)
+  halves = []
+  for index in (0, 1):
+    monkeypatch.setattr(jax, 'process_count', lambda: 2)
+    monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
+    halves.append(loader.TrainBatches(source, 8, 1, transform))
+  for step in (0, 4, 5, 9):  # 5 steps an epoch
+    whole = one.batch(step)
+    parts = [h.batch(step) for h in halves]
+    assert parts[0]['inputs'].shape == (4, 8, 8, 3)
+    for k in whole:
+      np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), whole[k])
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""bigjax-prepare (bigjax/data/prepare.py): an image folder, a JSONL text file and npz arrays become
+"""bigjax-prepare (bigjax/data/prepare/): an image folder, a JSONL text file and npz arrays become
 array_record datasets that `config.data.name=dir:PATH` trains on; a HuggingFace `datasets`
 save_to_disk folder is read as a source (`hf:PATH`); bad inputs are one line naming the fix."""
 
@@ -219,6 +219,24 @@ def test_table_inputs_with_a_bad_column_are_one_line(tmp_path):
     DataError, match=r't.csv record 1: the feature columns \[.a., .b.\] must all be numbers'
   ):
     prepare.prepare(str(path), str(tmp_path / 'ds'), label_column='y')
+
+
+def test_a_text_over_max_text_bytes_names_its_record(tmp_path, capsys):
+  """--max_text_bytes=20: the 21-byte text of test.jsonl's record 1 is one line naming the file,
+  the record and the fix (exit 2 from the command); at 21 the same files prepare."""
+  (tmp_path / 'train.jsonl').write_text('{"text": "short", "label": 0}\n')
+  (tmp_path / 'test.jsonl').write_text(
+    '{"text": "fine", "label": 1}\n{"text": "twenty-one bytes long", "label": 0}\n'
+  )
+  spec = f'train={tmp_path / "train.jsonl"},test={tmp_path / "test.jsonl"}'
+  with pytest.raises(DataError, match=r'test.jsonl record 1: its text is 21 bytes, longer than'):
+    prepare.prepare(spec, str(tmp_path / 'ds'), max_text_bytes=20)
+  with pytest.raises(SystemExit) as e:
+    prepare.main(['bigjax-prepare', f'--input={spec}', '--output=x', '--max_text_bytes=20'])
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and len(err.splitlines()) == 1 and 'raise the limit' in err
+  info = prepare.prepare(spec, str(tmp_path / 'ds'), max_text_bytes=21)
+  assert info['splits']['test']['num_examples'] == 2
 
 
 def test_the_command_line_writes_a_dataset_and_prints_how_to_use_it(tmp_path, capsys):

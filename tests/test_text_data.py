@@ -180,7 +180,7 @@ def test_catalog_text_datasets_through_mock_data(tmp_path):
   with pytest.raises(
     UserError,
     match=r"config.data.name='wikitext' is unknown; known text "
-    r"datasets: glue/sst2, imdb_reviews, lm1b, shakespeare$",
+    r"datasets: c4, glue/sst2, imdb_reviews, lm1b, shakespeare$",
   ):
     text.load_text_split('wikitext', 'train', 'lm', 8)
   with pytest.raises(
@@ -284,11 +284,15 @@ def test_tokenizer_objects_and_their_errors():
 
 
 def test_sentencepiece_trains_on_the_train_split_only_and_is_cached(own_cache, monkeypatch):
-  reads, real_load_texts = [], text.load_texts
+  reads, real_load_texts, real_sample_texts = [], text.load_texts, text.sample_texts
 
   def load_texts(name, split, data_dir=None):
     reads.append(split)
     return real_load_texts(name, split, data_dir)
+
+  def sample_texts(name, split, data_dir=None, max_bytes=None):
+    reads.append(split)
+    return real_sample_texts(name, split, data_dir, max_bytes)
 
   trained_on, real_train = [], tokenizers.train_sentencepiece
 
@@ -297,13 +301,15 @@ def test_sentencepiece_trains_on_the_train_split_only_and_is_cached(own_cache, m
     return real_train(texts, vocab_size)
 
   monkeypatch.setattr(text, 'load_texts', load_texts)
+  monkeypatch.setattr(text, 'sample_texts', sample_texts)
   monkeypatch.setattr(tokenizers, 'train_sentencepiece', train_sentencepiece)
   tok = text.dataset_tokenizer('shakespeare', 'sentencepiece', 512)
   assert reads == ['train'] and tok.vocab_size == 512
   path = own_cache / 'shakespeare' / 'train' / 'spm_bpe_512_r1.model'
   assert path.read_bytes() == tok.model_proto
-  # Trained once, on exactly the train texts (a spy instead of retraining to compare: each
-  # SentencePiece training costs seconds), and what was trained is what the cache holds.
+  # Trained once, on exactly the train texts (all 4.2 MB of them: below the sample's 16 MB; a spy
+  # instead of retraining to compare: each SentencePiece training costs seconds), and what was
+  # trained is what the cache holds.
   assert trained_on == [(real_load_texts('shakespeare', 'train')[0], 512)]
   # Second use (another split, another process): loaded from the cache, nothing trained or re-read.
   mtime = path.stat().st_mtime_ns
@@ -411,3 +417,136 @@ def test_sentencepiece_views(sp, own_cache, works):
   again = load('pairs')
   for k in pairs:
     np.testing.assert_array_equal(pairs[k], again[k])
+
+
+# -- C4, bounded tokenizer samples, over-long texts, caches beside read-only data ------------------
+
+
+def test_c4_and_its_variants_are_text_datasets(tmp_path):
+  """'c4/en' (TFDS's c4 builder, registered by importing its module) reads through its 'c4' entry
+  under mock_data; its caches go under config.data.data_dir, not TFDS's metadata folder."""
+  with tfds.testing.mock_data(num_examples=6):
+    lm = text.load_text_split('c4/en', 'train', 'lm', 8, str(tmp_path))
+    sample = text.sample_texts('c4/en', 'validation', str(tmp_path))
+    cache = text.tokenizer_cache_dir('c4/en', 'train', str(tmp_path))
+  assert text.text_key('c4/en') == text.text_key('c4') == 'text'
+  assert lm['inputs'].shape[1] == 9 and len(lm['inputs']) >= 3
+  assert len(sample) == 6 and all(isinstance(t, bytes) and t for t in sample)
+  assert cache == str(tmp_path / 'bigjax_tokenizers' / 'c4/en' / '3.1.0' / 'train')
+  with pytest.raises(
+    UserError, match=r"view 'classification' is not available for dataset 'c4/en'"
+  ):
+    text.label_count('c4/en', 'classification')
+
+
+def _counting_reads(monkeypatch):
+  """Patches sources.open_split so that every record index read is appended to the list returned."""
+  from bigjax.data import sources
+
+  reads, real_open = [], sources.open_split
+
+  class Counting:
+    def __init__(self, source):
+      self._source = source
+
+    def __len__(self):
+      return len(self._source)
+
+    def __getitem__(self, index):
+      reads.append(int(index))
+      return self._source[index]
+
+  monkeypatch.setattr(sources, 'open_split', lambda *a, **k: Counting(real_open(*a, **k)))
+  return reads
+
+
+def test_a_tokenizer_sample_is_bounded_and_spread_over_the_split(tmp_path, monkeypatch):
+  """1,000 documents of 100 bytes, a 5,000-byte budget: sample_texts reads the 64 size probes and
+  ~50 documents, not the split; the sample holds 5,000-5,100 bytes in split order, from every tenth
+  of the split. With a budget above the split's size it is the whole split."""
+  from bigjax.data import records
+
+  docs = [f'{i:04d} ' + 'x' * 95 for i in range(1000)]
+  records.write_dataset(
+    str(tmp_path / 'ds'), {'text': {'kind': 'text'}}, {'train': ({'text': d} for d in docs)}
+  )
+  name = f'dir:{tmp_path / "ds"}'
+  reads = _counting_reads(monkeypatch)
+  sample = text.sample_texts(name, 'train', max_bytes=5000)
+  ids = [int(t[:4]) for t in sample]
+  assert ids == sorted(ids) and 5000 <= sum(map(len, sample)) < 5100
+  assert len(set(reads)) <= 64 + 51, len(set(reads))
+  assert np.histogram(ids, bins=10, range=(0, 1000))[0].min() > 0  # spread over the split
+  assert text.sample_texts(name, 'train', max_bytes=1 << 20) == [d.encode() for d in docs]
+
+
+def test_sentencepiece_is_trained_on_a_sample_and_packs_the_split(tmp_path, monkeypatch):
+  """config.data.pack with tokenizer='sentencepiece' on a 392-document dir: dataset: the tokenizer
+  is trained on a 2,000-byte sample (fewer than 64 + 100 documents read), cached beside the data,
+  and the packed windows are the train documents' SentencePiece ids, concatenated."""
+  import test_packing
+
+  from bigjax import experiment
+  from bigjax.data import packing
+
+  texts = test_packing._texts(400)
+  name = test_packing._text_dataset(tmp_path / 'ds', texts)
+  config = test_packing._packed_config(name)
+  config.data.update(tokenizer='sentencepiece', vocab_size=320)
+  monkeypatch.setattr(tokenizers, 'SP_MAX_TRAIN_BYTES', 2000)
+  reads = _counting_reads(monkeypatch)
+  tok = experiment.tokenizer_for(config)
+  assert tok.vocab_size == 320 and len(set(reads)) < 64 + 100
+  assert (tmp_path / 'ds' / 'bigjax_tokenizers' / 'train' / 'spm_bpe_320_r1.model').exists()
+  stream = np.concatenate([tok.encode(t) for t in texts[:-8]])
+  assert len(stream) < 0.6 * sum(len(t) for t in texts[:-8])  # merges: fewer tokens than bytes
+  windows = packing.windows(config, tok, 'train')
+  assert len(windows) == (len(stream) - 1) // 16
+  for i in (0, len(windows) - 1):
+    np.testing.assert_array_equal(windows[i]['inputs'], stream[16 * i : 16 * i + 17])
+  batch = experiment.data_inputs.build(config, tok, None).train.batch(0)
+  assert batch['inputs'].shape == (8, 17) and batch['inputs'].max() < tok.num_regular_tokens
+
+
+def test_over_long_texts_in_the_classification_view_are_truncated_with_a_count(caplog):
+  """One passage per text (catalog datasets): texts longer than seq_len - 1 tokens keep their
+  first seq_len - 1 and one warning line counts them; a text cut into many passages is not
+  truncated, so nothing is counted."""
+  texts, labels = ['a' * 50, 'b' * 10, 'c' * 40], [0, 1, 0]
+  with caplog.at_level('WARNING'):
+    rows = text_views.genre_examples(texts, labels, seq_len=32, max_per_work=1)
+  assert [tokenizers.decode(r) for r in rows['inputs']] == ['a' * 31, 'b' * 10, 'c' * 31]
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  assert len(warnings) == 1 and '2 of 3 texts are longer than seq_len - 1 = 31' in warnings[0]
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    text_views.genre_examples(texts, labels, seq_len=32, max_per_work=None)
+  assert not [r for r in caplog.records if r.levelname == 'WARNING']
+
+
+def test_a_read_only_dataset_folder_keeps_its_caches_in_the_user_cache(
+  tmp_path, monkeypatch, caplog
+):
+  """A dir: dataset whose bigjax_tokenizers is a file (nothing can be made below it, even by
+  root, as on a read-only mount): the packed token store goes under $XDG_CACHE_HOME/bigjax
+  instead, after one warning line; a writable folder keeps it beside the data, silently."""
+  import test_packing
+
+  from bigjax.data import packing
+
+  name = test_packing._text_dataset(tmp_path / 'ds', test_packing._texts(40))
+  (tmp_path / 'ds' / 'bigjax_tokenizers').write_text('')
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  with caplog.at_level('WARNING'):
+    windows = packing.windows(test_packing._packed_config(name), tokenizers.BYTES, 'train')
+  fallback = tmp_path / 'cache' / 'bigjax' / str(tmp_path / 'ds').lstrip(os.sep)
+  assert windows.directory.startswith(str(fallback / 'bigjax_tokenizers' / 'train'))
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  assert len(warnings) == 1 and 'cannot be written' in warnings[0]
+  assert windows[0]['inputs'].shape == (17,)
+  (tmp_path / 'ds' / 'bigjax_tokenizers').unlink()
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    windows = packing.windows(test_packing._packed_config(name), tokenizers.BYTES, 'train')
+  assert windows.directory.startswith(str(tmp_path / 'ds' / 'bigjax_tokenizers' / 'train'))
+  assert not [r for r in caplog.records if r.levelname == 'WARNING']

@@ -11,7 +11,8 @@
   'auto'    'stream' for encoded images (config.data.image_size > 0) and splits larger than
             MEMORY_LIMIT_BYTES on disk, else 'memory'.
 Either way batch(s) is a pure function of (seed, s) and the batches of the two modes are equal for
-a dataset both can read (tests/test_data_stream.py).
+a dataset both can read (tests/test_data_resume.py). config.data.image_size > 0 (decode and crop
+each image to one size) needs 'stream' or 'auto': 'memory' reads records as they are.
 """
 
 from __future__ import annotations
@@ -93,6 +94,12 @@ def check(config) -> None:
     for field, on in (('cv_folds', d.cv_folds), ('standardize', d.standardize)):
       if on:
         raise UserError(f'config.data.pack=True cannot take config.data.{field}; turn it off')
+  if d.load == 'memory' and d.image_size > 0:
+    raise UserError(
+      f"config.data.image_size={d.image_size} decodes and crops images per example while "
+      "streaming; config.data.load='memory' reads records as they are and would ignore it: set "
+      "config.data.load='stream' (or 'auto'), or config.data.image_size=0"
+    )
   if d.load == 'stream' and not d.pack:
     for field, on in (('cv_folds', d.cv_folds), ('standardize', d.standardize)):
       if on:

@@ -89,28 +89,39 @@ def _process_rows(batch_size: int) -> tuple[int, int]:
 
 
 class _Permutation:
-  """perm(epoch)[position] for a split of n records, seeded by (seed, epoch)."""
+  """perm(epoch)[position] for a split of n records, seeded by (seed, epoch).
+
+  Shared by grain's reader threads: the cached epoch and its permutation are one tuple, read once
+  and replaced whole, so a thread never pairs one epoch with another epoch's permutation (threads
+  that meet a new epoch at once may each compute it: the same array)."""
 
   def __init__(self, n: int, seed: int):
     self.n, self.seed = n, seed
-    self._epoch, self._perm = -1, np.zeros(0, np.int64)
+    self._cached: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))
+
+  def _epoch_permutation(self, epoch: int) -> np.ndarray:
+    cached_epoch, perm = self._cached
+    if cached_epoch != epoch:  # one epoch's permutation held at a time
+      perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+      self._cached = (epoch, perm)
+    return perm
+
+  def _shuffled(self, epoch: int, position: int) -> int:
+    from grain import experimental
+
+    seed = int(np.random.default_rng([self.seed, epoch]).integers(1 << 31))
+    return experimental.index_shuffle(position, self.n - 1, seed, _SHUFFLE_ROUNDS)
 
   def __call__(self, epoch: int, position: int) -> int:
     if self.n > INDEX_SHUFFLE_ABOVE:
-      from grain import experimental
-
-      seed = int(np.random.default_rng([self.seed, epoch]).integers(1 << 31))
-      return experimental.index_shuffle(position, self.n - 1, seed, _SHUFFLE_ROUNDS)
-    if epoch != self._epoch:  # one epoch's permutation held at a time
-      self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
-    return int(self._perm[position])
+      return self._shuffled(epoch, position)
+    return int(self._epoch_permutation(epoch)[position])
 
   def take(self, epoch: int, positions: np.ndarray) -> np.ndarray:
     """perm(epoch)[positions] for an array of positions."""
     if self.n > INDEX_SHUFFLE_ABOVE:
-      return np.asarray([self(epoch, int(p)) for p in positions], np.int64)
-    self(epoch, 0)
-    return self._perm[positions]
+      return np.asarray([self._shuffled(epoch, int(p)) for p in positions], np.int64)
+    return self._epoch_permutation(epoch)[positions]
 
 
 def _iterate(dataset: grain.MapDataset, options: Options) -> grain.IterDataset:

@@ -136,14 +136,20 @@ def _decode_all(name, split, data_dir, values):
 
 
 def _stack(name, split, values):
-  """np.stack that names the first record whose shape or dtype differs from record 0."""
+  """np.stack that names the first record whose shape or dtype differs from record 0, and the fix:
+  images of several sizes are decoded and cropped to one by config.data.image_size (streamed)."""
   first = np.asarray(values[0])
   for i, v in enumerate(values):
     v = np.asarray(v)
     if v.shape != first.shape or v.dtype != first.dtype:
+      fix = (
+        "set config.data.image_size (e.g. 224) to stream the images cropped to one size"
+        if first.ndim == 3 and v.ndim == 3
+        else 'give every record the same shape and prepare the dataset again'
+      )
       raise DataError(
         f'dataset {name!r} split {split!r} record {i}: shape {v.shape} dtype {v.dtype}, '
-        f'expected {first.shape} {first.dtype} like record 0'
+        f'expected {first.shape} {first.dtype} like record 0; {fix}'
       )
   return np.stack(values)
 

@@ -3,7 +3,8 @@
 A prepared dataset is a folder:
   DIR/bigjax_dataset.json   {'format': FORMAT, 'features': {key: feature}, 'splits': {split:
                             {'num_examples': N, 'files': [name, ...]}}}
-  DIR/<split>-00000-of-0000K.array_record   records of that split
+  DIR/<split>-NNNNN.array_record   records of that split, RECORDS_PER_FILE a file (NNNNN = 00000,
+                                   00001, ...; the info file lists them in order)
 A feature is {'kind': 'image'} (encoded JPEG/PNG bytes, any size), {'kind': 'text'} (UTF-8 bytes),
 {'kind': 'tensor', 'shape': [...], 'dtype': 'float32'} or {'kind': 'class_label', 'names': [...]}.
 Each record is one msgpack map {key: value} (flax.serialization, which stores numpy arrays with

@@ -217,7 +217,9 @@ def _hf_dict(path: str):
       f'config.data.name=hf:{path} needs the datasets package: pip install datasets'
     ) from None
   if not os.path.isdir(path):
-    raise DataError(f'config.data.name=hf:{path}: no such folder (a `save_to_disk` directory)')
+    raise DataError(
+      f'config.data.name=hf:{path} is not a folder; name the directory `save_to_disk` wrote'
+    )
   try:
     loaded = datasets.load_from_disk(path)
   except FileNotFoundError as e:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import dataclasses
 import re
 
+from absl import logging
 import numpy as np
 
 from bigjax import registry
@@ -92,7 +93,10 @@ def genre_examples(
   non-overlapping passages of seq_len - 1 tokens; the partial tail is dropped, except that a text
   shorter than one passage gives one passage padded with PAD. Of a text's passages at most
   `max_per_work` (None: all) are kept, evenly spaced from its first to its last, so long works do
-  not dominate. Returns {'inputs': (N, seq_len) int32, 'label': (N,) int32}, texts in order.
+  not dominate. With max_per_work=1 (one example per review or sentence) a longer text is
+  truncated to its first seq_len - 1 tokens, the standard choice for fine-tuning classifiers; a
+  one-line warning counts those texts. Returns {'inputs': (N, seq_len) int32, 'label': (N,)
+  int32}, texts in order.
   """
   check_seq_len(seq_len, 2)
   genres = np.asarray(genres).reshape(-1)
@@ -100,8 +104,10 @@ def genre_examples(
     raise DataError(f'{len(texts)} texts but {len(genres)} labels; pass one label per text')
   width = seq_len - 1
   rows, labels = [], []
+  truncated = 0
   for text, genre in zip(texts, genres):
     tokens = tokenizer.encode(text)
+    truncated += max_per_work == 1 and len(tokens) > width
     n = len(tokens) // width
     if n == 0:
       starts = np.zeros(1 if len(tokens) else 0, np.int64)
@@ -116,6 +122,15 @@ def genre_examples(
       labels.append(genre)
   if not rows:
     raise DataError('the texts are empty: no passage to classify')
+  if truncated:
+    logging.warning(
+      'classification view: %d of %d texts are longer than seq_len - 1 = %d tokens and keep only '
+      'their first %d (truncated); raise config.data.seq_len to keep more of each',
+      truncated,
+      len(texts),
+      width,
+      width,
+    )
   return {'inputs': np.stack(rows).astype(np.int32), 'label': np.asarray(labels, np.int32)}
 
 

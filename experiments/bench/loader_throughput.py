@@ -1,26 +1,37 @@
 """Loader and training throughput of bigjax's grain pipeline, side by side in one run.
 
-  python experiments/bench/loader_throughput.py --images=runs/synthetic_images [--rounds=3]
+  python experiments/bench/loader_throughput.py --images=runs/synthetic_images [--rounds=3] --out
+  python experiments/bench/loader_throughput.py --images=runs/synthetic_small --smoke   # < 2 min
 
 1. Loader alone, ImageNet training transforms at 224 px (JPEG decode, inception crop, flip) on
    one core (config.data.threads=1, workers=0), images/s: bigjax's TrainBatches.iterate against a
-   minimal hand-written grain loop (MapDataset.source -> shuffle -> map(the same decode and crop
-   functions) -> batch) over the same array_record files.
-2. Loader alone, LM windows (Shakespeare, 'lm' view, seq_len 256, batch 64), tokens/s: bigjax
-   against a hand-written grain loop over the same token windows.
+   minimal hand-written grain loop (MapDataset.source -> shuffle -> random_map(the same decode and
+   crop functions) -> batch) over the same array_record files.
+2. Loader alone, LM windows of Shakespeare's train split (seq_len 256, batch 64), tokens/s, each
+   against a hand-written grain loop over the same windows: (a) the 'lm' view's host arrays
+   (config.data.view='lm', load='memory'), (b) packed windows (config.data.pack: PackedWindows
+   over a uint16 token store on disk, with segment ids and positions).
 3. Training examples/s, mnist_cnn (mnist5k) and gpt_shakespeare:size=small: the same compiled step
    fed by today's path (exp.device_batches: grain, device prefetch) and by the previous
-   in-memory TrainBatches (bigjax/data/pipeline.py at git HEAD~ before this change, rebuilt here
-   from its source) with exp.to_global per step. Rounds alternate; medians are reported.
+   in-memory TrainBatches (rebuilt here from its source) with exp.to_global per step.
+Rounds alternate; medians are reported. Each row is printed as it is measured; --out writes the
+table (with the machine's description) to experiments/bench/results/loader_throughput_<date>.md
+(or to --out=PATH). --smoke: 1 round of a few batches and the smoke-size configs, to check the
+script runs (its numbers mean nothing).
 """
 
 import argparse
 import os
+import tempfile
 import time
 
 import numpy as np
 
+import harness
+
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 
 
 class OldTrainBatches:
@@ -42,16 +53,40 @@ class OldTrainBatches:
 
 
 def report(rows: list, what: str, r: list) -> None:
-  """Appends a row and prints it at once (medians over the rounds; ratio = bigjax / reference)."""
-  rows.append((what, r))
+  """Appends a table row and prints it at once (medians over the rounds; ratio = bigjax /
+  reference)."""
   a, b = np.median([x for x, _ in r]), np.median([y for _, y in r])
-  print(f'| {what} | {a:,.0f} | {b:,.0f} | {a / b:.3f} |', flush=True)
+  rows.append(f'| {what} | {a:,.0f} | {b:,.0f} | {a / b:.3f} |')
+  print(rows[-1], flush=True)
 
 
 def rate(fn, n):
   t = time.perf_counter()
   fn()
   return n / (time.perf_counter() - t)
+
+
+def _drain(batches):
+  def run():
+    for _ in batches():
+      pass
+
+  return run
+
+
+def _first(dataset, n):
+  """Reads n batches of a hand-written grain MapDataset (repeated: epochs do not run out) through
+  one reader thread."""
+  import grain
+
+  read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+
+  def run():
+    for i, _ in enumerate(dataset.to_iter_dataset(read)):
+      if i + 1 == n:
+        break
+
+  return run
 
 
 def image_loaders(images_dir, batches):
@@ -75,58 +110,49 @@ def image_loaders(images_dir, batches):
   hand = (
     grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files))
     .shuffle(seed=0)
+    .repeat()
     .random_map(transform, seed=0)
     .batch(32, drop_remainder=True)
   )
-  read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
-
-  def run_ours():
-    for _ in ours.iterate(0, batches):
-      pass
-
-  def run_hand():
-    for i, _ in enumerate(hand.to_iter_dataset(read)):
-      if i + 1 == batches:
-        break
-
-  return run_ours, run_hand
+  return _drain(lambda: ours.iterate(0, batches)), _first(hand, batches)
 
 
-def lm_loaders(batches):
+def lm_view_loaders(batches, seq_len=256, batch_size=64):
+  """The 'lm' view: Shakespeare's train split read whole into (N, seq_len + 1) host arrays."""
   import grain
 
   from bigjax import config_lib, experiment
-
-  config = config_lib.load_config_file('gpt_shakespeare:size=small')
-  config.data.seq_len = 256
-  config.batch_size = 64
-  tokenizer = experiment.tokenizer_for(config)
-  train, _, _ = experiment.load_data(config, tokenizer)
   from bigjax.data import loader
 
-  ours = loader.TrainBatches(train, 64, 0)
-  windows = train['inputs']
-  hand = grain.MapDataset.source(windows).shuffle(seed=0).batch(64, drop_remainder=True)
-  read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
-
-  def run_ours():
-    for _ in ours.iterate(0, batches):
-      pass
-
-  def run_hand():
-    for i, _ in enumerate(hand.to_iter_dataset(read)):
-      if i + 1 == batches:
-        break
-
-  return run_ours, run_hand, 64 * 256
+  config = config_lib.load_config_file('gpt_shakespeare:size=small')
+  config.data.seq_len = seq_len
+  train, _, _ = experiment.load_data(config, experiment.tokenizer_for(config))
+  ours = loader.TrainBatches(train, batch_size, 0)
+  hand = grain.MapDataset.source(train['inputs']).shuffle(seed=0).repeat().batch(batch_size)
+  return _drain(lambda: ours.iterate(0, batches)), _first(hand, batches)
 
 
-def training_rates(name, arg, steps):
+def packed_loaders(batches, store_dir, seq_len=256, batch_size=64):
+  """Packed windows (config.data.pack) of Shakespeare's train split: its works tokenized (bytes)
+  into a uint16 token store once, then PackedWindows read per window."""
+  import grain
+
+  from bigjax.data import loader, packing, text, tokenizers
+
+  texts, _ = text.load_texts('shakespeare', 'train')
+  packing.write_store(store_dir, map(tokenizers.encode, texts), tokenizers.VOCAB_SIZE, 'bench')
+  windows = packing.PackedWindows(store_dir, seq_len, 'bench')
+  ours = loader.TrainBatches(windows, batch_size, 0)
+  hand = grain.MapDataset.source(windows).shuffle(seed=0).repeat().batch(batch_size)
+  return _drain(lambda: ours.iterate(0, batches)), _first(hand, batches)
+
+
+def training_rates(name, steps):
   import jax
 
   from bigjax import config_lib, experiment
 
-  config = config_lib.load_config_file(f'{name}:{arg}' if arg else name)
+  config = config_lib.load_config_file(name)
   exp = experiment.build(config, jax.devices()[:1])
   step_fn = exp.compile_train_step()
   state = exp.create_state()
@@ -150,28 +176,53 @@ def training_rates(name, arg, steps):
   return run_new, run_old, config.batch_size
 
 
+def write_table(path, command, rows):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    f.write(f'# Loader throughput\n\n`{command}`\n\n{harness.machine_info()}\n\n')
+    f.write('\n'.join(rows) + '\n')
+  print(f'wrote {path}')
+
+
 def main():
+  import sys
+
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--images', required=True)
+  parser.add_argument('--images', required=True, help='a make_synthetic_images.py folder')
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--image_batches', type=int, default=20)
+  parser.add_argument('--lm_batches', type=int, default=500)
   parser.add_argument('--train_steps', type=int, default=100)
+  parser.add_argument('--smoke', action='store_true', help='a few batches, to check it runs')
+  default_out = os.path.join(RESULTS, f'loader_throughput_{time.strftime("%Y-%m-%d")}.md')
+  parser.add_argument('--out', nargs='?', const=default_out, help='write the table (markdown)')
   args = parser.parse_args()
-  print('| measurement | bigjax | reference | ratio |')
-  print('| --- | --- | --- | --- |', flush=True)
-  rows: list = []
-  ours, hand = image_loaders(args.images, args.image_batches)
+  trainings = ('mnist_cnn', 'gpt_shakespeare:size=small')
+  if args.smoke:
+    args.rounds, args.image_batches, args.lm_batches, args.train_steps = 1, 2, 20, 3
+    trainings = ('mnist_cnn:smoke', 'gpt_shakespeare:smoke')
+  rows = ['| measurement | bigjax | reference | ratio |', '| --- | --- | --- | --- |']
+  print('\n'.join(rows), flush=True)
+  images_dir = os.path.abspath(args.images)
+  ours, hand = image_loaders(images_dir, args.image_batches)
   n = 32 * args.image_batches
   r = [(rate(ours, n), rate(hand, n)) for _ in range(args.rounds)]
   report(rows, 'ImageNet train transforms, 224 px, 1 core (images/s)', r)
-  ours, hand, per_batch = lm_loaders(500)
-  r = [(rate(ours, 500 * per_batch), rate(hand, 500 * per_batch)) for _ in range(args.rounds)]
-  report(rows, 'LM windows, Shakespeare seq 256 x 64 (tokens/s)', r)
-  for name, arg in (('mnist_cnn', None), ('gpt_shakespeare', 'size=small')):
-    new, old, bs = training_rates(name, arg, args.train_steps)
+  tokens = args.lm_batches * 64 * 256
+  ours, hand = lm_view_loaders(args.lm_batches)
+  r = [(rate(ours, tokens), rate(hand, tokens)) for _ in range(args.rounds)]
+  report(rows, "LM windows, 'lm' view, Shakespeare seq 256 x 64 (tokens/s)", r)
+  with tempfile.TemporaryDirectory() as tmp:
+    ours, hand = packed_loaders(args.lm_batches, os.path.join(tmp, 'store'))
+    r = [(rate(ours, tokens), rate(hand, tokens)) for _ in range(args.rounds)]
+  report(rows, 'LM windows, packed (PackedWindows), Shakespeare seq 256 x 64 (tokens/s)', r)
+  for name in trainings:
+    new, old, bs = training_rates(name, args.train_steps)
     n = bs * args.train_steps
     r = [(rate(new, n), rate(old, n)) for _ in range(args.rounds)]
-    report(rows, f'training {name}{":" + arg if arg else ""} (examples/s): new vs old path', r)
+    report(rows, f'training {name} (examples/s): new vs old path', r)
+  if args.out:
+    write_table(args.out, ' '.join(['python', *sys.argv]), rows)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,5 @@
+"""python -m bigjax.data.prepare: the bigjax-prepare command."""
+
+from bigjax.data.prepare import main
+
+main()
