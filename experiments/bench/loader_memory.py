@@ -6,8 +6,9 @@
 Trains `mnist_cnn` (a small CNN) on dir:DATA with images decoded, inception-cropped to
 --image_size px and flipped per example by grain (config.data.load='auto' streams encoded
 images; 2 reader threads, --workers grain worker processes), batch 32, for --epochs epochs, under
-`/usr/bin/time -v`, sampling the resident memory (RSS) of the run's whole process tree (the
-trainer and any grain workers) with psutil every 0.5 s. Prints a markdown table: the RSS sampled
+`/usr/bin/time -v`, sampling the memory of the run's whole process tree (the trainer and any
+grain workers) with psutil every 0.5 s: RSS and PSS (shared pages counted once: the fair sum when
+workers share the trainer's libraries). Prints a markdown table: both sampled
 at each tenth of the run (the sample nearest that time: a flat run shows flat rows), the peak
 sample, and /usr/bin/time's maximum resident set size of the trainer; --out writes it (with the
 machine's description) to experiments/bench/results/loader_memory_<date>.md (or --out=PATH).
@@ -30,17 +31,22 @@ import harness
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 
 
-def tree_rss(proc: psutil.Process) -> int:
-  total = 0
+def tree_memory(proc: psutil.Process) -> tuple[int, int]:
+  """(RSS, PSS) in bytes summed over the process tree. Worker processes share pages with the
+  trainer (the interpreter, jax's libraries): the RSS sum counts those once per process, the PSS
+  sum (proportional set size) divides each shared page among its sharers, so it counts them once."""
+  rss = pss = 0
   with contextlib.suppress(psutil.NoSuchProcess):
     for p in [proc, *proc.children(recursive=True)]:
-      with contextlib.suppress(psutil.NoSuchProcess):
-        total += p.memory_info().rss
-  return total
+      with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+        info = p.memory_full_info()
+        rss += info.rss
+        pss += info.pss
+  return rss, pss
 
 
-def nearest(samples: list[tuple[float, int]], t: float) -> tuple[float, int]:
-  """The (time, rss) sample taken nearest to time t."""
+def nearest(samples: list[tuple[float, int, int]], t: float) -> tuple[float, int, int]:
+  """The (time, rss, pss) sample taken nearest to time t."""
   return min(samples, key=lambda s: abs(s[0] - t))
 
 
@@ -80,7 +86,7 @@ def main() -> None:
   watched = psutil.Process(proc.pid)
   samples = []
   while proc.poll() is None:
-    samples.append((time.time() - t0, tree_rss(watched)))
+    samples.append((time.time() - t0, *tree_memory(watched)))
     time.sleep(0.5)
   out, err = proc.communicate()
   err_text = err.decode(errors='replace')
@@ -88,19 +94,21 @@ def main() -> None:
     sys.exit(f'run failed ({proc.returncode}):\n{err_text[-3000:]}')
   max_rss_kb = int(re.search(r'Maximum resident set size \(kbytes\): (\d+)', err_text).group(1))
   total = time.time() - t0
-  samples = [s for s in samples if s[1] > 0] or [(0.0, 0)]
+  samples = [s for s in samples if s[1] > 0] or [(0.0, 0, 0)]
   lines = [
     f'{args.epochs} epoch(s) of dir:{data}, {args.workers} worker process(es), '
     f'{args.image_size} px crops: {total:.0f} s wall',
     '',
-    '| time into the run | RSS of the process tree (MB), sampled then |',
-    '| --- | --- |',
+    '| time into the run | RSS of the process tree (MB) | PSS of the process tree (MB) |',
+    '| --- | --- | --- |',
   ]
   for tenth in range(1, 11):
-    at, rss = nearest(samples, total * tenth / 10)
-    lines.append(f'| {tenth * 10}% ({at:.0f} s) | {rss / 2**20:.0f} |')
-  lines.append(f'| peak (psutil, tree) | {max(r for _, r in samples) / 2**20:.0f} |')
-  lines.append(f'| peak (/usr/bin/time -v, trainer) | {max_rss_kb / 1024:.0f} |')
+    at, rss, pss = nearest(samples, total * tenth / 10)
+    lines.append(f'| {tenth * 10}% ({at:.0f} s) | {rss / 2**20:.0f} | {pss / 2**20:.0f} |')
+  peak_rss = max(s[1] for s in samples) / 2**20
+  peak_pss = max(s[2] for s in samples) / 2**20
+  lines.append(f'| peak (psutil, tree) | {peak_rss:.0f} | {peak_pss:.0f} |')
+  lines.append(f'| peak (/usr/bin/time -v, trainer) | {max_rss_kb / 1024:.0f} | |')
   print('\n'.join(lines), flush=True)
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
