@@ -17,7 +17,7 @@ folded into the base weights (LoRA: W + alpha/r A B; DoRA: rescaled columns), gi
 checkpoint of the base architecture (tests/test_peft_runs.py); --adapter writes its LoRA as a HF
 PEFT adapter directory instead (adapter_config.json + adapter_model.safetensors, base_model_name_or_path
 the run's config.init_from.hf), which `peft.PeftModel.from_pretrained(base, DIR)` loads with the
-run's logits (bigjax/peft/hf_adapter.py, tests/test_peft_hf.py).
+run's logits (bigjax/peft/hf_export.py, tests/test_peft_hf.py).
 
   bigjax-export --workdir=runs/mnist_cnn --to=exported/mnist_cnn --quantized   (or --pruned)
 
@@ -51,10 +51,10 @@ def merge_adapter(params: Any, config: Any) -> Any:
 
 def export_adapter(workdir: str, to: str) -> str:
   """--adapter: writes the run's config.peft LoRA as a PEFT adapter directory `to`."""
-  from bigjax.peft import hf_adapter
+  from bigjax.peft import hf_export
 
   config, _, model, params = experiment.load_run(workdir)
-  return hf_adapter.save(config, model, params, to)
+  return hf_export.save(config, model, params, to)
 
 
 def load_run(workdir: str) -> tuple[Any, Any, Any]:

@@ -191,10 +191,10 @@ def prepare(config, model: Any, abstract_params: Any) -> Callable[[Any], Any] | 
   puts the chosen parameters into a freshly initialised (sharded) params tree, or None when the
   run starts from scratch. With config.peft the base is loaded; the adapter keeps its init, or
   (config.peft.init_from) is read from a PEFT adapter directory after the base."""
-  from bigjax.peft import hf_adapter
+  from bigjax.peft import hf_import
 
   base = _prepare_base(config, model, abstract_params)
-  adapter = hf_adapter.loader(config, model, abstract_params)
+  adapter = hf_import.loader(config, model, abstract_params)
   if adapter is None or base is None:
     return base
   return lambda params: adapter(base(params))

@@ -1,11 +1,14 @@
-"""Generate text from a trained GPT run.
+"""Generate text from a trained GPT or Llama run (with its config.peft adapter, if it has one).
 
   bigjax-sample --workdir=runs/gpt_shakespeare --prompt="ROMEO." --max_new_tokens=300 \
       [--temperature=0.8 --top_k=40 --top_p=1.0 --seed=0]
 
 Reads the run's config.json and newest checkpoint, builds the same model (its data-derived fields
 from the run's tokenizer, as bigjax-train does), encodes the prompt with that tokenizer and prints
-the prompt followed by the sampled continuation.
+the prompt followed by the sampled continuation. Generation uses the KV cache
+(bigjax/models/generate.py; Llama's caches its key/value heads only); an adapter run samples with
+its adapter (LoRA and the others through their interceptors, prompt / prefix tuning's virtual
+tokens in front of the prompt).
 """
 
 from __future__ import annotations
@@ -17,18 +20,23 @@ import numpy as np
 from bigjax import cli, experiment
 from bigjax.errors import UserError
 
+GENERATIVE = ('gpt', 'llama')  # the config.model.name of runs bigjax-sample can continue
+
 
 def sample(workdir: str, prompt: str, **kwargs) -> str:
-  """Returns prompt + generated text from the newest checkpoint in `workdir` (a GPT run).
+  """Returns prompt + generated text from the newest checkpoint in `workdir` (a GPT or Llama run).
 
-  kwargs: gpt.generate's max_new_tokens, temperature, top_k, top_p, seed."""
-  from bigjax.models import gpt
+  kwargs: generate's max_new_tokens, temperature, top_k, top_p, seed."""
+  from bigjax.models.generate import generate
 
-  config, tokenizer, model, params = experiment.load_run(workdir, 'a GPT run')
-  if config.model.name != 'gpt':
-    raise UserError(f'{workdir} is a {config.model.name!r} run; sampling needs a gpt run')
+  config, tokenizer, model, params = experiment.load_run(workdir, 'a GPT or Llama run')
+  if config.model.name not in GENERATIVE:
+    raise UserError(
+      f'{workdir} is a {config.model.name!r} run; sampling needs a run of one of '
+      f'{", ".join(GENERATIVE)}'
+    )
   try:
-    out = gpt.generate(model, params, tokenizer.encode(prompt)[None], **kwargs)
+    out = generate(model, params, tokenizer.encode(prompt)[None], **kwargs)
   except ValueError as e:
     raise UserError(f'{e}; change --prompt or --max_new_tokens') from None
   return prompt + tokenizer.decode(np.asarray(out)[0])
@@ -50,7 +58,7 @@ def _main(argv: Sequence[str]) -> int:
   from absl import logging
 
   parser = cli.Parser('bigjax-sample', __doc__)
-  parser.string('workdir', None, 'Workdir of a finished or running GPT run.', required=True)
+  parser.string('workdir', None, 'Workdir of a finished or running GPT / Llama run.', required=True)
   parser.string('prompt', '\n', 'Text to continue.')
   parser.integer('max_new_tokens', 300, 'Tokens to generate.')
   parser.float('temperature', 0.8, '0 = greedy.')

@@ -2,8 +2,12 @@
 
   bigjax-train --config=bert_shakespeare_mlm --workdir=runs/bert_mlm
 
-Args: smoke. 4 post-LN layers, 4 heads, 128 wide, sequences of 128 bytes; AdamW 1e-3 with warmup +
-linear decay. Its workdir is what configs/bert_genre.py fine-tunes from.
+Args: smoke; hf=DIR starts from a HuggingFace BERT save_pretrained directory (config.json +
+model.safetensors and its tokenizer.json: data.tokenizer='hf'), whose config.json states the
+architecture (layers, heads, width, positions, vocabulary: not set here; `--config.init_from.hf=DIR`
+on the plain config is refused, its model fields would contradict DIR's). 4 post-LN layers, 4
+heads, 128 wide, sequences of 128 bytes; AdamW 1e-3 with warmup + linear decay. Its workdir is
+what configs/bert_genre.py fine-tunes from.
 """
 
 from bigjax import config_lib
@@ -12,21 +16,26 @@ MODEL = dict(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512, max_len=128,
 
 
 def get_config(arg=None):
-  args = config_lib.parse(arg, smoke=False)
+  args = config_lib.parse(arg, smoke=False, hf='')
   config = config_lib.base_config()
   config.data.update(
     name='shakespeare', view='pairs', seq_len=128, eval_split='validation', eval_max_examples=1024
   )
   config.model.name = 'bert'
   config.model.kwargs = dict(
-    MODEL,
     head='pretrain',
+    dropout=MODEL['dropout'],
     scan=False,
     remat='none',
     attention='xla',
     dtype='float32',
     param_dtype='float32',
   )
+  if args.hf:  # the architecture is DIR/config.json's; the tokenizer DIR's
+    config.init_from.hf = args.hf
+    config.data.tokenizer = 'hf'
+  else:
+    config.model.kwargs.update(MODEL)
   config.task.name = 'masked_lm'
   config.task.kwargs = dict(mask_rate=0.15, next_sentence=True)
   config.optim.update(
@@ -44,7 +53,8 @@ def get_config(arg=None):
   config.log_every = 50
   config.checkpoint_every = 500
   if args.smoke:
-    config.model.kwargs.update(num_layers=1, embed_dim=32, mlp_dim=64, num_heads=2)
+    if not args.hf:
+      config.model.kwargs.update(num_layers=1, embed_dim=32, mlp_dim=64, num_heads=2)
     config.data.eval_max_examples = 64
     config.num_steps = 30
     config.optim.lr = 1e-2  # a 32-wide model takes a larger step

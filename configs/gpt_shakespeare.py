@@ -9,6 +9,12 @@ bytes; divide the reported bits per byte by the tokenizer's bytes per token, 2.2
 AdamW 1e-3 (betas 0.9/0.99, weight decay 0.1 on matrices), warmup + cosine,
 global-norm clipping 1.0. Train/validation/test are split by play. Reports validation loss in
 bits per byte; see README for the CPU run and a generated sample.
+
+hf=DIR starts from a HuggingFace GPT-2 save_pretrained directory instead (config.json +
+model.safetensors and its tokenizer.json: data.tokenizer='hf'): the architecture fields (layers,
+heads, width, context, vocabulary) come from DIR/config.json and are not set here, and every
+parameter is read from DIR (`--config.init_from.hf=DIR` on the plain config is refused: its model
+fields would contradict DIR's). The windows stay size's (or smoke's) seq_len.
 """
 
 from bigjax import config_lib
@@ -16,7 +22,7 @@ from bigjax.errors import UserError
 
 
 def get_config(arg=None):
-  args = config_lib.parse(arg, size='nano', tokenizer='bytes', smoke=False)
+  args = config_lib.parse(arg, size='nano', tokenizer='bytes', smoke=False, hf='')
   config = config_lib.base_config()
   config.data.update(name='shakespeare', view='lm', eval_split='validation')
   shapes = {
@@ -38,16 +44,20 @@ def get_config(arg=None):
   config.data.update(tokenizer=args.tokenizer, vocab_size=sp_sizes[args.tokenizer])
   config.model.name = 'gpt'
   config.model.kwargs = dict(
-    positions='learned',
-    pre_ln=True,
-    scan=False,
-    remat='none',
-    attention='xla',
-    dtype='float32',
-    param_dtype='float32',
-    max_len=config.data.get_ref('seq_len'),
-    **shape,
+    scan=False, remat='none', attention='xla', dtype='float32', param_dtype='float32'
   )
+  if args.hf:  # the architecture is DIR/config.json's; the tokenizer DIR's
+    if args.tokenizer != 'bytes':
+      raise UserError(
+        f'config arg tokenizer={args.tokenizer!r}: with hf=DIR the tokenizer is DIR\'s; remove it'
+      )
+    config.init_from.hf = args.hf
+    config.data.update(tokenizer='hf', vocab_size=0)
+    config.model.kwargs.dropout = shape['dropout']
+  else:
+    config.model.kwargs.update(
+      positions='learned', pre_ln=True, max_len=config.data.get_ref('seq_len'), **shape
+    )
   config.task.name = 'causal_lm'
   config.task.kwargs = dict(label_smoothing=0.0)
   config.optim.update(
@@ -68,12 +78,14 @@ def get_config(arg=None):
   config.eval_every = 500
   config.checkpoint_every = 500
   if args.smoke:
-    config.model.kwargs.update(num_layers=2, num_heads=2, embed_dim=32, dropout=0.0)
+    config.model.kwargs.dropout = 0.0
+    if not args.hf:
+      config.model.kwargs.update(num_layers=2, num_heads=2, embed_dim=32)
     config.data.seq_len = 32  # and so the model's max_len
     config.data.eval_max_examples = 128
     config.batch_size = 16
     config.num_steps = 30
-    config.optim.lr = 1e-2  # a 32-wide model takes a larger step
+    config.optim.lr = 3e-3 if args.hf else 1e-2  # a 32-wide model takes a larger step
     config.optim.warmup_steps = 5
     config.log_every = 5
     config.eval_every = 0

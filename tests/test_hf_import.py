@@ -23,6 +23,7 @@ import safetensors.numpy  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from bigjax import checkpoint as checkpoint_lib  # noqa: E402
 from bigjax import config_lib, experiment, export, init_from, train  # noqa: E402
 from bigjax import mesh as mesh_lib  # noqa: E402
 from bigjax.data import tokenizers  # noqa: E402
@@ -273,6 +274,12 @@ def test_exported_directories_load_in_transformers_with_equal_logits(name, tmp_p
   assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys']
   ids = _ids(low=1)
   _check_logits(_hf_logits(reloaded.eval(), ids), _hf_logits(hf_model, ids))
+  # every exported tensor is the imported one, bitwise (import and export transpose exactly)
+  written = safetensors.numpy.load_file(os.path.join(out, 'model.safetensors'))
+  read = safetensors.numpy.load_file(os.path.join(directory, 'model.safetensors'))
+  assert set(written) <= set(read)
+  for name, tensor in written.items():
+    assert tensor.tobytes() == read[name].tobytes(), name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,3 +503,88 @@ def test_llama_configs_bigjax_cannot_reproduce_are_refused(overrides, match):
   config = _llama_config(**overrides).to_dict()
   with pytest.raises(UserError, match=match):
     hf.llama.architecture(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPT-2 and BERT through bigjax-train: the configs' hf=DIR argument
+# ----------------------------------------------------------------------------------------------
+BYTES = 260  # the 'bytes' tokenizer's vocabulary (the test checkpoints have no tokenizer.json)
+
+
+def _bytes_checkpoint(family, directory):
+  """A random GPT2LMHeadModel / BertForMaskedLM over the byte vocabulary (BERT's pad id is the
+  byte tokenizer's PAD, 256), saved."""
+  torch.manual_seed(0)
+  if family == 'gpt2':
+    config = transformers.GPT2Config(
+      vocab_size=BYTES, n_positions=64, n_embd=24, n_layer=2, n_head=3, bos_token_id=None
+    )
+    model = transformers.GPT2LMHeadModel(config)
+  else:
+    config = transformers.BertConfig(
+      vocab_size=BYTES,
+      hidden_size=24,
+      num_hidden_layers=2,
+      num_attention_heads=3,
+      intermediate_size=40,
+      max_position_embeddings=128,
+      pad_token_id=tokenizers.PAD,
+    )
+    model = transformers.BertForMaskedLM(config)
+  return _save(model.eval(), directory)
+
+
+def _cli(argv, capsys):
+  """(exit status, non-log stderr lines) of bigjax-train with argv."""
+  try:
+    train.main(['bigjax-train', *argv])
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith('bigjax: error')]
+  return code, lines
+
+
+@pytest.mark.parametrize(
+  'family, config, plain',  # plain: the config's args without hf (bert_genre: not from a run)
+  [
+    ('gpt2', 'gpt_shakespeare', 'smoke'),
+    pytest.param('bert', 'bert_shakespeare_mlm', 'smoke', marks=pytest.mark.slow),
+    pytest.param('bert', 'bert_genre', 'smoke,init=none', marks=pytest.mark.slow),
+  ],
+)
+def test_bigjax_train_starts_gpt2_and_bert_from_hf_with_the_configs_hf_argument(
+  family, config, plain, tmp_path, capsys
+):
+  """--config=NAME:smoke,hf=DIR trains from the checkpoint (the architecture DIR's: zero steps of
+  learning rate leave every loaded parameter equal to DIR's tensors); --config.init_from.hf=DIR
+  on the plain config is refused with one line whose fix is that argument."""
+  directory = _bytes_checkpoint(family, tmp_path / 'hf')
+  code, err = _cli(
+    [f'--config={config}:{plain}', f'--config.init_from.hf={directory}', f'--workdir={tmp_path}/x'],
+    capsys,
+  )
+  assert code == 2 and len(err) == 1, err
+  assert 'contradicts' in err[0] and "--config=NAME:hf=DIR" in err[0] and config in err[0]
+  workdir = tmp_path / 'run'
+  code, err = _cli(
+    [
+      f'--config={config}:smoke,hf={directory}',
+      '--config.data.tokenizer=bytes',
+      '--config.num_steps=1',
+      '--config.optim.lr=0',
+      '--config.optim.warmup_steps=0',
+      f'--workdir={workdir}',
+    ],
+    capsys,
+  )
+  assert code == 0, err
+  params = flax.traverse_util.flatten_dict(
+    checkpoint_lib.load_latest(str(workdir / 'checkpoints'))[1]['params'], sep='/'
+  )
+  tensors = safetensors.numpy.load_file(os.path.join(directory, 'model.safetensors'))
+  embedding = next(
+    v for k, v in tensors.items() if k.endswith(('wte.weight', 'word_embeddings.weight'))
+  )
+  np.testing.assert_array_equal(params['embed/embedding'], embedding)
+  assert params['embed/embedding'].shape == (BYTES, 24)  # DIR's width, not the smoke config's 32

@@ -136,22 +136,76 @@ def test_merged_weights_equal_the_adapted_model(lora_run, dora):
   np.testing.assert_allclose(merged, adapted, rtol=1e-5, atol=1e-5 * np.abs(adapted).max())
 
 
-@pytest.mark.slow  # two builds and compiles: ~100 s on the loaded 2-core machine
-def test_sharded_lora_training_equals_one_device():
+def test_llama_generation_with_an_adapter_equals_its_merged_weights(lora_run):
+  """KV-cache generation (Llama's grouped-query cache) of the trained LoRA run equals that of the
+  base model with the adapter merged into its weights: greedy, and sampled at temperature 1 with
+  the same seed (which flips tokens on small logit differences)."""
+  from bigjax.models.generate import generate
+
+  exp, _, state, _ = lora_run
+  params = jax.device_get(state.params)
+  prompt = _tokens(exp, 4)[:, :8]
+  base = common.base_model(exp.model)
+  merged = common.merged_params(exp.config.peft, params)
+  _, frozen = exp.peft.split(params)
+  for sampling in (dict(temperature=0.0), dict(temperature=1.0, seed=3)):
+    got = np.asarray(generate(exp.model, params, prompt, max_new_tokens=20, **sampling))
+    want = np.asarray(generate(base, merged, prompt, max_new_tokens=20, **sampling))
+    np.testing.assert_array_equal(got, want)
+    without = np.asarray(
+      generate(base, common.unflat(frozen), prompt, max_new_tokens=20, **sampling)
+    )
+    assert not np.array_equal(got, without)  # the adapter changes the tokens
+
+
+# config.peft of each method on the smoke Llama, as the sharded and 2-process tests run them
+SHARDED = {
+  'dora': dict(method='lora', target=TARGET, rank=4, alpha=8.0, dora=True),
+  'qlora': dict(method='lora', target=TARGET, rank=4, alpha=8.0, quantize='int8'),
+  'ia3': dict(method='ia3', target='(key|value|mlp/wo|lm_head)/kernel'),
+  'adapter': dict(method='adapter', target='(self_attention/out|mlp/wo)/kernel', bottleneck=8),
+  'adalora': dict(
+    method='adalora',
+    target=TARGET,
+    rank=4,
+    alpha=8.0,
+    adalora=dict(target_rank=2, tinit=1, tfinal=1, delta_t=1),
+  ),
+  'prompt': dict(method='prompt', virtual_tokens=4),
+  'prefix': dict(method='prefix', virtual_tokens=4),
+}
+
+
+@pytest.mark.slow  # two builds and compiles per method: ~100 s each on the loaded 2-core machine
+@pytest.mark.parametrize('method', list(SHARDED))
+def test_sharded_training_equals_one_device(method):
   """5 steps on (data=2, fsdp=2, tensor=2) over 8 devices equal 5 on one device to 2e-5 (the
   adapter; the frozen base stays bitwise the same on both)."""
-  config = _config(dora=True)
+  config = load_config('llama_shakespeare', 'smoke')
+  config.peft.update(SHARDED[method])
+  config.num_steps = 5
+  config.optim.lr = 0.05
   single = experiment.build(config, jax.devices()[:1])
   config.mesh.update(data=2, fsdp=2, tensor=2)
   sharded = experiment.build(config, jax.devices()[:8])
-  spec = sharded.shardings.params['stack']['layer_0']['self_attention']['query']
-  assert spec['lora_a'].spec == jax.sharding.PartitionSpec('fsdp', None)  # like the kernel's D
-  assert spec['lora_b'].spec[1] == 'tensor'  # the heads axis, as the kernel's
-  _, one, _ = _train(single, 5)
+  if method == 'dora':
+    spec = sharded.shardings.params['stack']['layer_0']['self_attention']['query']
+    assert spec['lora_a'].spec == jax.sharding.PartitionSpec('fsdp', None)  # like the kernel's D
+    assert spec['lora_b'].spec[1] == 'tensor'  # the heads axis, as the kernel's
+  if method == 'prefix':  # (P, K, H): sharded as the key kernel's (D, K, H) output axes
+    key = sharded.shardings.params['stack']['layer_0']['self_attention']['key']
+    pad = lambda spec: (*spec, *(None,) * (3 - len(spec)))
+    assert pad(key['prefix'].spec) == (None, *pad(key['kernel'].spec)[1:])
+  initial, one, _ = _train(single, 5)
   _, eight, _ = _train(sharded, 5)
   one, eight = common.flat(jax.device_get(one.params)), common.flat(jax.device_get(eight.params))
+  before = common.flat(initial)
   for k in one:
-    np.testing.assert_allclose(eight[k], one[k], rtol=2e-5, atol=2e-6, err_msg=k)
+    if single.peft.is_trainable(k):
+      assert np.abs(one[k] - before[k]).max() > 0, k  # it trained
+      np.testing.assert_allclose(eight[k], one[k], rtol=2e-5, atol=2e-6, err_msg=k)
+    else:
+      assert eight[k].tobytes() == one[k].tobytes(), k
 
 
 @pytest.mark.parametrize(
@@ -167,6 +221,8 @@ def test_sharded_lora_training_equals_one_device():
     (dict(save='trainable'), "config.peft.save='trainable' rebuilds the frozen base"),
     (dict(rank=0), 'config.peft.rank=0 must be >= 1'),
     (dict(dropout=1.0), 'config.peft.dropout=1.0 must be in [0, 1)'),
+    (dict(trainable_base='nothing'), "config.peft.trainable_base='nothing' matches no parameter"),
+    (dict(trainable_base='('), "config.peft.trainable_base='(' is not a regular expression"),
   ],
 )
 def test_bad_peft_fields_are_one_line_errors(fields, message):
@@ -175,6 +231,52 @@ def test_bad_peft_fields_are_one_line_errors(fields, message):
   assert message in str(e.value) and '\n' not in str(e.value)
   if 'no_such_layer' in fields.get('target', ''):
     assert 'stack/layer_0/self_attention/query/kernel' in str(e.value)
+
+
+def test_base_params_are_built_into_the_runs_shardings_and_equal_the_runs_base():
+  """bigjax-sample / -export rebuild an adapter-only run's frozen base (peft.saving.base_params)
+  on the run's (data=2, fsdp=2, tensor=2) mesh, sharded, bitwise the base the run trained on; a
+  mesh the devices cannot hold falls back to 'fsdp' over all of them."""
+  from bigjax.peft import saving
+
+  config = _config()
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  exp = experiment.build(config, jax.devices()[:8])
+  _, frozen = exp.peft.split(jax.device_get(exp.create_state().params))
+  built = {}
+  jitted = jax.jit
+
+  def recording_jit(fn, **kwargs):  # the init's out_shardings
+    built.update(kwargs)
+    return jitted(fn, **kwargs)
+
+  base = common.base_model(exp.model)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(saving.jax, 'jit', recording_jit)
+    params = common.flat(saving.base_params(config, base))
+  shardings, run = common.flat(built['out_shardings']), common.flat(exp.shardings.params)
+  query = 'stack/layer_0/self_attention/query/kernel'
+  assert shardings[query].spec == run[query].spec and 'fsdp' in run[query].spec
+  assert set(params) == set(frozen)
+  for k, v in frozen.items():
+    assert np.asarray(params[k]).tobytes() == v.tobytes(), k
+  config.mesh.update(data=16)  # more devices than there are: one 'fsdp' axis over the 8
+  assert saving._mesh(config).shape == {'data': 1, 'fsdp': 8, 'tensor': 1}
+
+
+def test_trainable_base_parameters_train_fully_beside_the_adapter():
+  """config.peft.trainable_base (HF PEFT's modules_to_save): the head trains with the adapter and
+  has optimizer state; the rest of the base stays frozen without."""
+  exp = experiment.build(
+    _config(target='(query|value)/kernel', trainable_base='^lm_head/'), jax.devices()[:1]
+  )
+  assert 'lm_head/kernel' in exp.peft.trainable
+  trainable, frozen = exp.peft.split(exp.abstract.params)
+  assert set(trainable) == {'lm_head/kernel'} | {
+    k for k in trainable if k.endswith(('/lora_a', '/lora_b'))
+  }
+  assert _bytes(exp.abstract.opt_state) == 2 * _bytes(trainable)
+  assert exp.peft.num_trainable == 896 + 32 * 260  # q, v at r=4 in 2 layers + the (D, V) head
 
 
 def test_peft_with_pruning_is_refused():

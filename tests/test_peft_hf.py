@@ -1,8 +1,9 @@
-"""HF PEFT interop (bigjax/peft/hf_adapter.py): a PEFT LoRA adapter with non-zero B, imported with
-config.peft.init_from onto its config.init_from.hf base, gives PEFT's logits (<= 1e-4 relative),
-and an adapter bigjax writes loads in `peft` with bigjax's logits: Llama with grouped-query
-attention (and a rank_pattern / alpha_pattern) and GPT-2 (fan_in_fan_out=True, the fused c_attn,
-DoRA). An adapter for another base is a one-line error naming the file."""
+"""HF PEFT interop (bigjax/peft/hf_directory.py, hf_import.py, hf_export.py): a PEFT LoRA
+adapter with non-zero B, imported with config.peft.init_from onto its config.init_from.hf base,
+gives PEFT's logits (<= 1e-4 relative), and an adapter bigjax writes loads in `peft` with
+bigjax's logits: Llama with grouped-query attention (and a rank_pattern / alpha_pattern) and GPT-2
+(fan_in_fan_out=True, the fused c_attn, DoRA). An adapter for another base, or one adapting a tied
+head, is a one-line error naming the file; bfloat16 adapter tensors read exactly."""
 
 import json
 import os
@@ -18,7 +19,7 @@ import transformers  # noqa: E402
 
 from bigjax import experiment, init_from  # noqa: E402
 from bigjax.errors import UserError  # noqa: E402
-from bigjax.peft import common, hf_adapter  # noqa: E402
+from bigjax.peft import common, hf_directory, hf_export  # noqa: E402
 
 from conftest import load_config  # noqa: E402
 
@@ -96,12 +97,8 @@ def _peft_logits(base_dir, adapter_dir, base_cls):
 
 
 def _config(family, base_dir, **peft_fields):
-  if family == 'llama':
-    config = load_config('llama_shakespeare', f'smoke,hf={base_dir}')
-  else:
-    config = load_config('gpt_shakespeare', 'smoke')
-    config.init_from.hf = base_dir
-    config.model.kwargs = dict(scan=False, remat='none', attention='xla', dtype='float32')
+  name = {'llama': 'llama_shakespeare', 'gpt': 'gpt_shakespeare', 'bert': 'bert_shakespeare_mlm'}
+  config = load_config(name[family], f'smoke,hf={base_dir}')
   config.data.tokenizer = 'bytes'
   config.peft.update(method='lora', **peft_fields)
   return config
@@ -174,6 +171,48 @@ def test_imported_llama_gqa_adapter_gives_peft_logits(llama, scan):
   assert _rel_error(base_logits, want) > 1e-2  # the adapter matters
 
 
+@pytest.mark.slow  # a BERT base and PEFT model: ~30 s
+def test_imported_bert_adapter_gives_peft_logits(tmp_path):
+  """LoRA on BERT's query and value (BertForMaskedLM; HF module names 'bert.encoder.layer.0.
+  attention.self.query'): the MLM logits are PEFT's."""
+  config = transformers.BertConfig(
+    vocab_size=V,
+    hidden_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=3,
+    intermediate_size=40,
+    max_position_embeddings=128,
+    pad_token_id=256,  # the byte tokenizer's PAD
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    initializer_range=0.1,
+  )
+  base_dir, adapter_dir = str(tmp_path / 'base'), str(tmp_path / 'adapter')
+
+  def bert():  # the same random base each time
+    torch.manual_seed(0)
+    return _perturbed(transformers.BertForMaskedLM(config))
+
+  bert().save_pretrained(base_dir)
+  _with_lora(
+    bert(),
+    adapter_dir,
+    r=4,
+    lora_alpha=8,
+    target_modules=['query', 'value'],
+  )
+  ids = IDS % 256  # no PAD: bigjax masks PAD tokens, HF (without an attention mask) does not
+  model = hf_peft.PeftModel.from_pretrained(
+    transformers.BertForMaskedLM.from_pretrained(base_dir), adapter_dir
+  ).eval()
+  with torch.no_grad():
+    want = model(input_ids=torch.tensor(ids)).logits.numpy()
+  exp, params = _imported(_config('bert', base_dir, init_from=adapter_dir))
+  assert len(exp.peft.spec.targets) == 2 * 2  # query and value of both layers
+  got = jax.jit(exp.model.apply)({'params': params}, ids)['mlm_logits']
+  assert _rel_error(got, want) <= 1e-4, _rel_error(got, want)
+
+
 @pytest.mark.slow  # a second base and PEFT model: ~25 s more
 def test_imported_gpt2_dora_adapter_gives_peft_logits(gpt2):
   base, adapter, want = gpt2
@@ -207,8 +246,8 @@ def test_saved_adapter_loads_in_peft_with_bigjax_logits(family, target, llama, g
   exp, params = _imported(config)
   params = _randomised(exp, params)
   want = _logits(exp.model, params)
-  out = hf_adapter.save(config, exp.model, params, str(tmp_path / 'adapter'))
-  with open(os.path.join(out, hf_adapter.CONFIG)) as f:
+  out = hf_export.save(config, exp.model, params, str(tmp_path / 'adapter'))
+  with open(os.path.join(out, hf_directory.CONFIG)) as f:
     written = json.load(f)
   if family == 'gpt':
     assert written['fan_in_fan_out'] and written['rank_pattern'] == {'c_attn': 6}
@@ -260,12 +299,12 @@ def test_adapter_for_another_base_is_a_one_line_error(llama, gpt2, tmp_path):
   # base_model_name_or_path naming another architecture
   named = tmp_path / 'named'
   os.makedirs(named)
-  for name in (hf_adapter.WEIGHTS,):
+  for name in (hf_directory.WEIGHTS,):
     os.symlink(os.path.join(adapter, name), named / name)
-  with open(os.path.join(adapter, hf_adapter.CONFIG)) as f:
+  with open(os.path.join(adapter, hf_directory.CONFIG)) as f:
     adapter_config = json.load(f)
   adapter_config['base_model_name_or_path'] = gpt2[0]
-  with open(named / hf_adapter.CONFIG, 'w') as f:
+  with open(named / hf_directory.CONFIG, 'w') as f:
     json.dump(adapter_config, f)
   message = _error(_config('llama', base, init_from=str(named)))
   assert f'{named}/adapter_config.json' in message and 'model' in message
@@ -276,7 +315,8 @@ def test_adapter_for_another_base_is_a_one_line_error(llama, gpt2, tmp_path):
   [
     (dict(rank=2), 'config.peft.rank=2 contradicts {a}/adapter_config.json (r=4)'),
     (dict(target='query'), "config.peft.target='query': with config.peft.init_from"),
-    (dict(method=''), "config.peft.init_from='{a}' puts a PEFT LoRA adapter"),
+    (dict(method=''), "config.peft.init_from='{a}' puts a PEFT adapter (LoRA, prompt or prefix"),
+    (dict(method='prompt'), "peft_type='LORA' is imported by config.peft.method='lora', not"),
     (dict(init_from='/nonexistent'), "config.peft.init_from='/nonexistent' is not a directory"),
   ],
 )
@@ -285,3 +325,34 @@ def test_bad_adapter_fields_are_one_line_errors(llama, fields, message):
   config = _config('llama', base, init_from=adapter)
   config.peft.update(fields)
   assert message.format(a=adapter) in _error(config)
+
+
+def test_lora_on_a_tied_head_is_a_one_line_error_naming_the_tie(tmp_path):
+  """A tied base (tie_word_embeddings: no lm_head.weight of its own) with an adapted lm_head: the
+  error says the head is tied, not that the adapter is for another base."""
+  tied = _llama().config.to_dict() | dict(tie_word_embeddings=True)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**tied)).eval()
+  model.save_pretrained(str(tmp_path / 'base'))
+  _with_lora(model, tmp_path / 'adapter', r=2, target_modules=['q_proj', 'lm_head'])
+  message = _error(_config('llama', str(tmp_path / 'base'), init_from=str(tmp_path / 'adapter')))
+  assert "adapts 'lm_head', which config.init_from.hf ties to its token embedding" in message
+  assert 'another base' not in message and 'differs' not in message
+
+
+def test_bfloat16_adapter_tensors_read_exactly(tmp_path):
+  """An adapter saved in bfloat16 reads as float32 holding exactly the bfloat16 values."""
+  torch.manual_seed(0)
+  model = hf_peft.get_peft_model(_llama(), hf_peft.LoraConfig(r=2, target_modules=['q_proj']))
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if 'lora_' in name:
+        p.add_(0.3 * torch.randn_like(p))
+  model.to(torch.bfloat16).save_pretrained(str(tmp_path))
+  adapter = hf_directory.read(str(tmp_path))
+  name = 'model.layers.0.self_attn.q_proj.lora_B.weight'
+  want = dict(model.named_parameters())[f'base_model.model.{name[:-7]}.default.weight']
+  assert want.dtype == torch.bfloat16
+  got = adapter.read(name)
+  assert got.dtype == np.float32 and np.abs(got).max() > 0
+  np.testing.assert_array_equal(got, want.detach().float().numpy())

@@ -115,14 +115,93 @@ def test_adalora_total_rank_follows_the_budget_schedule():
   third step, 10 from step 23 on with one fixed set."""
   exp, _, _, _, ranks = _run('adalora')
   spec = exp.peft.spec
-  budgets = [int(spec.budget(t, 30)[0]) for t in range(1, 31)]
+  budgets = [int(spec.budget(t, 30, 5)[0]) for t in range(1, 31)]
   cubic = lambda t: 20 if t <= 4 else 10 if t > 22 else int(10 + 10 * (1 - (t - 4) / 18) ** 3)
   assert budgets == [cubic(t) for t in range(1, 31)]
   assert budgets[9] == 12 and budgets[21] == 10  # steps 10 and 22
-  masked = [t for t in range(1, 31) if bool(spec.budget(t, 30)[1])]
+  masked = [t for t in range(1, 31) if bool(spec.budget(t, 30, 5)[1])]
   assert masked == [6, 9, 12, 15, 18, 21] + list(range(23, 31))
   for t in masked:
     assert sum(int(r.sum()) for r in ranks[t - 1]) == budgets[t - 1], t
   final = ranks[22]
   for later in ranks[23:]:  # the final mask is fixed: the same singular values stay
     assert all(np.array_equal(a, b) for a, b in zip(final, later, strict=True))
+
+
+def _adalora_modules(params) -> dict:
+  """{module: {'adalora_p' | 'adalora_lambda' | 'adalora_q': array}} of a params tree."""
+  out: dict = {}
+  for k, v in common.flat(params).items():
+    module, name = k.rsplit('/', 1)
+    if name in NAMES['adalora']:
+      out.setdefault(module, {})[name] = v
+  return out
+
+
+def _stacked(params) -> dict:
+  """An unscanned stack's params ('stack/layer_i/...') as a scanned one's ('stack/layers/...')."""
+  flat = common.flat(params)
+  out = {k: v for k, v in flat.items() if '/layer_' not in k}
+  for k in sorted(k for k in flat if k.startswith('stack/layer_0/')):
+    layers = [flat[k.replace('layer_0/', f'layer_{i}/')] for i in range(2)]
+    out[k.replace('layer_0/', 'layers/')] = np.stack(layers)
+  return common.unflat(out)
+
+
+@pytest.mark.slow  # two builds, compiles and 6 steps each: ~60 s on the loaded 2-core machine
+def test_adalora_of_a_scanned_stack_equals_the_unscanned_one():
+  """A scanned stack's AdaLoRA counts each layer's modules, as PEFT's per-layer modules are: the
+  budget (b0 = 4 x 4 modules, not 4 x 2), the orthogonality regulariser (a mean over the 4, not L
+  times it) and 6 pruning steps from the same parameters equal the unscanned model's."""
+  from bigjax.peft import adalora
+
+  exps, states = {}, {}
+  for scan in (False, True):
+    config = load_config('llama_shakespeare', 'smoke')
+    config.model.kwargs.scan = scan
+    config.peft.update(
+      method='adalora',
+      target='(query|value)/kernel',
+      rank=4,
+      alpha=8.0,
+      adalora=dict(target_rank=2, tinit=1, tfinal=2, delta_t=1),
+    )
+    config.update(num_steps=6)
+    config.optim.lr = 0.05
+    exps[scan] = experiment.build(config, jax.devices()[:1])
+  unscanned = exps[False].create_state()
+  params = jax.device_get(unscanned.params)
+  rng = np.random.default_rng(0)  # non-zero lambdas: the regulariser and importance see them
+  flat = common.flat(params)
+  for k in flat:
+    if k.endswith('adalora_lambda'):
+      flat[k] = rng.normal(0, 0.1, flat[k].shape).astype(np.float32)
+  params = common.unflat(flat)
+  stacked = _stacked(params)
+  states[False] = unscanned.replace(params=params, opt_state=exps[False].tx.init(params))
+  states[True] = exps[True].create_state()
+  states[True] = states[True].replace(params=stacked, opt_state=exps[True].tx.init(stacked))
+  mods = {scan: _adalora_modules(states[scan].params) for scan in (False, True)}
+  assert adalora.num_modules(mods[False]) == adalora.num_modules(mods[True]) == 4
+  spec = exps[True].peft.spec
+  assert int(spec.budget(0, 6, adalora.num_modules(mods[True]))[0]) == 16  # b0 = r x 4 modules
+  np.testing.assert_allclose(
+    adalora.orthogonality(mods[True]), adalora.orthogonality(mods[False]), rtol=1e-6
+  )
+  losses = {}
+  for scan in (False, True):
+    step, state = exps[scan].compile_train_step(), states[scan]
+    losses[scan] = []
+    for i in range(6):
+      state, metrics = step(state, exps[scan].to_global(exps[scan].batches.batch(i)))
+      losses[scan].append(float(metrics['loss']))
+    states[scan] = state
+  np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+  want, got = (
+    common.flat(_stacked(jax.device_get(states[False].params))),
+    common.flat(jax.device_get(states[True].params)),
+  )
+  kept = sum(int(np.sum(got[k] != 0)) for k in got if k.endswith('adalora_lambda'))
+  assert kept == 2 * 4  # the final budget: target rank 2 x 4 modules
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-6, err_msg=k)

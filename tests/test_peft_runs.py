@@ -17,7 +17,7 @@ import transformers  # noqa: E402
 
 from bigjax import checkpoint, experiment, export, peft, sample, train  # noqa: E402
 from bigjax.errors import UserError  # noqa: E402
-from bigjax.models import gpt  # noqa: E402
+from bigjax.models.generate import generate  # noqa: E402
 from bigjax.peft import common  # noqa: E402
 
 from conftest import load_config  # noqa: E402
@@ -121,11 +121,14 @@ def test_export_adapter_writes_a_peft_adapter_with_the_runs_logits(llama_runs, h
 
 
 @pytest.mark.slow  # one bigjax-train run and two generations: ~40 s on the loaded machine
-def test_sample_with_an_adapter_equals_its_merged_weights(tmp_path):
-  cfg = load_config('gpt_shakespeare', 'smoke')
-  cfg.peft.update(method='lora', target='(query|value|wi)/kernel', rank=4, alpha=8.0, dora=True)
+@pytest.mark.parametrize('name', ['gpt_shakespeare', 'llama_shakespeare'])
+def test_sample_with_an_adapter_equals_its_merged_weights(tmp_path, name):
+  """bigjax-sample of a GPT / Llama run with a DoRA adapter gives the tokens of the base model
+  with the adapter merged into its weights (greedy, through the KV cache)."""
+  cfg = load_config(name, 'smoke')
+  cfg.peft.update(method='lora', target='(query|value|wo)/kernel', rank=4, alpha=8.0, dora=True)
   cfg.num_steps = 10
-  workdir = str(tmp_path / 'gpt_lora')
+  workdir = str(tmp_path / 'lora')
   train.train_and_evaluate(cfg, workdir, devices=jax.devices()[:1])
   prompt = 'ROMEO.\n'
   got = sample.sample(workdir, prompt, max_new_tokens=24, temperature=0.0)
@@ -133,7 +136,7 @@ def test_sample_with_an_adapter_equals_its_merged_weights(tmp_path):
   base = common.base_model(model)
   merged = peft.merged_params(config.peft, params)
   ids = tokenizer.encode(prompt)[None]
-  want = gpt.generate(base, merged, ids, max_new_tokens=24, temperature=0.0)
+  want = generate(base, merged, ids, max_new_tokens=24, temperature=0.0)
   assert got == prompt + tokenizer.decode(np.asarray(want)[0])
   adapted_logits = np.asarray(model.apply({'params': params}, ids))
   flat = common.flat(params)
@@ -142,9 +145,25 @@ def test_sample_with_an_adapter_equals_its_merged_weights(tmp_path):
   assert np.abs(adapted_logits - base_logits).max() > 1e-3  # the adapter is not a no-op
 
 
-def _run_processes(workdir, num_processes, devices, extra):
-  """bigjax-train of the smoke Llama with a DoRA adapter as `num_processes` local processes of
-  `devices` CPU devices each (gloo collectives); returns their exit codes and stderr."""
+# config.peft flags of the methods the 2-process test runs
+PROCESS_METHODS = {
+  'dora': ['method=lora', 'target=(query|value|lm_head)/kernel', 'rank=4', 'dora=true'],
+  'adalora': [
+    'method=adalora',
+    'target=(query|value|lm_head)/kernel',
+    'rank=4',
+    'adalora.target_rank=2',
+    'adalora.tinit=1',
+    'adalora.tfinal=1',
+  ],
+  'prefix': ['method=prefix', 'virtual_tokens=4'],
+}
+
+
+def _run_processes(workdir, num_processes, devices, extra, method='dora'):
+  """bigjax-train of the smoke Llama with a `method` adapter (PROCESS_METHODS) as
+  `num_processes` local processes of `devices` CPU devices each (gloo collectives); returns their
+  exit codes and stderr."""
   import subprocess
   import sys
 
@@ -158,10 +177,7 @@ def _run_processes(workdir, num_processes, devices, extra):
     'bigjax.train',
     f'--workdir={workdir}',
     '--config=configs/llama_shakespeare.py:smoke',
-    '--config.peft.method=lora',
-    '--config.peft.target=(query|value|lm_head)/kernel',
-    '--config.peft.rank=4',
-    '--config.peft.dora=true',
+    *(f'--config.peft.{flag}' for flag in PROCESS_METHODS[method]),
     '--config.num_steps=6',
     '--config.log_every=1',
     '--config.data.eval_max_examples=32',
@@ -192,15 +208,17 @@ def _run_processes(workdir, num_processes, devices, extra):
   return _wait(procs, timeout=400)
 
 
-@pytest.mark.slow  # two bigjax-train runs as subprocesses (three processes): ~2 min
-def test_lora_on_two_processes_equals_one_device(tmp_path):
-  """6 DoRA steps on (data=2, fsdp=2, tensor=2) over 2 processes x 4 devices equal 6 on one
-  device: losses to 1e-5, every parameter to 1e-4 (adapter) and the frozen base bitwise."""
+@pytest.mark.slow  # two bigjax-train runs as subprocesses (three processes): ~2 min per method
+@pytest.mark.parametrize('method', list(PROCESS_METHODS))
+def test_adapter_on_two_processes_equals_one_device(tmp_path, method):
+  """6 adapter steps (DoRA, AdaLoRA with pruning, prefix tuning) on (data=2, fsdp=2, tensor=2)
+  over 2 processes x 4 devices equal 6 on one device: losses to 1e-5, every adapter parameter to
+  1e-4 and the frozen base bitwise."""
   one, two = tmp_path / 'one', tmp_path / 'two'
-  codes, errs = _run_processes(one, 1, 1, [])
+  codes, errs = _run_processes(one, 1, 1, [], method)
   assert codes == [0], errs
   mesh = ['--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.mesh.tensor=2']
-  codes, errs = _run_processes(two, 2, 4, mesh)
+  codes, errs = _run_processes(two, 2, 4, mesh, method)
   assert codes == [0, 0], errs
   assert 'across 2 processes' in open(two / 'sharding.txt').readline()
   losses = lambda w: [
@@ -209,8 +227,9 @@ def test_lora_on_two_processes_equals_one_device(tmp_path):
   np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5)
   a, b = _checkpoint_params(str(one)), _checkpoint_params(str(two))
   assert set(a) == set(b)
+  trainable = peft.METHODS.get(PROCESS_METHODS[method][0].split('=')[1]).PARAMS
   for k in a:
-    if k.rsplit('/', 1)[1] in peft.lora.PARAMS:
+    if k.rsplit('/', 1)[1] in trainable:
       np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
     else:
       assert a[k].tobytes() == b[k].tobytes(), k

@@ -9,7 +9,7 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bigjax.models import attention, layers, transformer
+from bigjax.models import attention, layers, transformer, virtual_tokens
 
 
 class Model(nn.Module):
@@ -71,9 +71,23 @@ class Model(nn.Module):
       name='embed',
     )
     segment_ids = jnp.zeros_like(inputs) if segment_ids is None else segment_ids
-    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    # Virtual positions in front (prompt / prefix tuning, bigjax/models/virtual_tokens.py): R
+    # prepended rows (segment 0, always attended), the tokens from position offset + R on.
+    x, offset = virtual_tokens.VirtualTokens(self.param_dtype, name='virtual_tokens')(embed(inputs))
+    prepended = x.shape[1] - t
+    if offset + x.shape[1] > self.max_len:
+      raise ValueError(
+        f'max_len={self.max_len} is less than the sequence length {t} plus '
+        f'{offset + prepended} virtual tokens (prompt / prefix tuning); shorten the sequences '
+        'or raise max_len'
+      )
+    positions = virtual_tokens.row_positions(
+      jnp.broadcast_to(jnp.arange(t), (b, t)), prepended, offset
+    )
+    segment_ids = jnp.pad(segment_ids, ((0, 0), (prepended, 0)))
+    valid = jnp.pad(inputs != self.pad_id, ((0, 0), (prepended, 0)), constant_values=True)
     x = (
-      embed(inputs)
+      x
       + attention.LearnedPositions(
         self.max_len, self.embed_dim, self.dtype, self.param_dtype, name='position_embed'
       )(positions)
@@ -88,7 +102,7 @@ class Model(nn.Module):
     )
     x = transformer.norm('layernorm', self.norm_eps, dtype, param_dtype, 'embed_norm')(x)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
-    mask = attention.padding_mask(inputs != self.pad_id)
+    mask = attention.padding_mask(valid)
     x = transformer.encoder_stack(
       self,
       dtype,
@@ -100,7 +114,9 @@ class Model(nn.Module):
       norm_eps=self.norm_eps,
       pre_ln=self.pre_ln,
     )(x, mask, train=train)
+    # The first row's representation (under prompt tuning, as in HF PEFT, the first virtual one's)
     pooled = nn.tanh(layers.dense(self.embed_dim, ('embed', 'mlp'), name='pooler', **kw)(x[:, 0]))
+    x = x[:, prepended:]  # the per-token outputs leave the virtual rows out
     if self.head == 'classify':
       pooled = nn.Dropout(self.dropout)(pooled, deterministic=not train)
       return layers.dense(self.num_classes, ('mlp', 'classes'), name='classifier', **kw)(

@@ -1,20 +1,20 @@
-"""Decoder-only language model (GPT-2 shape) with tied embeddings and KV-cache generation (the
-HuggingFace GPT-2 import is bigjax/models/hf/gpt2.py).
+"""Decoder-only language model (GPT-2 shape) with tied embeddings and a KV cache (the HuggingFace
+GPT-2 import is bigjax/models/hf/gpt2.py).
 
   logits = Model(...).apply(variables, tokens_BT)            # (B, T, V) float32
   tokens = generate(model, params, prompt_BT, max_new_tokens=100, temperature=0.8, top_k=40, seed=0)
+
+(`generate` lives in bigjax/models/generate.py, shared with llama, and is re-exported here.)
 """
 
-import functools
 from typing import ClassVar
 
 import chex
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 
-from bigjax.models import attention, layers, transformer
+from bigjax.models import attention, layers, transformer, virtual_tokens
+from bigjax.models.generate import generate  # noqa: F401  (gpt.generate, shared with llama)
 
 
 class Model(nn.Module):
@@ -31,6 +31,9 @@ class Model(nn.Module):
   # Fields that build() fills from the data (DataInfo attribute or the task's output_size);
   # configs do not set them.
   data_fields: ClassVar[dict[str, str]] = {'vocab_size': 'vocab_size'}
+  # Positions in front of the tokens a PEFT adapter's virtual tokens take (prompt / prefix tuning:
+  # set on the adapted class by bigjax.peft.common.adapt); generate() counts them against max_len.
+  virtual_tokens: ClassVar[int] = 0
   vocab_size: int = 260
   num_layers: int = 6
   num_heads: int = 6
@@ -72,18 +75,6 @@ class Model(nn.Module):
         f"positions={self.positions!r} is unknown; use 'learned', 'sinusoidal' or 'rotary'"
       )
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    start = 0
-    if decode:  # position of the first new token = number of tokens already in the cache
-      index = self.variable('cache', 'position_index', lambda: jnp.zeros((), jnp.int32))
-      start = index.value
-      if not self.is_initializing():
-        index.value = start + t
-    if positions is None:
-      positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
-    mask = None
-    if segment_ids is not None:  # (B, 1, T, T): same segment (causal=True adds the order)
-      chex.assert_equal_shape([inputs, segment_ids, positions])
-      mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     embed = nn.Embed(
       self.vocab_size,
       self.embed_dim,
@@ -92,7 +83,32 @@ class Model(nn.Module):
       embedding_init=layers.partitioned(nn.initializers.normal(0.02), ('vocab', 'embed')),
       name='embed',
     )
-    x = embed(inputs)
+    # Virtual positions in front (prompt / prefix tuning, bigjax/models/virtual_tokens.py): R
+    # prepended rows, the tokens from position offset + R on.
+    x, offset = virtual_tokens.VirtualTokens(self.param_dtype, name='virtual_tokens')(
+      embed(inputs), decode=decode
+    )
+    prepended = x.shape[1] - t
+    if not decode and self.positions != 'rotary' and offset + x.shape[1] > self.max_len:
+      raise ValueError(  # a position table of max_len rows; rotary positions need none
+        f'max_len={self.max_len} is less than the sequence length {t} plus '
+        f'{offset + prepended} virtual tokens (prompt / prefix tuning); shorten the sequences '
+        'or raise max_len'
+      )
+    start = 0
+    if decode:  # position of the first new row = number of rows already in the cache
+      index = self.variable('cache', 'position_index', lambda: jnp.zeros((), jnp.int32))
+      start = index.value
+      if not self.is_initializing():
+        index.value = start + x.shape[1]
+    if positions is None:
+      positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+    mask = None
+    if segment_ids is not None:  # (B, 1, T, T): same segment (causal=True adds the order)
+      chex.assert_equal_shape([inputs, segment_ids, positions])
+      mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    positions = virtual_tokens.row_positions(positions, prepended, offset)
+    mask = virtual_tokens.pad_mask(mask, prepended, prepended)
     if self.positions == 'learned':
       x = x + attention.LearnedPositions(
         self.max_len, self.embed_dim, self.dtype, self.param_dtype, name='position_embed'
@@ -120,7 +136,7 @@ class Model(nn.Module):
       use_bias=self.use_bias,
       max_decode_length=self.max_len,
     )(x, mask, positions, train=train, decode=decode)
-    return embed.attend(x).astype(jnp.float32)
+    return embed.attend(x[:, prepended:]).astype(jnp.float32)
 
   @nn.nowrap
   def transformer_shape(self, input_shape: tuple[int, ...]) -> tuple[str, int, int, int, int]:
@@ -135,87 +151,3 @@ class Model(nn.Module):
 
     _, num_layers, t, d, _ = self.transformer_shape(input_shape)
     return counting.transformer_train_flops(params, num_layers=num_layers, seq_len=t, embed_dim=d)
-
-
-def _sample(logits_BV, rng, temperature, top_k, top_p):
-  """Next token per row from (B, V) logits: greedy when temperature == 0, else top-k/top-p."""
-  if temperature == 0.0:
-    return logits_BV.argmax(-1)
-  logits = logits_BV / temperature
-  if top_k:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, -1), -1)
-    # keep the smallest set whose probability reaches top_p (the top token always stays)
-    cutoff_index = jnp.sum(cum < top_p, axis=-1, keepdims=True)
-    cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits, axis=-1)
-
-
-@functools.partial(
-  jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k', 'top_p')
-)
-def _generate(model, params, prompt, rng, max_new_tokens, temperature, top_k, top_p):
-  b, t = prompt.shape
-  cache = model.init(jax.random.key(0), jnp.zeros((b, model.max_len), jnp.int32), decode=True)[
-    'cache'
-  ]
-  logits, updates = model.apply(
-    {'params': params, 'cache': cache}, prompt, decode=True, mutable=['cache']
-  )
-  out = jnp.zeros((b, max_new_tokens), jnp.int32)
-
-  def step(i, carry):
-    out, cache, last_logits, rng = carry
-    rng, k = jax.random.split(rng)
-    token = _sample(last_logits, k, temperature, top_k, top_p).astype(jnp.int32)
-    out = out.at[:, i].set(token)
-    logits, updates = model.apply(
-      {'params': params, 'cache': cache}, token[:, None], decode=True, mutable=['cache']
-    )
-    return out, updates['cache'], logits[:, -1], rng
-
-  out, _, _, _ = jax.lax.fori_loop(
-    0, max_new_tokens, step, (out, updates['cache'], logits[:, -1], rng)
-  )
-  return out
-
-
-def generate(
-  model, params, prompt, *, max_new_tokens=100, temperature=1.0, top_k=0, top_p=1.0, seed=0
-):
-  """Samples continuations with the KV cache, compiled once per (shapes, sampling settings).
-
-  prompt: (B, T) int token ids, 1 <= T and T + max_new_tokens <= model.max_len. temperature 0 is
-  greedy; top_k > 0 keeps the k most likely tokens; top_p < 1 keeps the smallest set of tokens
-  whose probability reaches top_p. Deterministic given seed. Returns (B, max_new_tokens) int32.
-  """
-  prompt = np.asarray(prompt)
-  if prompt.ndim != 2 or prompt.shape[1] < 1:
-    raise ValueError(f'prompt must be (batch, length >= 1) token ids, got shape {prompt.shape}')
-  if prompt.shape[1] + max_new_tokens > model.max_len:
-    raise ValueError(
-      f'prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds '
-      f'max_len={model.max_len}'
-    )
-  if prompt.min() < 0 or prompt.max() >= model.vocab_size:
-    raise ValueError(
-      f'prompt token ids must lie in [0, {model.vocab_size}); got {prompt.min()}..{prompt.max()}'
-    )
-  return _generate(
-    model,
-    params,
-    jnp.asarray(prompt, jnp.int32),
-    jax.random.key(seed),
-    max_new_tokens,
-    float(temperature),
-    int(top_k),
-    float(top_p),
-  )
-
-
-# ----------------------------------------------------------------------------------------------
-# HuggingFace GPT-2 weights (GPT2Model / GPT2LMHeadModel PyTorch state dicts).

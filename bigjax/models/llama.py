@@ -3,6 +3,7 @@ attention and an untied output head (the Llama / Mistral / Qwen2 / SmolLM layout
 import and export: bigjax/models/hf/llama.py).
 
   logits = Model(...).apply(variables, tokens_BT)            # (B, T, V) float32
+  tokens = generate(model, params, prompt_BT, max_new_tokens=100)   # KV cache, grouped-query
 
 Parameters (logical axes in brackets; 'stack/layers/...' with a leading 'layers' axis when scan):
   embed/embedding (V, D) ['vocab', 'embed']
@@ -23,7 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bigjax.models import attention, layers, transformer
+from bigjax.models import attention, layers, transformer, virtual_tokens
+from bigjax.models.generate import generate  # noqa: F401  (llama.generate, shared with gpt)
 
 _INIT = nn.initializers.normal(0.02)
 
@@ -49,6 +51,7 @@ class Attention(nn.Module):
   attention: str = 'xla'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  max_decode_length: int = 0
 
   @nn.compact
   def __call__(
@@ -57,8 +60,11 @@ class Attention(nn.Module):
     positions_BT: jax.Array,
     train: bool = False,
     mask: jax.Array | None = None,
+    decode: bool = False,
   ) -> jax.Array:
-    """mask: bool broadcastable to (B, N, T, T), True = may attend (on top of causal)."""
+    """mask: bool broadcastable to (B, N, T, T), True = may attend (on top of causal). decode:
+    extend the KV cache of max_decode_length key/value heads' rows (attention.decode_with_cache,
+    keys cached rotated); prefix tuning's keys/values go in front as in MultiHeadAttention."""
     chex.assert_rank(x_BTD, 3)
     d = x_BTD.shape[-1]
 
@@ -78,15 +84,31 @@ class Attention(nn.Module):
     q_BTNH = proj((n, h), ('embed', 'heads', 'kv'), 'query')(x_BTD)
     k_BTKH = proj((k, h), ('embed', 'kv_heads', 'kv'), 'key')(x_BTD)
     v_BTKH = proj((k, h), ('embed', 'kv_heads', 'kv'), 'value')(x_BTD)
-    q_BTNH = attention.apply_rotary(q_BTNH, positions_BT, self.rope_theta)
-    k_BTKH = attention.apply_rotary(k_BTKH, positions_BT, self.rope_theta)
+    # prefix tuning's learned keys/values in front (bigjax/models/virtual_tokens.py)
+    prefix, k_BTKH, v_BTKH = virtual_tokens.split_prefix(k_BTKH, v_BTKH, x_BTD.shape[1])
+    causal = True
+    if decode:  # k, v become the cache's (B, max_decode_length, K, H), rotated
+      q_BTNH, k_BTKH, v_BTKH, mask, causal, _ = attention.decode_with_cache(
+        self,
+        q_BTNH,
+        k_BTKH,
+        v_BTKH,
+        mask,
+        positions_BT,
+        length=self.max_decode_length,
+        rotary_base=self.rope_theta,
+      )
+    if causal:  # not decoding (or creating the cache at init): rotate here
+      q_BTNH = attention.apply_rotary(q_BTNH, positions_BT, self.rope_theta)
+      k_BTKH = attention.apply_rotary(k_BTKH, positions_BT, self.rope_theta)
+    k_BTKH, v_BTKH, mask = virtual_tokens.join_prefix(prefix, k_BTKH, v_BTKH, mask)
     rate = self.dropout_rate if train else 0.0
     out_BTNH = attention.dot_product_attention(
       q_BTNH,
       k_BTKH,
       v_BTKH,
       mask=mask,
-      causal=True,
+      causal=causal,
       dropout_rate=rate,
       dropout_rng=self.make_rng('dropout') if rate > 0 else None,
       implementation=self.attention,
@@ -119,7 +141,9 @@ class Block(nn.Module):
   attention: str = 'xla'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  max_decode_length: int = 0
   train: bool = False
+  decode: bool = False
   scanned: bool = False
 
   @nn.compact
@@ -140,8 +164,9 @@ class Block(nn.Module):
         self.attention,
         self.dtype,
         self.param_dtype,
+        self.max_decode_length,
         name='self_attention',
-      )(norm('attention_norm')(x_BTD), positions_BT, self.train, mask)
+      )(norm('attention_norm')(x_BTD), positions_BT, self.train, mask, self.decode)
     )
     mlp = transformer.Mlp(
       self.mlp_dim,
@@ -158,7 +183,7 @@ class Block(nn.Module):
 
 class Stack(nn.Module):
   """num_layers Blocks (a dict `block` of Block fields) and the final RMSNorm: (B, T, D) ->
-  (B, T, D). scan / remat as in transformer.Stack."""
+  (B, T, D). scan / remat as in transformer.Stack; decode: extend the layers' KV caches."""
 
   num_layers: int
   block: Any
@@ -166,7 +191,7 @@ class Stack(nn.Module):
   remat: str = 'none'
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, train=False, mask=None):
+  def __call__(self, x_BTD, positions_BT, train=False, mask=None, decode=False):
     if self.remat not in transformer.REMAT_POLICIES:
       raise ValueError(
         f'remat={self.remat!r} is unknown; use one of {", ".join(transformer.REMAT_POLICIES)}'
@@ -175,11 +200,11 @@ class Stack(nn.Module):
     if self.remat != 'none':
       policy = transformer.REMAT_POLICIES[self.remat]
       cls = nn.remat(Block, policy=policy, prevent_cse=not self.scan)
-    kwargs = dict(self.block, train=train)
+    kwargs = dict(self.block, train=train, decode=decode)
     if self.scan:
       scanned = nn.scan(
         cls,
-        variable_axes={'params': 0},
+        variable_axes={'params': 0, 'cache': 0},
         split_rngs={'params': True, 'dropout': True},
         in_axes=(nn.broadcast, nn.broadcast),
         length=self.num_layers,
@@ -200,7 +225,8 @@ class Model(nn.Module):
 
   num_kv_heads: key/value heads (None = num_heads; must divide it). head_dim: 0 means
   embed_dim // num_heads. mlp_dim: the SwiGLU hidden width (0 means 4 * embed_dim). max_len bounds
-  T (rotary positions need no table). rope_theta: RoPE base. qkv_bias / out_bias: see Attention.
+  T and the KV cache when decoding (rotary positions need no table). rope_theta: RoPE base.
+  qkv_bias / out_bias: see Attention.
   tie_embeddings: the head is the token embedding's transpose (SmolLM) instead of 'lm_head'.
   dropout: on attention weights and sublayer outputs (HF checkpoints use 0). scan/remat: see
   transformer.Stack. attention: 'xla' | 'cudnn' | 'chunked'.
@@ -208,6 +234,8 @@ class Model(nn.Module):
 
   # Fields that build() fills from the data; configs do not set them.
   data_fields: ClassVar[dict[str, str]] = {'vocab_size': 'vocab_size'}
+  # Positions in front of the tokens a PEFT adapter's virtual tokens take (as gpt.Model's).
+  virtual_tokens: ClassVar[int] = 0
   vocab_size: int = 260
   num_layers: int = 4
   num_heads: int = 4
@@ -241,11 +269,14 @@ class Model(nn.Module):
     return n, k, self.head_dim or self.embed_dim // n
 
   @nn.compact
-  def __call__(self, inputs, segment_ids=None, positions=None, *, train=False):
+  def __call__(self, inputs, segment_ids=None, positions=None, *, train=False, decode=False):
     """inputs: (B, T) int token ids, T <= max_len -> (B, T, vocab_size) float32 logits.
 
     Packed windows (bigjax.data.packing): segment_ids (B, T), tokens attend only within their
-    segment; positions (B, T), each token's position in its document (default 0..T-1)."""
+    segment; positions (B, T), each token's position in its document (default 0..T-1, or after
+    the cache when decoding). decode: T new tokens extend the KV cache (max_len rows per layer,
+    num_kv_heads heads; create it with model.init(rngs, tokens_of_shape_(B, max_len),
+    decode=True) as for gpt, bigjax.models.generate)."""
     chex.assert_rank(inputs, 2)
     b, t = inputs.shape
     if t > self.max_len:
@@ -262,12 +293,27 @@ class Model(nn.Module):
       embedding_init=layers.partitioned(_INIT, ('vocab', 'embed')),
       name='embed',
     )
-    x_BTD = nn.Dropout(self.dropout)(embed(inputs), deterministic=not train)
-    positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t)) if positions is None else positions
+    # Virtual positions in front (prompt / prefix tuning, bigjax/models/virtual_tokens.py): R
+    # prepended rows, the tokens from position offset + R on.
+    x_BRD, offset = virtual_tokens.VirtualTokens(self.param_dtype, name='virtual_tokens')(
+      embed(inputs), decode=decode
+    )
+    prepended = x_BRD.shape[1] - t  # rotary positions need no table: they may pass max_len
+    start = 0
+    if decode:  # position of the first new row = number of rows already in the cache
+      index = self.variable('cache', 'position_index', lambda: jnp.zeros((), jnp.int32))
+      start = index.value
+      if not self.is_initializing():
+        index.value = start + x_BRD.shape[1]
+    x_BTD = nn.Dropout(self.dropout)(x_BRD, deterministic=not train)
+    if positions is None:
+      positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
     mask = None
     if segment_ids is not None:  # (B, 1, T, T): same segment (the attention adds causal order)
-      chex.assert_equal_shape([inputs, segment_ids, positions_BT])
+      chex.assert_equal_shape([inputs, segment_ids, positions])
       mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    positions_BT = virtual_tokens.row_positions(positions, prepended, offset)
+    mask = virtual_tokens.pad_mask(mask, prepended, prepended)
     x_BTD = Stack(
       self.num_layers,
       scan=self.scan,
@@ -286,8 +332,10 @@ class Model(nn.Module):
         attention=self.attention,
         dtype=dtype,
         param_dtype=param_dtype,
+        max_decode_length=self.max_len,
       ),
-    )(x_BTD, positions_BT, train=train, mask=mask)
+    )(x_BTD, positions_BT, train=train, mask=mask, decode=decode)
+    x_BTD = x_BTD[:, prepended:]  # the virtual rows carry no output
     if self.tie_embeddings:
       return embed.attend(x_BTD).astype(jnp.float32)
     head = layers.dense(

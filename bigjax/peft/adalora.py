@@ -1,17 +1,19 @@
 """AdaLoRA (Zhang et al. 2023, "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning"),
 as HF PEFT's AdaLoraModel computes it.
 
-Each targeted Dense / DenseGeneral gets an SVD-form update y += s * ((x P) * lambda) Q with P
+Each targeted Dense / DenseGeneral gets an SVD-form update y += s * ((x' P) * lambda) Q with P
 (in..., r), lambda (r,) and Q (r, out...) (PEFT's lora_A, lora_E, lora_B; r = config.peft.rank,
-the initial rank; s = alpha / r). lambda starts at 0 (so step 0 is the base exactly), P and Q at
-N(0, 0.02). Training adds PEFT's orthogonality regulariser orth_reg * mean(||P^T P - I||_F,
+the initial rank; s = alpha / r; x' = x with config.peft.dropout in training, PEFT's
+lora_dropout). lambda starts at 0 (so step 0 is the base exactly), P and Q at N(0, 0.02).
+Training adds PEFT's orthogonality regulariser orth_reg * mean(||P^T P - I||_F,
 ||Q Q^T - I||_F) to the loss (here: its gradient to the adapter's, inside the optimizer, so the
 task loss reported is the task's) and, after each step, prunes the singular values:
 
   importance of a triplet i: s_i = S(lambda_i) + mean_j S(P_ji) + mean_j S(Q_ij), S(w) = I_bar *
   U_bar with I = |w dL/dw| smoothed I_bar <- b1 I_bar + (1 - b1) I and its uncertainty
   U_bar <- b2 U_bar + (1 - b2) |I - I_bar| (eq. 8-10);
-  budget b(t) (the total rank of all modules): b0 = r * modules for t <= tinit; then
+  budget b(t) (the total rank of all modules, a scanned stack's module counting once per layer,
+  as PEFT counts its per-layer modules): b0 = r * modules for t <= tinit; then
   bT + (b0 - bT) (1 - (t - tinit) / (T - tinit - tfinal))^3 until T - tfinal (every delta_t
   steps, the lambdas outside the b(t) most important are set to 0); bT = target_rank * modules
   from then on, with the mask of that step kept fixed (eq. 11; T = config.num_steps).
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
 from typing import Any, NamedTuple
 
@@ -35,7 +38,7 @@ import optax
 
 from bigjax.errors import UserError
 from bigjax.peft import common
-from bigjax.peft.lora import contracted_axes
+from bigjax.peft.lora import contracted_axes, input_dropout
 
 PARAMS = ('adalora_p', 'adalora_lambda', 'adalora_q')
 
@@ -52,14 +55,14 @@ class Spec:
   beta1: float = 0.85
   beta2: float = 0.85
   orth_reg: float = 0.5
+  dropout: float = 0.0
 
   @property
   def scaling(self) -> float:
     return self.alpha / self.rank
 
   def interceptor(self, train: bool):
-    del train
-    return functools.partial(_intercept, self)
+    return functools.partial(_intercept, self, train)
 
   def describe(self) -> str:
     return (
@@ -67,9 +70,10 @@ class Spec:
       f'{len(self.targets)} kernels'
     )
 
-  def budget(self, step, total_steps: int):
-    """(total rank budget, whether to mask) after update `step` of `total_steps` (eq. 11)."""
-    b0, bt = self.rank * len(self.targets), self.target_rank * len(self.targets)
+  def budget(self, step, total_steps: int, num_modules: int):
+    """(total rank budget, whether to mask) after update `step` of `total_steps` (eq. 11).
+    num_modules: the adapted modules, each layer of a scanned stack's counted (`num_modules`)."""
+    b0, bt = self.rank * num_modules, self.target_rank * num_modules
     window = max(total_steps - self.tfinal - self.tinit, 1)
     frac = jnp.clip((step - self.tinit) / window, 0.0, 1.0)
     cubic = jnp.floor((b0 - bt) * (1 - frac) ** 3 + bt).astype(jnp.int32)
@@ -127,6 +131,7 @@ def make_spec(cfg, dense: dict[str, str], model: nn.Module) -> Spec:
     a.beta1,
     a.beta2,
     a.orth_reg,
+    cfg.dropout,
   )
 
 
@@ -137,10 +142,10 @@ def spec_from_params(cfg, flat_params: dict[str, Any]) -> Spec:
       f'config.peft.method={cfg.method!r} but the parameters hold no adalora_lambda; the run was '
       'not trained with AdaLoRA'
     )
-  return Spec(targets, cfg.rank, float(cfg.alpha), cfg.adalora.target_rank)
+  return Spec(targets, cfg.rank, float(cfg.alpha), cfg.adalora.target_rank, dropout=cfg.dropout)
 
 
-def _intercept(spec: Spec, next_fun, args, kwargs, context):
+def _intercept(spec: Spec, train: bool, next_fun, args, kwargs, context):
   path = common.targeted(spec, context)
   if path is None:
     return next_fun(*args, **kwargs)
@@ -165,6 +170,8 @@ def _intercept(spec: Spec, next_fun, args, kwargs, context):
     'adalora_q', common.boxed(normal, names and (None, *names[n_in:])), (r, *shape[n_in:]), pdtype
   )
   dtype = y.dtype
+  if train and spec.dropout:  # PEFT's lora_dropout on the update's input
+    x = input_dropout(x, spec.dropout, module.make_rng('dropout'))
   contract = tuple(range(x.ndim - n_in, x.ndim))
   dot = functools.partial(jax.lax.dot_general, precision=module.precision)
   xp = dot(x.astype(dtype), p.astype(dtype), ((contract, tuple(range(n_in))), ((), ())))
@@ -228,13 +235,7 @@ def _adalora_transform(spec: Spec, tx: optax.GradientTransformation, total_steps
   def update(grads, state, params):
     mods, gmods = _modules(params), _modules(grads)
 
-    def reg(trainable):
-      terms = [
-        _orth(d['adalora_p'], d['adalora_q'], d['adalora_lambda'].ndim - 1)
-        for d in trainable.values()
-      ]
-      return spec.orth_reg * jnp.mean(jnp.stack(terms))
-
+    reg = lambda trainable: spec.orth_reg * orthogonality(trainable)
     reg_grads = jax.grad(reg)({m: dict(d) for m, d in mods.items()})
     extra = {
       f'{m}/{n}': gmods[m][n] + reg_grads[m][n] for m in mods for n in ('adalora_p', 'adalora_q')
@@ -251,7 +252,7 @@ def _adalora_transform(spec: Spec, tx: optax.GradientTransformation, total_steps
         ipt[m][n] = spec.beta1 * state.ipt[m][n] + (1 - spec.beta1) * now
         unc[m][n] = spec.beta2 * state.unc[m][n] + (1 - spec.beta2) * jnp.abs(now - ipt[m][n])
     count = state.step + 1
-    budget, masking = spec.budget(count, total_steps)
+    budget, masking = spec.budget(count, total_steps, num_modules(mods))
     scores = {m: _score(mods[m], ipt[m], unc[m]) for m in mods}
     flat = jnp.concatenate([jnp.ravel(s) for s in scores.values()])
     threshold = jnp.sort(flat)[::-1][jnp.clip(budget, 1, flat.size) - 1]
@@ -276,9 +277,24 @@ def _adalora_transform(spec: Spec, tx: optax.GradientTransformation, total_steps
   return optax.GradientTransformation(init, update)
 
 
+def num_modules(mods: dict[str, dict[str, Any]]) -> int:
+  """The adapted modules of {module path: its adapter leaves}, each layer of a scanned stack
+  (lambda (L, r)) counted."""
+  return sum(math.prod(d['adalora_lambda'].shape[:-1]) for d in mods.values())
+
+
+def orthogonality(mods: dict[str, dict[str, Any]]) -> jax.Array:
+  """PEFT's orthogonality term: the mean of ||P^T P - I||_F and ||Q Q^T - I||_F over every
+  adapted module, each layer of a scanned stack counted as its own module (as PEFT's are)."""
+  norms = [
+    _orth(d['adalora_p'], d['adalora_q'], d['adalora_lambda'].ndim - 1) for d in mods.values()
+  ]
+  return jnp.sum(jnp.stack(norms)) / (2 * num_modules(mods))
+
+
 def _orth(p, q, lead: int) -> jax.Array:
-  """||P^T P - I||_F + ||Q Q^T - I||_F of one module, (summed over a scanned stack's layers),
-  halved: PEFT averages the two norms with the other modules'."""
+  """||P^T P - I||_F + ||Q Q^T - I||_F of one module, summed over a scanned stack's layers
+  (the regulariser divides by twice the number of modules: PEFT's mean over all P and Q)."""
   r = p.shape[-1]
   p2 = jnp.reshape(p, (*p.shape[:lead], -1, r))
   q2 = jnp.reshape(q, (*q.shape[: lead + 1], -1))
@@ -286,7 +302,7 @@ def _orth(p, q, lead: int) -> jax.Array:
   pp = jnp.swapaxes(p2, -1, -2) @ p2 - eye
   qq = q2 @ jnp.swapaxes(q2, -1, -2) - eye
   fro = lambda m: jnp.sqrt(jnp.sum(jnp.square(m), axis=(-2, -1)))
-  return jnp.sum(fro(pp) + fro(qq)) / 2
+  return jnp.sum(fro(pp) + fro(qq))
 
 
 common.METHODS.add('adalora', sys.modules[__name__])

@@ -45,6 +45,7 @@ class Spec:
 
 def make_spec(cfg, dense: dict[str, str], model: nn.Module) -> Spec:
   del model
+  common.refuse_dropout(cfg, 'bottleneck adapters')
   return Spec(common.select_kernels(cfg, dense), cfg.bottleneck)
 
 

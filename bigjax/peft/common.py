@@ -8,7 +8,9 @@ A method (one module each, registered in METHODS) is an object with
   spec_from_params(cfg, flat_params) -> the spec of a params tree that already holds the method's
                      parameters (a finished run, for bigjax-sample / bigjax-export);
 and the spec has `interceptor(train)` (an `nn.intercept_methods` interceptor), `describe()` and,
-where the method has one, `merge(flat_params)` (fold the adapter into the base weights).
+where the method has one, `merge(flat_params)` (fold the adapter into the base weights),
+`optimizer(tx, total_steps)` (AdaLoRA's pruning) and `virtual_tokens` (the positions prompt and
+prefix tuning put in front of the tokens: an adapted model's `virtual_tokens`, 0 otherwise).
 
 Why our own transform and not Qwix's `LoraProvider` (evaluated first; qwix 0.1.8): its LoRA
 dropout is applied whatever the model's `train` flag (an eval needs a 'dropout' rng and its logits
@@ -81,6 +83,14 @@ def targeted(spec: Any, context) -> str | None:
   return path if path in spec.targets else None
 
 
+def refuse_dropout(cfg, what: str) -> None:
+  """UserError for config.peft.dropout > 0 beside a method that has no dropout."""
+  if cfg.dropout:
+    raise UserError(
+      f'config.peft.dropout={cfg.dropout} is not applied by {what}; set config.peft.dropout=0'
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Which modules a target regex selects
 # ----------------------------------------------------------------------------------------------
@@ -139,7 +149,12 @@ def _adapted_class(base_cls: type, spec: Any) -> type:
       return inner(self, *args, **kwargs)
 
   call = nn.module.wrap_method_once(__call__) if wrapped else __call__
-  fields = {'__call__': call, '__module__': base_cls.__module__, 'peft_base_class': base_cls}
+  fields = {
+    '__call__': call,
+    '__module__': base_cls.__module__,
+    'peft_base_class': base_cls,
+    'virtual_tokens': getattr(spec, 'virtual_tokens', 0),
+  }
   return type(base_cls.__name__, (base_cls,), fields)
 
 
@@ -262,11 +277,44 @@ def build(config, model: nn.Module, tx, sample: dict):
   spec = method.make_spec(cfg, dense_modules(model, init), model)
   adapted = adapt(model, spec)
   base = flat(jax.eval_shape(lambda: init(model))['params'])
-  full = flat(jax.eval_shape(lambda: init(adapted))['params'])
+  try:
+    full = flat(jax.eval_shape(lambda: init(adapted))['params'])
+  except ValueError as e:  # a model field the adapter does not fit (virtual tokens vs max_len)
+    from bigjax import experiment
+
+    raise experiment.model_error(model, e) from None
   # the method's new parameters (not the frozen ones it adds: QLoRA's kernel scales)
   trainable = frozenset(k for k in set(full) - set(base) if k.rsplit('/', 1)[-1] in method.PARAMS)
+  if not trainable:  # e.g. prompt tuning of a model without the virtual-token hook
+    raise UserError(
+      f'config.peft.method={cfg.method!r} adds no parameter to config.model.name='
+      f'{config.model.name!r}; use a model it applies to or another method'
+    )
+  trainable |= trainable_base(cfg, base)
   plan = Plan(cfg.method, spec, trainable, _count({k: full[k] for k in trainable}), _count(full))
   return adapted, plan.optimizer(tx, config.num_steps), plan
+
+
+def trainable_base(cfg, base_params: dict[str, Any]) -> frozenset[str]:
+  """The base parameters config.peft.trainable_base (a regex searched in their paths) selects to
+  train fully beside the adapter (HF PEFT's modules_to_save: a classifier head the base does not
+  have); UserError for a bad regex or one that matches nothing."""
+  pattern = cfg.get('trainable_base', '')
+  if not pattern:
+    return frozenset()
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise UserError(
+      f'config.peft.trainable_base={pattern!r} is not a regular expression ({e})'
+    ) from None
+  chosen = frozenset(k for k in base_params if regex.search(k))
+  if not chosen:
+    raise UserError(
+      f'config.peft.trainable_base={pattern!r} matches no parameter; they look like '
+      f'{", ".join(list(base_params)[:3])}'
+    )
+  return chosen
 
 
 def plan_from_params(cfg, model: nn.Module, params) -> tuple[nn.Module, Plan | None]:
@@ -277,7 +325,9 @@ def plan_from_params(cfg, model: nn.Module, params) -> tuple[nn.Module, Plan | N
   method = METHODS.get(cfg.method)
   f = flat(params)
   spec = method.spec_from_params(cfg, f)
-  trainable = frozenset(k for k in f if k.rsplit('/', 1)[-1] in method.PARAMS)
+  adapter = {k for k in f if k.rsplit('/', 1)[-1] in method.PARAMS}
+  base = {k: v for k, v in f.items() if k not in adapter}
+  trainable = frozenset(adapter) | trainable_base(cfg, base)
   plan = Plan(cfg.method, spec, trainable, _count({k: f[k] for k in trainable}), _count(f))
   return adapt(model, spec), plan
 

@@ -79,6 +79,7 @@ def _feedforward(cfg, targets: frozenset[str]) -> frozenset[str]:
 def make_spec(cfg, dense: dict[str, str], model: nn.Module) -> Spec:
   """config.peft -> Spec over the kernels config.peft.target selects."""
   del model
+  common.refuse_dropout(cfg, "IA3 (PEFT's IA3 has none either)")
   targets = common.select_kernels(cfg, dense)
   return Spec(targets, _feedforward(cfg, targets))
 

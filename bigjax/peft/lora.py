@@ -89,12 +89,12 @@ class Spec:
 
 def make_spec(cfg, dense: dict[str, str], model: nn.Module) -> Spec:
   """config.peft -> Spec over the Dense kernels config.peft.target selects, or those of the PEFT
-  adapter config.peft.init_from (bigjax/peft/hf_adapter.py)."""
+  adapter config.peft.init_from (bigjax/peft/hf_import.py)."""
   quant = dict(quant=cfg.get('quantize', ''), quantized=qlora.selected(cfg, dense))
   if cfg.get('init_from'):
-    from bigjax.peft import hf_adapter
+    from bigjax.peft import hf_import
 
-    return dataclasses.replace(hf_adapter.spec(cfg, dense, model), **quant)
+    return dataclasses.replace(hf_import.spec(cfg, dense, model), **quant)
   targets = common.select_kernels(cfg, dense)
   return Spec(targets, cfg.rank, float(cfg.alpha), cfg.dropout, cfg.dora, **quant)
 
@@ -102,9 +102,9 @@ def make_spec(cfg, dense: dict[str, str], model: nn.Module) -> Spec:
 def spec_from_params(cfg, flat_params: dict[str, Any]) -> Spec:
   """The Spec of a params tree that holds LoRA parameters (a saved run); each module's rank is
   its lora_a's last axis."""
-  from bigjax.peft import hf_adapter
+  from bigjax.peft import hf_directory
 
-  cfg = hf_adapter.settings(cfg)  # config.peft.init_from: the adapter's rank, alpha and dora
+  cfg = hf_directory.settings(cfg)  # config.peft.init_from: the adapter's rank, alpha and dora
   ranks = {
     k.rsplit('/', 1)[0]: v.shape[-1] for k, v in flat_params.items() if k.endswith('/lora_a')
   }
@@ -140,7 +140,8 @@ def _boxed(init, names):
   return init if names is None else nn.with_logical_partitioning(init, names)
 
 
-def _dropout(x, rate: float, rng) -> jax.Array:
+def input_dropout(x, rate: float, rng) -> jax.Array:
+  """Inverted dropout of an adapter's input x (any shape) at `rate` from `rng`."""
   keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
@@ -189,7 +190,7 @@ def _intercept(spec: Spec, train: bool, next_fun, args, kwargs, context):
   )
   dtype = y.dtype
   dropped = bool(train and spec.dropout)
-  h = (_dropout(x, spec.dropout, module.make_rng('dropout')) if dropped else x).astype(dtype)
+  h = (input_dropout(x, spec.dropout, module.make_rng('dropout')) if dropped else x).astype(dtype)
   contract = tuple(range(x.ndim - n_in, x.ndim))
   dot = functools.partial(jax.lax.dot_general, precision=module.precision)
   xa = dot(h, a.astype(dtype), ((contract, tuple(range(n_in))), ((), ())))

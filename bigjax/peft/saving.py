@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bigjax import mesh as mesh_lib
+from bigjax.errors import UserError
 from bigjax.peft import common
 
 
@@ -78,12 +80,29 @@ def run_params(config, model: nn.Module, params) -> tuple[nn.Module, Any]:
 def base_params(config, model: nn.Module) -> Any:
   """The frozen base a run started from, as host arrays: the model's init at config.seed (on
   tokens of config.data.seq_len: the text models HF checkpoints hold), then config.init_from's
-  parameters put in."""
+  parameters put in. Both are built into the run's shardings (config.mesh over this process's
+  devices, or all of them on 'fsdp' when it does not fit them), so no device holds the whole
+  base; only the host copy returned is whole."""
   from bigjax import init_from
 
   x = jnp.zeros((1, config.data.seq_len), jnp.int32)
   key = jax.random.key(config.seed)
   init = lambda: model.init({'params': key, 'dropout': key}, x, train=False)['params']
-  params = nn.meta.unbox(jax.jit(init)())
+  shardings = mesh_lib.tree_shardings(
+    jax.eval_shape(init), _mesh(config), tuple(config.sharding_rules)
+  )
+  params = jax.jit(lambda: nn.meta.unbox(init()), out_shardings=shardings)()
   put = init_from.prepare(config, model, params)
   return jax.device_get(put(params) if put is not None else params)
+
+
+def _mesh(config) -> jax.sharding.Mesh:
+  """config.mesh over the local devices, or one 'fsdp' axis over them when it does not fit
+  (a run trained on more devices than this process has)."""
+  try:
+    return mesh_lib.make_mesh(config.mesh, jax.local_devices())
+  except UserError:
+    fsdp = config.mesh.copy_and_resolve_references()
+    fsdp.update(data=1, fsdp=-1, tensor=1)
+    fsdp.update({k: 1 for k in fsdp if k.startswith('dcn_')})
+    return mesh_lib.make_mesh(fsdp, jax.local_devices())

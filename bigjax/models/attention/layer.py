@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from bigjax.errors import UserError
-from bigjax.models import layers
+from bigjax.models import layers, virtual_tokens
 from bigjax.models.attention.kernels import (
   IMPLEMENTATIONS,
   attention_weights,
@@ -21,17 +21,20 @@ from bigjax.models.attention.kernels import (
 from bigjax.models.attention.positions import apply_rotary
 
 
-def _decode_with_cache(module, q, k, v, mask, positions_BT, num_kv):
-  """The KV-cache step of `MultiHeadAttention` (called inside its compact __call__).
+def decode_with_cache(module, q, k, v, mask, positions_BT, *, length: int, rotary_base=None):
+  """The KV-cache step of a self-attention layer (called inside its compact __call__; used by
+  `MultiHeadAttention` and the Llama attention).
 
-  q (B, T, N, H), k, v (B, T, K, H) of T new tokens. At model.init it creates the zero 'cache'
-  collection and returns the inputs with causal=True. Otherwise it rotates q and k (rotary), writes
-  k, v at cache_index, advances it by T and returns q, the cached k, v (B, L, K, H), the mask with
-  the filled prefix (<= index + t for token t) and causal=False.
-  Returns (q, k, v, mask, causal, rotated).
+  q (B, T, N, H), k, v (B, T, K, H) of T new tokens; length: the cache length L
+  (max_decode_length); rotary_base: RoPE's base, or None without rotary positions. At model.init it
+  creates the zero 'cache' collection in `module` and returns the inputs with causal=True.
+  Otherwise it rotates q and k (rotary), writes k, v at cache_index, advances it by T and returns
+  q, the cached k, v (B, L, K, H), the mask with the filled prefix (<= index + t for token t) and
+  causal=False. Returns (q, k, v, mask, causal, rotated).
   """
   B, T = q.shape[:2]
-  if module.max_decode_length < 1:
+  num_kv, head_dim = k.shape[2:]
+  if length < 1:
     raise UserError(
       'decode=True needs config.model.kwargs.max_decode_length > 0 (the KV cache length)'
     )
@@ -42,26 +45,26 @@ def _decode_with_cache(module, q, k, v, mask, positions_BT, num_kv):
       "model.init(rngs, x_of_shape_(B, max_decode_length, D), decode=True) and "
       "pass it with mutable=['cache']"
     )
-  shape = (B, module.max_decode_length, num_kv, module.head_dim)
+  shape = (B, length, num_kv, head_dim)
   cached_key = module.variable('cache', 'cached_key', jnp.zeros, shape, k.dtype)
   cached_value = module.variable('cache', 'cached_value', jnp.zeros, shape, v.dtype)
   cache_index = module.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
   if not initialized:  # model.init: the cache is created (zeros) above; attend causally within x.
     return q, k, v, mask, True, False
-  chex.assert_shape(k, (cached_key.value.shape[0], None, num_kv, module.head_dim))
+  chex.assert_shape(k, (cached_key.value.shape[0], None, num_kv, head_dim))
   index = cache_index.value
   if positions_BT is None:
     positions_BT = (index + jnp.arange(T))[None]
   rotated = False
-  if module.rotary:  # keys are cached rotated
-    q = apply_rotary(q, positions_BT, module.rotary_base)
-    k = apply_rotary(k, positions_BT, module.rotary_base)
+  if rotary_base is not None:  # keys are cached rotated
+    q = apply_rotary(q, positions_BT, rotary_base)
+    k = apply_rotary(k, positions_BT, rotary_base)
     rotated = True
   cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k, (0, index, 0, 0))
   cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v, (0, index, 0, 0))
   cache_index.value = index + T
   # New token t sits at index + t and sees cache slots <= index + t (empty slots excluded).
-  seen = jnp.arange(module.max_decode_length)[None, :] <= (index + jnp.arange(T))[:, None]
+  seen = jnp.arange(length)[None, :] <= (index + jnp.arange(T))[:, None]
   mask = combine_masks(mask, seen[None, None])
   return q, cached_key.value, cached_value.value, mask, False, rotated
 
@@ -85,6 +88,10 @@ class MultiHeadAttention(nn.Module):
   tokens (T = 1, or T > 1 for a prefill): they are written at cache_index, attend causally to the
   filled prefix, and cache_index advances by T. Writing past max_decode_length is not checked (jit)
   and gives wrong results. Rotary positions default to cache_index + arange(T) when decoding.
+
+  Prefix tuning (bigjax/peft/prefix.py) makes the key and value projections return P rows more
+  than x has: those P learned keys/values go in front of the tokens' (after rotary positions and
+  the cache, so neither touches them) and every query may attend them.
   """
 
   num_heads: int
@@ -156,15 +163,28 @@ class MultiHeadAttention(nn.Module):
     v = proj((num_kv, self.head_dim), ('embed', 'kv_heads', 'kv'), 'value')(context)
 
     causal = self.causal and self_attention
+    prefix = None  # prefix tuning's learned keys/values in front (bigjax/models/virtual_tokens.py)
+    if self_attention:
+      prefix, k, v = virtual_tokens.split_prefix(k, v, T)
     rotated = False
     if decode and self_attention:
-      q, k, v, mask, causal, rotated = _decode_with_cache(self, q, k, v, mask, positions_BT, num_kv)
+      q, k, v, mask, causal, rotated = decode_with_cache(
+        self,
+        q,
+        k,
+        v,
+        mask,
+        positions_BT,
+        length=self.max_decode_length,
+        rotary_base=self.rotary_base if self.rotary else None,
+      )
 
     if self.rotary and self_attention and not rotated:
       if positions_BT is None:
         positions_BT = jnp.arange(T)[None]
       q = apply_rotary(q, positions_BT, self.rotary_base)
       k = apply_rotary(k, positions_BT, self.rotary_base)
+    k, v, mask = virtual_tokens.join_prefix(prefix, k, v, mask)
 
     # bigjax.explain's attention maps: only it makes 'attention' mutable (never init or training)
     if self.is_mutable_collection('attention') and not self.is_initializing():
