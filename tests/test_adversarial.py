@@ -4,7 +4,9 @@ BERT classifier, adversarial training buys robust accuracy, and bad input."""
 
 import os
 
+import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_attacks import digits_cnn
@@ -112,6 +114,28 @@ def test_adversarial_training_raises_robust_accuracy(tmp_path, one_device):
   assert adv[key.format(0.05)] >= std[key.format(0.05)], (std, adv)
 
 
+# PGD training, 3 steps, (data=2, fsdp=2, tensor=2) against one device: only the order of float
+# sums differs (measured by hand: 3e-8 after 2 steps on parameters of size ~0.3).
+MESH_ATOL = 1e-6
+
+
+@pytest.mark.slow  # two builds and compiles, one on 8 devices: ~60 s on 2 busy cores
+def test_adversarial_training_on_the_mesh_equals_one_device(one_device):
+  config = _adversarial(digits_cnn(), method='pgd', eps=0.1, steps=2, fraction=0.5)
+  config.optim.update(name='sgd', lr=0.1)  # see tests/test_prune.py's mesh test
+  ref, ref_metrics = _steps(config, one_device)
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  exp = experiment.build(config)
+  specs = [str(s.spec) for s in jax.tree.leaves(exp.shardings.params)]
+  assert exp.mesh.size == 8 and any('fsdp' in s or 'tensor' in s for s in specs), specs
+  got, metrics = _steps(config, None)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=MESH_ATOL), got, ref)
+  np.testing.assert_allclose(
+    [m['loss'] for m in metrics], [m['loss'] for m in ref_metrics], rtol=1e-5
+  )
+  assert metrics[0]['loss'] != metrics[2]['loss']  # it trained
+
+
 @pytest.mark.slow  # BERT smoke builds and compiles three times, ~60 s
 def test_embedding_fgm_for_a_bert_classifier(one_device):
   """Token inputs: the perturbation goes onto the embeddings. eps = 0 equals plain fine-tuning;
@@ -146,3 +170,176 @@ def test_bad_adversarial_config_is_one_line(field, value, message, one_device):
   with pytest.raises(UserError, match=message) as e:
     experiment.build(config, one_device)
   assert '\n' not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Token inputs on a tiny model: PGD on the embeddings, FreeLB against a hand computation
+# ----------------------------------------------------------------------------------------------
+class _TinyText(flax.linen.Module):
+  """Token ids (B, T) -> embed (11 x 6) -> tanh -> mean over T -> Dense 3."""
+
+  @flax.linen.compact
+  def __call__(self, x, train=False):
+    h = flax.linen.Embed(11, 6, name='embed')(x)
+    return flax.linen.Dense(3, name='head')(jnp.tanh(h).mean(1))
+
+
+def _tiny_text():
+  """(model, classification task, params, batch of 4 sequences of 5 tokens)."""
+  from bigjax.tasks import base, classification
+
+  model = _TinyText()
+  rng = np.random.default_rng(0)
+  batch = {
+    'inputs': jnp.asarray(rng.integers(0, 11, (4, 5)), jnp.int32),
+    'label': jnp.asarray([0, 1, 2, 1], jnp.int32),
+  }
+  params = model.init(jax.random.key(0), batch['inputs'])['params']
+  return model, classification.Task(base.DataInfo(3)), params, batch
+
+
+def _hand_loss(params, batch, delta):
+  """Per-example cross-entropy (B,) of _TinyText with its embeddings shifted by delta (B, T, D),
+  written out by hand."""
+  h = params['embed']['embedding'][batch['inputs']] + delta
+  logits = jnp.tanh(h).mean(1) @ params['head']['kernel'] + params['head']['bias']
+  return -jnp.take_along_axis(jax.nn.log_softmax(logits), batch['label'][:, None], 1)[:, 0]
+
+
+def _adv_cfg(**kw):
+  from bigjax import config_lib
+
+  cfg = config_lib.base_config().adversarial
+  cfg.update(**{**dict(norm='l2', eps=0.5, steps=3, step_size=0.2, random_start=False), **kw})
+  return cfg
+
+
+def test_pgd_on_token_embeddings_stays_in_the_ball_and_raises_the_loss():
+  from bigjax.robust import adversarial
+
+  model, task, params, batch = _tiny_text()
+  adv = adversarial.from_config(_adv_cfg(method='pgd'), task, np.int32, params)
+  shifted, same, _ = adv.perturb(model, {'params': params}, batch, None, jax.random.key(1))
+  assert same is batch and adv.text
+  delta = shifted.delta
+  assert delta.shape == (4, 5, 6)
+  sizes = jnp.sqrt(jnp.sum(delta**2, axis=(1, 2)))
+  assert float(sizes.max()) <= 0.5 * (1 + 1e-5) and float(sizes.min()) > 0.4  # to the surface
+  clean = _hand_loss(params, batch, 0.0)
+  attacked = _hand_loss(params, batch, delta)
+  np.testing.assert_allclose(  # the model's own forward sees the shifted embeddings
+    jnp.take_along_axis(
+      -jax.nn.log_softmax(shifted.apply({'params': params}, batch['inputs'])),
+      batch['label'][:, None],
+      1,
+    )[:, 0],
+    attacked,
+    rtol=1e-6,
+  )
+  assert bool(jnp.all(attacked > clean)), (attacked, clean)
+
+
+def test_freelb_gradient_is_the_mean_of_the_k_perturbed_gradients():
+  """FreeLB with K = 3 ascent steps (L2, eps 0.5, step 0.2, from delta_0 = 0): one SGD step of
+  lr 1 moves the parameters by minus the mean over t = 0, 1, 2 of the gradient of the batch's
+  mean loss at delta_t, where delta_{t+1} = proj(delta_t + 0.2 g_t / |g_t|) per example (g_t
+  the gradient of that example's loss in delta_t): all computed by hand here."""
+  import optax
+
+  from bigjax import steps
+  from bigjax.robust import adversarial
+
+  model, task, params, batch = _tiny_text()
+  adv = adversarial.from_config(_adv_cfg(method='freelb'), task, np.int32, params)
+  state = steps.TrainState(jnp.zeros((), jnp.int32), params, {}, optax.sgd(1.0).init(params))
+  train_step = steps.make_train_step(model, task, optax.sgd(1.0), seed=0, adversarial=adv)
+  new, metrics = jax.jit(train_step)(state, batch)
+  got = jax.tree.map(jnp.subtract, params, new.params)  # lr 1: the gradient
+
+  delta, grads, losses = jnp.zeros((4, 5, 6)), [], []
+  for _ in range(3):
+    loss, g = jax.value_and_grad(lambda p: _hand_loss(p, batch, delta).mean())(params)
+    grads.append(g)
+    losses.append(loss)
+    g_delta = jax.grad(lambda d: _hand_loss(params, batch, d).sum())(delta)
+    norm = jnp.sqrt(jnp.sum(g_delta**2, axis=(1, 2), keepdims=True))
+    delta = delta + 0.2 * g_delta / norm
+    size = jnp.sqrt(jnp.sum(delta**2, axis=(1, 2), keepdims=True))
+    delta = delta * jnp.minimum(1.0, 0.5 / size)
+  want = jax.tree.map(lambda *g: sum(g) / 3, *grads)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
+  np.testing.assert_allclose(metrics['loss'], np.mean(losses), rtol=1e-6)
+  assert losses[0] < losses[1] < losses[2]  # the ascent raised the loss
+  # not plain PGD's gradient (at the last iterate alone), nor the clean one
+  for other in (grads[0], grads[2]):
+    assert (
+      max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), got, other)))
+      > 1e-4
+    )
+
+
+@pytest.mark.parametrize(
+  'fields,message',
+  [
+    (dict(fraction=0.5), r"config.adversarial.fraction=0.5 does not fit method='freelb'"),
+    (dict(restarts=2), r"config.adversarial.restarts=2 does not fit method='freelb'"),
+  ],
+)
+def test_bad_freelb_config_is_one_line(fields, message):
+  from bigjax.robust import adversarial
+
+  _, task, params, _ = _tiny_text()
+  with pytest.raises(UserError, match=message) as e:
+    adversarial.from_config(_adv_cfg(method='freelb', **fields), task, np.int32, params)
+  assert '\n' not in str(e.value)
+  with pytest.raises(
+    UserError, match=r"method='freelb' perturbs token embeddings, and these inputs are uint8"
+  ):
+    adversarial.from_config(_adv_cfg(method='freelb'), task, np.uint8, params)
+
+
+class _TinyDense(flax.linen.Module):
+  """Features (B, 5) -> Dense 3."""
+
+  @flax.linen.compact
+  def __call__(self, x, train=False):
+    return flax.linen.Dense(3)(x)
+
+
+def test_eps_warmup_ramps_the_radius_linearly_and_zero_changes_nothing():
+  """eps_warmup_steps = 4, FGSM L-inf eps 0.2 on float features (unbounded): the perturbation
+  is 0, 0.1, 0.2, 0.2 in every coordinate at steps 0, 2, 4, 8 (through the train step: step 0's
+  loss is the clean loss, step 4's the full attack's); warm-up 0 is the fixed attack itself."""
+  import optax
+
+  from bigjax import steps
+  from bigjax.robust import adversarial
+  from bigjax.tasks import base, classification
+
+  model, task = _TinyDense(), classification.Task(base.DataInfo(3))
+  rng = np.random.default_rng(0)
+  batch = {
+    'inputs': jnp.asarray(rng.normal(size=(8, 5)), jnp.float32),
+    'label': jnp.asarray(rng.integers(0, 3, 8), jnp.int32),
+  }
+  params = model.init(jax.random.key(0), batch['inputs'])['params']
+  cfg = lambda warmup: _adv_cfg(method='fgsm', norm='linf', eps=0.2, eps_warmup_steps=warmup)
+  ramped = adversarial.from_config(cfg(4), task, np.float32, params)
+  fixed = adversarial.from_config(cfg(0), task, np.float32, params)
+  assert fixed.attack_at(jnp.int32(3)) is fixed.attack
+  for step, eps in ((0, 0.0), (2, 0.1), (4, 0.2), (8, 0.2)):
+    attacked = jax.jit(
+      lambda s: ramped.perturb(model, {'params': params}, batch, None, jax.random.key(1), s)[1]
+    )(jnp.int32(step))
+    moved = np.abs(np.asarray(attacked['inputs'] - batch['inputs']))
+    np.testing.assert_allclose(moved, eps, rtol=1e-6, atol=1e-7)
+
+  def first_loss(adv, step):
+    state = steps.TrainState(jnp.int32(step), params, {}, optax.sgd(0.1).init(params))
+    step_fn = steps.make_train_step(model, task, optax.sgd(0.1), seed=0, adversarial=adv)
+    return float(jax.jit(step_fn)(state, batch)[1]['loss'])
+
+  clean = float(task.loss_and_metrics(model.apply({'params': params}, batch['inputs']), batch)[0])
+  assert first_loss(ramped, 0) == pytest.approx(clean, rel=1e-6)
+  assert first_loss(ramped, 4) == pytest.approx(first_loss(fixed, 0), rel=1e-6)
+  assert first_loss(fixed, 0) > clean + 0.01

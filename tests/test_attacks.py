@@ -162,6 +162,22 @@ def test_eval_reports_robust_accuracy_at_each_eps(one_device_report):
   assert r['robust_accuracy_pgd_linf_0.05'] <= r['robust_accuracy_fgsm_linf_0.05']
 
 
+def test_robust_eval_reads_streamed_data(one_device):
+  """config.data.load='stream' (records read per batch, no host arrays): the attacks run through
+  the eval batches, over the first 100 of the 360 test digits (2 batches of 64, the second cut
+  at 36); at eps 0 the robust accuracy is the clean accuracy of those 100 (untrained model)."""
+  config = digits_cnn()
+  config.data.load = 'stream'
+  config.eval_batch_size = 64
+  config.eval_attacks.update(methods=('fgsm',), eps=(0.0, 0.1), max_examples=100)
+  exp = experiment.build(config, one_device)
+  report, probs = exp.evaluate(exp.compile_eval_step(), exp.create_state(), return_outputs=True)
+  clean = np.mean(probs[:100].argmax(1) == exp.eval_labels()[:100])
+  assert 0 < clean < 1
+  assert report['robust_accuracy_fgsm_linf_0'] == pytest.approx(clean, abs=1e-6)  # float32
+  assert report['robust_accuracy_fgsm_linf_0.1'] < clean
+
+
 @pytest.mark.slow  # a second build and compile on 8 devices, ~30 s
 def test_robust_eval_on_the_mesh_equals_one_device(eval_config, one_device_report):
   config = eval_config.copy_and_resolve_references()

@@ -10,7 +10,8 @@ import pytest
 
 from bigjax import checkpoint, experiment
 from bigjax.compress import distill
-from bigjax.errors import UserError
+from bigjax.data import pipeline
+from bigjax.errors import DataError, UserError
 
 from conftest import load_config
 
@@ -108,6 +109,74 @@ def test_distillation_on_the_mesh_equals_one_device(teachers, one_device):
   np.testing.assert_allclose(
     [m['distill_kl'] for m in metrics], [m['distill_kl'] for m in ref_metrics], rtol=1e-5
   )
+
+
+@pytest.mark.slow  # a build, a compile and a split read: ~35 s on 2 busy cores
+def test_distillation_on_an_unlabelled_split(teachers, one_device):
+  """config.distill.split: the train batches come from train[:3000] and each step also takes a
+  batch of train[3000:] (labels unread). Step 0 (a CNN teacher, an MLP student without
+  dropout): distill_kl is kl_term of the two models on the split's batch (computed here), not on
+  the train batch; task_loss is the train batch's loss; loss = alpha task + (1 - alpha) KL."""
+  config = _student(teachers['cnn'], alpha=0.25, temperature=2.0, split='train[3000:]')
+  config.data.train_split = 'train[:3000]'
+  exp = experiment.build(config, one_device)
+  state = exp.create_state()
+  batch = exp.batches.batch(0)
+  split_inputs = batch[distill.INPUTS]
+  assert split_inputs.shape == batch['inputs'].shape
+  held = load_config('mnist_mlp_student').data
+  rows = pipeline.load_split(held.name, 'train[3000:]')['inputs'].reshape(1000, -1)
+  assert all((rows == x.reshape(1, -1)).all(1).any() for x in split_inputs[:8])  # its rows
+  again = exp.batches.batch(0)[distill.INPUTS]
+  np.testing.assert_array_equal(again, split_inputs)  # a pure function of the step
+  student = {'params': jax.device_get(state.params)}
+  teacher = jax.device_get(state.teacher)
+  _, metrics = exp.compile_train_step()(state, exp.to_global(batch))  # donates the state
+  logits = lambda model, variables, x: model.apply(
+    variables, np.asarray(x, np.float32) / 255.0, train=False
+  )
+  kl = lambda x: float(
+    distill.kl_term(logits(exp.model, student, x), logits(exp.teacher.model, teacher, x), 2.0)
+  )
+  np.testing.assert_allclose(metrics['distill_kl'], kl(split_inputs), rtol=1e-5)
+  assert abs(kl(split_inputs) - kl(batch['inputs'])) > 1e-3  # the other batch would differ
+  task = exp.task.loss_and_metrics(logits(exp.model, student, batch['inputs']), batch)[0]
+  np.testing.assert_allclose(metrics['task_loss'], task, rtol=1e-5)
+  np.testing.assert_allclose(
+    metrics['loss'], 0.25 * metrics['task_loss'] + 0.75 * metrics['distill_kl'], rtol=1e-6
+  )
+
+
+def test_bad_distill_split_is_one_line(teachers, one_device):
+  cases = [
+    (_student('', split='train[3000:]'), r"config.distill.split='train\[3000:\]' needs config"),
+    (
+      _student(teachers['init'], split='nosuch'),
+      r"split 'nosuch' of dataset 'mnist5k' cannot be read",
+    ),
+  ]
+  streamed = _student(teachers['init'], split='test')
+  streamed.data.load = 'stream'
+  cases.append((streamed, r"reads that split into memory; set config.data.load='memory'"))
+  for config, message in cases:
+    with pytest.raises((UserError, DataError), match=message) as e:
+      experiment.build(config, one_device)
+    assert '\n' not in str(e.value)
+
+
+def test_teacher_with_outputs_of_another_shape_is_one_line(teachers, one_device):
+  """distill.load's last check: a teacher whose outputs are not the student's shape (here the
+  student is said to output 3 classes) is refused before anything is written."""
+  from bigjax import steps
+
+  config = _student(teachers['cnn'])
+  exp = experiment.build(_student(), one_device)
+  sample = steps.sample_batch(exp.task, {k: v[:1] for k, v in exp.train_arrays.items()})
+  make = lambda cfg, arch: experiment.make_model(cfg, exp.data, exp.task, arch)
+  with pytest.raises(UserError, match=r'outputs shape \(1, 10\) but the student outputs \(1, 3\)'):
+    distill.load(config.distill, make, sample, (1, 3))
+  teacher = distill.load(config.distill, make, sample, (1, 10))  # the true shape passes
+  assert teacher.temperature == config.distill.temperature
 
 
 def test_bad_teacher_is_one_line(teachers, tmp_path, one_device):

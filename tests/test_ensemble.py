@@ -188,3 +188,75 @@ def test_bad_ensemble_input_is_one_line(one_device, tmp_path):
     combine.combine([str(tmp_path)], devices=one_device)
   with pytest.raises(UserError, match=r"--ood='blur' is unknown; known input shifts: noise"):
     combine.combine([str(tmp_path)], ood=['blur'], devices=one_device)
+
+
+def _run_dir(path, **data):
+  """A digits CNN 'run' (its config.json only: these refusals come before any checkpoint is
+  read), config.data updated from `data`."""
+  config = digits_cnn()
+  config.data.update(**data)
+  os.makedirs(path)
+  with open(os.path.join(path, 'config.json'), 'w') as f:
+    f.write(config.to_json())
+  return str(path)
+
+
+def test_calibration_split_overlapping_a_runs_data_is_one_line(tmp_path, one_device):
+  """The runs train on train[:1200] of the 1,437 training digits and are scored on test: a
+  calibration split sharing a row with either is refused, naming the rows; train[1200:] is not."""
+  run = _run_dir(tmp_path / 'run', train_split='train[:1200]')
+  cases = [
+    ('train[1000:]', r"config.data.train_split='train\[:1200\]' .* \(rows 1000-1199 of 'train'\)"),
+    ('train[80%:]', r"config.data.train_split='train\[:1200\]' .* \(rows 1149-1199 of 'train'\)"),
+    ('test[:10]', r"config.data.eval_split='test' .* \(rows 0-9 of 'test'\)"),
+  ]
+  for split, message in cases:
+    with pytest.raises(UserError, match=r'--calibration_split=.* overlaps ' + message) as e:
+      combine.combine([run], calibration_split=split, devices=one_device)
+    assert '\n' not in str(e.value)
+  exp = combine.build(run, one_device)
+  combine.check_calibration_split([exp], [run], 'train[1200:]')  # disjoint: accepted
+
+
+def test_streamed_runs_are_refused_in_one_line(tmp_path, one_device):
+  run = _run_dir(tmp_path / 'streamed', load='stream')
+  with pytest.raises(UserError, match=r"streams its data .*config.data.load='memory'") as e:
+    combine.combine([run], devices=one_device)
+  assert '\n' not in str(e.value)
+
+
+def test_mc_dropout_with_one_sample_is_one_train_mode_forward(one_device):
+  """combine.predict with 1 dropout sample: the softmax of one train-mode forward pass whose
+  dropout key is fold_in(fold_in(key(seed), batch index), sample 0); 2 samples: the mean of two
+  such passes; and dropout is really on (the eval-mode pass differs)."""
+  import jax.numpy as jnp
+
+  config = digits_cnn()
+  config.model.kwargs.dropout = 0.5
+  config.eval_batch_size = 64
+  exp = experiment.build(config, one_device)
+  state = exp.create_state()
+  arrays = {k: v[:64] for k, v in exp.eval_arrays.items()}  # one eval batch: index 0
+  x = jnp.asarray(arrays['inputs'], jnp.float32) / 255.0
+  variables = {'params': state.params}
+
+  def forward(sample):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(7), 0), sample)
+    return jax.nn.softmax(exp.model.apply(variables, x, train=True, rngs={'dropout': key}))
+
+  one = combine.predict(exp, state, arrays, samples=1, seed=7)
+  np.testing.assert_allclose(one, forward(0), rtol=1e-5, atol=1e-7)
+  two = combine.predict(exp, state, arrays, samples=2, seed=7)
+  np.testing.assert_allclose(two, (forward(0) + forward(1)) / 2, rtol=1e-5, atol=1e-7)
+  plain = combine.predict(exp, state, arrays)
+  assert np.abs(one - plain).max() > 1e-3
+
+
+def test_in_step_ensemble_run_writes_its_reliability_diagram(tmp_path, one_device):
+  """config.ensemble.members = 2: the run's final eval also draws workdir/reliability.png of the
+  members' mean probabilities (what bigjax-ensemble draws for separate runs)."""
+  config = _ensemble_config(2)
+  config.update(num_steps=2, checkpoint_every=2, log_every=2)
+  results = train.train_and_evaluate(config, str(tmp_path), devices=one_device)
+  assert 'ece' in results['eval']
+  assert os.path.getsize(tmp_path / 'reliability.png') > 5000

@@ -102,9 +102,10 @@ def _params(workdir):
   return checkpoint.load_latest(os.path.join(workdir, 'checkpoints'))[1]['params']
 
 
-def _round(local_steps, weight_rows, client_tx):
+def _round(local_steps, weight_rows, client_tx, prox_mu=0.0, with_data=False):
   """One round of a 3-class MLP for one client: S = local_steps steps of 4 rows, the first
-  weight_rows rows of the flattened (S, 4) layout real (weight 1), the rest padding."""
+  weight_rows rows of the flattened (S, 4) layout real (weight 1), the rest padding; the client
+  learning rate 0.05. with_data: also (model, task, initial params, x (S, 4, 5), y (S, 4))."""
   import flax
   import jax.numpy as jnp
   import optax
@@ -124,10 +125,17 @@ def _round(local_steps, weight_rows, client_tx):
   state = steps.TrainState(jnp.zeros((), jnp.int32), params, {}, optax.identity().init(params))
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), mesh_lib.AXES)
   step = round_step.make_round_step(
-    model, task, client_tx, lambda r: 0.05, seed=0, client_sharding=mesh_lib.batch_sharding(mesh)
+    model,
+    task,
+    client_tx,
+    lambda r: 0.05,
+    seed=0,
+    client_sharding=mesh_lib.batch_sharding(mesh),
+    prox_mu=prox_mu,
   )
   data = {'inputs': x, 'label': y, rounds.WEIGHT: weight, rounds.EXAMPLES: np.ones(1, np.float32)}
-  return jax.jit(step)(state, dict(data, **{rounds.CLIENT: np.zeros(1, np.int32)}))
+  out = jax.jit(step)(state, dict(data, **{rounds.CLIENT: np.zeros(1, np.int32)}))
+  return (*out, (model, task, params, x[0], y[0])) if with_data else out
 
 
 @pytest.mark.slow  # >40 s on 2 busy cores: out of the default run (CI runs -m slow)
@@ -143,6 +151,23 @@ def test_padding_rows_and_steps_change_nothing():
   np.testing.assert_allclose(metrics['loss'], ref_metrics['loss'], rtol=1e-6)
   moved, _ = _round(2, 8, optax.adam(1.0))  # the 2 padding rows made real: another result
   assert not np.allclose(moved.params['output']['kernel'], ref.params['output']['kernel'])
+
+
+def test_fedprox_local_step_follows_g_plus_mu_times_the_drift():
+  """FedProx, mu = 2, two local SGD steps (lr 0.05) of one client: the first step from the
+  round's w0 is plain SGD (w = w0: no pull); the second uses g(w1) + mu (w1 - w0). Computed by
+  hand with the task's loss; mu = 0 gives another result."""
+  import optax
+
+  new, _, (model, task, w0, x, y) = _round(2, 8, optax.sgd(1.0), prox_mu=2.0, with_data=True)
+  loss = lambda w, i: task.loss_and_metrics(model.apply({'params': w}, x[i]), {'label': y[i]})[0]
+  sgd = lambda w, g: jax.tree.map(lambda a, b: a - 0.05 * b, w, g)
+  w1 = sgd(w0, jax.grad(loss)(w0, 0))
+  g1 = jax.grad(loss)(w1, 1)
+  w2 = sgd(w1, jax.tree.map(lambda g, a, b: g + 2.0 * (a - b), g1, w1, w0))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new.params, w2)
+  plain, _ = _round(2, 8, optax.sgd(1.0))
+  assert np.abs(plain.params['output']['kernel'] - w2['output']['kernel']).max() > 1e-4
 
 
 # FedAvg round vs centralised full-batch SGD step, 5 of each: only the order of float sums
@@ -198,10 +223,8 @@ def test_fedavg_on_non_iid_shards_reaches_90_percent_on_digits(tmp_path, one_dev
 SHARDED_ATOL = 1e-6
 
 
-@pytest.mark.slow  # >40 s on 2 busy cores: out of the default run (CI runs -m slow)
-@pytest.mark.parametrize(  # 5 clients a round, padded to 8 (default run); 8 (slow pass)
-  'fraction', [0.3125, pytest.param(0.5, marks=pytest.mark.slow)]
-)
+@pytest.mark.slow  # two runs per case, >40 s on 2 busy cores: both cases are in the slow pass
+@pytest.mark.parametrize('fraction', [0.3125, 0.5])  # 5 clients a round, padded to 8; 8 clients
 def test_sharded_rounds_match_one_device(fraction, tmp_path, one_device):
   config = mlp_config(clients=16, client_fraction=fraction, local_epochs=1, local_batch_size=10)
   config.num_steps, config.log_every = 3, 1

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,6 +51,50 @@ def test_two_four_masks_keep_exactly_the_two_largest_of_every_group_of_four():
   kept_min = np.where(dense_groups, w, np.inf).min(axis=1)
   dropped_max = np.where(dense_groups, -np.inf, w).max(axis=1)
   assert (kept_min > dropped_max).all()
+
+
+def _gpt_params(heads, head_dim):
+  """Boxed (logically named) parameters of a 1-layer GPT, embed 32."""
+  from bigjax.models import gpt
+
+  model = gpt.Model(
+    vocab_size=20, num_layers=1, num_heads=heads, embed_dim=heads * head_dim, max_len=8
+  )
+  return model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+
+
+def test_two_four_groups_run_along_an_attention_out_kernels_inputs():
+  """The output projection (heads, head_dim, embed) = (4, 8, 32) contracts heads x head_dim: in
+  its flattened (32 inputs, 32 outputs) matrix every 4 consecutive inputs of every output keep
+  exactly their 2 largest weights. The query kernel (embed, heads, head_dim) groups along embed.
+  Through the optax wrapper after one update, as a run applies it."""
+  import optax
+
+  boxed = _gpt_params(heads=4, head_dim=8)
+  cfg = _cfg(method='n_m', n=2, m=4, params='(out|query)/kernel', begin_step=1)
+  prune.check(cfg, boxed)
+  params = flax.linen.meta.unbox(boxed)
+  tx = prune.wrap(optax.sgd(0.1), cfg, boxed)
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  updates, state = tx.update(zero_grads, tx.init(params), params)
+  pruned = optax.apply_updates(params, updates)
+  attention = lambda p: p['stack']['layer_0']['self_attention']
+  for name, as_matrix in (
+    ('out', lambda k: k.reshape(32, 32)),  # (heads * head_dim, embed)
+    ('query', lambda k: k.reshape(32, 32)),  # (embed, heads * head_dim)
+  ):
+    w = np.abs(np.asarray(as_matrix(attention(params)[name]['kernel'])))
+    kept = np.asarray(as_matrix(attention(pruned)[name]['kernel'])) != 0
+    np.testing.assert_array_equal(
+      kept, np.asarray(as_matrix(attention(state.masks)[name]['kernel']))
+    )
+    groups, wg = kept.reshape(8, 4, 32), w.reshape(8, 4, 32)
+    assert (groups.sum(axis=1) == 2).all(), name
+    assert (np.where(groups, wg, np.inf).min(1) > np.where(groups, -np.inf, wg).max(1)).all()
+  # 2 heads of 16: the out kernel's 32 inputs divide by 4 (its heads axis alone would not)
+  prune.check(cfg, _gpt_params(heads=2, head_dim=16))
+  with pytest.raises(UserError, match=r'config.prune.m=3 does not divide .*out/kernel \(32 inputs'):
+    prune.check(_cfg(method='n_m', n=1, m=3, params='out/kernel'), _gpt_params(2, 16))
 
 
 @pytest.mark.parametrize('scope', ['global', 'layer'])

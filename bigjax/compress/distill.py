@@ -5,7 +5,19 @@
 config.distill fields: teacher (a finished run's workdir: its config.json names the teacher's
 model, its newest checkpoint holds the weights; or a HuggingFace `save_pretrained` directory of a
 family bigjax imports (config.json with a model_type, safetensors weights); '' = off), temperature
-T > 0, alpha in [0, 1].
+T > 0, alpha in [0, 1], split.
+
+split: '' = the KL term on the train batch, as above. Else a split of the same dataset (e.g.
+unlabelled extra examples: 'train[4000:]', 'unlabeled'; its labels are never read) is the
+transfer set of the soft term: each step also takes that split's batch of the step (batch size B,
+its own seeded order, resumable like the train batches) and
+
+  loss = alpha * task loss (train batch) + (1 - alpha) * T^2 * KL(teacher_T || student_T) (split batch)
+
+so alpha = 0 is distillation from the unlabelled split alone. Both models see the split batch with
+the step's augmentation; the student runs in train mode with its own dropout key, and the batch
+statistics it would update there are not kept. In-memory image or feature data only (text views
+and streamed splits are refused).
 The teacher may be another model family than the student; it is built from its own config.model
 with the student's data facts (classes, vocabulary), so its outputs must have the student's shape.
 Its variables live in the train state (`state.teacher`: parameters and model state, no optimizer
@@ -30,6 +42,8 @@ import ml_collections
 import numpy as np
 
 from bigjax.errors import UserError
+
+INPUTS = 'distill_inputs'  # the batch entry holding config.distill.split's inputs
 
 
 def enabled(cfg) -> bool:
@@ -57,6 +71,11 @@ class Teacher:
   temperature: float
   alpha: float
   run_dir: str
+  split: str = ''  # config.distill.split: the KL term's inputs are batch[INPUTS]
+
+  def soft_batch(self, batch: dict) -> dict:
+    """The batch the KL term is taken on with a split: {'inputs': batch[INPUTS]} (B, ...)."""
+    return {'inputs': batch[INPUTS]}
 
   def loss(self, task_loss: jax.Array, metrics: dict, student_out, teacher_out):
     """-> (alpha * task_loss + (1 - alpha) * kl_term, metrics + 'task_loss', 'distill_kl')."""
@@ -115,7 +134,9 @@ def load(
       f'config.distill.teacher={cfg.teacher!r} outputs shape {getattr(out, "shape", out)} but '
       f'the student outputs {tuple(student_out_shape)}; use a teacher trained for this task'
     )
-  return Teacher(model, jax.tree.map(np.asarray, variables), cfg.temperature, cfg.alpha, path)
+  return Teacher(
+    model, jax.tree.map(np.asarray, variables), cfg.temperature, cfg.alpha, path, cfg.split
+  )
 
 
 def _hf_teacher(name: str, path: str, hf_config: dict, make_model, sample: dict):
@@ -156,3 +177,57 @@ def place(variables: dict, like: Any) -> Any:
   return jax.tree.map(
     lambda v, x: jax.device_put(np.asarray(v, x.dtype), x.sharding), variables, like
   )
+
+
+class SplitBatches:
+  """The run's train batches with batch[INPUTS]: the same step's batch of config.distill.split
+  (a pure function of the step too, so resume stays exact)."""
+
+  def __init__(self, train, transfer):
+    import grain
+
+    self.train, self.transfer = train, transfer
+    self.batch_size, self.steps_per_epoch = train.batch_size, train.steps_per_epoch
+    self.dataset = grain.MapDataset.range(1 << 40).map(self.batch)  # lazy, like TrainBatches
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of step `step`: the train batch plus INPUTS (B/P, ...)."""
+    return {**self.train.batch(step), INPUTS: self.transfer.batch(step)['inputs']}
+
+  def iterate(self, start: int, stop: int):
+    """Steps start..stop-1 in order, read ahead as the train batches are."""
+    from bigjax.data import loader
+
+    return loader._iterate(self.dataset[start:stop], self.train.options)  # the loader's own
+
+
+def with_split(config, batches):
+  """build()'s hook: `batches`, or SplitBatches over config.distill.split's inputs when set;
+  UserError for a split without a teacher, text views, standardized or streamed data (the split
+  is read into memory as it is stored), DataError for a split the dataset does not have."""
+  from bigjax.data import inputs as data_inputs
+  from bigjax.data import loader, pipeline
+
+  cfg, d = config.distill, config.data
+  if not cfg.split:
+    return batches
+  if not enabled(cfg):
+    raise UserError(
+      f'config.distill.split={cfg.split!r} needs config.distill.teacher; set one or unset split'
+    )
+  for field, on in (('view', d.view), ('standardize', d.standardize), ('cv_folds', d.cv_folds)):
+    if on:
+      raise UserError(
+        f'config.distill.split={cfg.split!r} reads image or feature records as stored, not with '
+        f'config.data.{field}={on!r}; unset config.distill.split'
+      )
+  if data_inputs.streams(config):
+    raise UserError(
+      f'config.distill.split={cfg.split!r} reads that split into memory; set '
+      "config.data.load='memory' (or unset config.distill.split)"
+    )
+  inputs = pipeline.load_split(d.name, cfg.split, d.data_dir)['inputs']
+  transfer = loader.TrainBatches(
+    {'inputs': inputs}, config.batch_size, config.seed, options=batches.options
+  )
+  return SplitBatches(batches, transfer)

@@ -13,8 +13,10 @@ config.prune fields:
   sparsity   target fraction of pruned weights in [0, 1) (magnitude).
   scope      'global' (one threshold over all pruned layers) | 'layer' (each layer to `sparsity`).
   n, m       N:M structured sparsity (method 'n_m'): in every group of m consecutive weights along
-             a kernel's input axis (axis 0 of a dense kernel, the input-channel axis of a conv
-             kernel), the n largest are kept; sparsity is 1 - n/m.
+             a kernel's input (contraction) axes, flattened, the n largest are kept; sparsity is
+             1 - n/m. See `input_axes`: a dense kernel (in, out) groups along `in`, a conv kernel
+             (H, W, in, out) along its input channels (as NVIDIA's ASP does), an attention output
+             projection (heads, head_dim, embed) along its heads x head_dim inputs.
   schedule   'one_shot' (prune once after begin_step updates) | 'gradual' (Zhu & Gupta 2017:
              s_t = s_f (1 - (1 - (t - begin) / (end - begin))^3), updated every `frequency` steps
              from begin_step to end_step).
@@ -61,10 +63,51 @@ def selected(params, pattern: str) -> Any:
   return jax.tree_util.tree_map_with_path(lambda p, _: bool(regex.search(path_name(p))), params)
 
 
-def group_axis(shape: tuple[int, ...]) -> int:
-  """The input axis along which N:M groups run: conv kernels (H, W, in, out) -> 2, dense kernels
-  (in, out) and DenseGeneral kernels (in, ...) -> 0."""
-  return 2 if len(shape) == 4 else 0
+HEAD_AXES = ('heads', 'kv_heads', 'kv')  # logical names of attention heads and head_dim
+
+
+def input_axes(shape: tuple[int, ...], names: tuple | None = None) -> tuple[int, ...]:
+  """The axes of a kernel that its layer contracts with its input: what an N:M group runs along
+  (flattened in row-major order, so 'consecutive inputs' are consecutive in the flattened input
+  vector). Conv kernels (H, W, in, out) -> (2,): groups of input channels at one kernel position
+  (NVIDIA ASP / Mishra et al. 2021 group along input channels). A kernel whose logical names
+  (`names`) begin with attention heads / head_dim ('heads', 'kv_heads', 'kv'), e.g. an attention
+  output projection (heads, head_dim, embed), contracts those leading axes -> (0, 1). Dense
+  kernels (in, out) and input projections (embed, heads, head_dim) -> (0,)."""
+  if len(shape) == 4:
+    return (2,)
+  lead = 0
+  while names and lead < len(names) - 1 and names[lead] in HEAD_AXES:
+    lead += 1
+  return tuple(range(lead)) if lead else (0,)
+
+
+def _leaf_names(x) -> tuple | None:
+  """The logical axis names of a boxed (nn.Partitioned) parameter, else None."""
+  return tuple(x.names) if isinstance(x, nn.Partitioned) else None
+
+
+def _is_box(x) -> bool:
+  return isinstance(x, nn.meta.AxisMetadata)
+
+
+def layer_input_axes(params) -> list[tuple[int, ...]]:
+  """input_axes of every leaf of `params` (boxed: with their logical names; or plain arrays), in
+  the order of jax.tree.leaves of the unboxed tree."""
+  leaves = jax.tree.leaves(params, is_leaf=_is_box)
+  return [input_axes(tuple(nn.meta.unbox(x).shape), _leaf_names(x)) for x in leaves]
+
+
+def _grouped(w: jax.Array, axes: tuple[int, ...], m: int) -> tuple[jax.Array, Callable]:
+  """w with its input `axes` moved last and flattened into groups of m: (..., in / m, m), and
+  the function that takes an array of that shape back to w's layout."""
+  rest = [i for i in range(w.ndim) if i not in axes]
+  perm = rest + list(axes)
+  moved = jnp.transpose(w, perm)
+  lead = moved.shape[: len(rest)]
+  groups = moved.reshape(*lead, -1, m)
+  inverse = [int(i) for i in np.argsort(perm)]
+  return groups, lambda g: jnp.transpose(g.reshape(moved.shape), inverse)
 
 
 def check(cfg, params) -> None:
@@ -84,11 +127,11 @@ def check(cfg, params) -> None:
     raise UserError(
       f'config.prune.params={cfg.params!r} is not a regular expression ({e})'
     ) from None
-  shapes = {
-    path_name(p): x.shape
-    for (p, x), keep in zip(
-      jax.tree_util.tree_leaves_with_path(nn.meta.unbox(params)), jax.tree.leaves(chosen)
-    )
+  flat = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(params))
+  shapes = {path_name(p): x.shape for (p, x), keep in zip(flat, jax.tree.leaves(chosen)) if keep}
+  axes = {
+    path_name(p): a
+    for (p, _), a, keep in zip(flat, layer_input_axes(params), jax.tree.leaves(chosen))
     if keep
   }
   if not shapes:
@@ -110,11 +153,12 @@ def check(cfg, params) -> None:
         f"config.prune.schedule={cfg.schedule!r}: N:M masks are one-shot; use schedule='one_shot'"
       )
     for name, shape in shapes.items():
-      size = shape[group_axis(shape)]
+      size = int(np.prod([shape[a] for a in axes[name]]))
       if size % cfg.m:
         raise UserError(
-          f'config.prune.m={cfg.m} does not divide {name} (input axis of size {size}, shape '
-          f'{shape}); choose an m that divides it or leave the layer out of config.prune.params'
+          f'config.prune.m={cfg.m} does not divide {name} ({size} inputs: axes {axes[name]} of '
+          f'shape {shape}); choose an m that divides it or leave the layer out of '
+          'config.prune.params'
         )
   if cfg.schedule == 'gradual' and not (cfg.end_step > cfg.begin_step and cfg.frequency >= 1):
     raise UserError(
@@ -164,9 +208,13 @@ def _keep_largest(flat: jax.Array, sparsity: jax.Array) -> jax.Array:
 
 
 @METHODS.register('magnitude')
-def magnitude_masks(cfg, magnitudes: list[jax.Array], sparsity: jax.Array) -> list[jax.Array]:
+def magnitude_masks(
+  cfg, magnitudes: list[jax.Array], sparsity: jax.Array, axes: list | None = None
+) -> list[jax.Array]:
   """|w| of each pruned leaf (any shapes) -> masks of the same shapes: the smallest `sparsity` of
-  all of them together (scope 'global') or of each leaf (scope 'layer') are False."""
+  all of them together (scope 'global') or of each leaf (scope 'layer') are False. (axes: unused,
+  the signature of every method.)"""
+  del axes
   if cfg.scope == 'layer':
     return [_keep_largest(w.ravel(), sparsity).reshape(w.shape) for w in magnitudes]
   keep = _keep_largest(jnp.concatenate([w.ravel() for w in magnitudes]), sparsity)
@@ -175,18 +223,18 @@ def magnitude_masks(cfg, magnitudes: list[jax.Array], sparsity: jax.Array) -> li
 
 
 @METHODS.register('n_m')
-def n_m_masks(cfg, magnitudes: list[jax.Array], sparsity: jax.Array) -> list[jax.Array]:
+def n_m_masks(
+  cfg, magnitudes: list[jax.Array], sparsity: jax.Array, axes: list | None = None
+) -> list[jax.Array]:
   """|w| of each pruned kernel -> masks keeping the n largest of every m consecutive weights
-  along its input axis (`group_axis`); exactly n non-zeros per group."""
+  along its input axes (axes[i] for kernel i, default `input_axes(shape)`), flattened; exactly n
+  non-zeros per group."""
   del sparsity
   masks = []
-  for w in magnitudes:
-    axis = group_axis(w.shape)
-    moved = jnp.moveaxis(w, axis, -1)  # (..., in)
-    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // cfg.m, cfg.m)
+  for i, w in enumerate(magnitudes):
+    groups, back = _grouped(w, axes[i] if axes else input_axes(w.shape), cfg.m)
     rank = jnp.argsort(jnp.argsort(-groups, axis=-1, stable=True), axis=-1)
-    keep = (rank < cfg.n).reshape(moved.shape)
-    masks.append(jnp.moveaxis(keep, -1, axis))
+    masks.append(back(rank < cfg.n))
   return masks
 
 
@@ -199,14 +247,17 @@ class PruneState(NamedTuple):
   inner: Any
 
 
-def wrap(tx: optax.GradientTransformation, cfg) -> optax.GradientTransformation:
+def wrap(tx: optax.GradientTransformation, cfg, params=None) -> optax.GradientTransformation:
   """`tx` whose updates keep pruned weights exactly 0 and that re-computes the masks on the
-  schedule's steps, from the magnitudes of the weights after that step's update.
+  schedule's steps, from the magnitudes of the weights after that step's update. params: the
+  (abstract) boxed parameters, whose logical axis names give N:M groups their input axes
+  (layer_input_axes; None: from the shapes alone).
 
   Pruned weights get the update -w (w + (-w) == 0 exactly in IEEE arithmetic), so they are 0 after
   every step, whatever the inner optimizer does (momentum, weight decay)."""
   schedule = SCHEDULES.get(cfg.schedule)(cfg, target_sparsity(cfg))
   make_masks = METHODS.get(cfg.method)
+  layout = layer_input_axes(params) if params is not None else None
 
   def init(params):
     return PruneState(
@@ -221,7 +272,8 @@ def wrap(tx: optax.GradientTransformation, cfg) -> optax.GradientTransformation:
     old = jax.tree.leaves(masks)
     # Pruned weights count as 0, so a growing sparsity never brings them back.
     mags = [jnp.abs(jnp.where(m, p, 0)) for p, m, c in zip(leaves, old, chosen) if c]
-    fresh = iter(make_masks(cfg, mags, sparsity))
+    axes = [a for a, c in zip(layout or layer_input_axes(params), chosen) if c]
+    fresh = iter(make_masks(cfg, mags, sparsity, axes))
     return jax.tree.unflatten(treedef, [next(fresh) if c else m for m, c in zip(old, chosen)])
 
   def update(updates, state, params=None):

@@ -16,8 +16,10 @@ config.quantize fields:
 
 Qwix 0.1.8 serves our Linen modules and jax 0.10.2 (checked in ENVIRONMENT_NOTES.md): it intercepts
 `jax.lax.dot_general`/`conv_general_dilated`/`jnp.einsum` inside the module, so no model file
-changes. With int8 weights and activations the compiled ops are s8 x s8 -> s32 dots and
-convolutions (accumulated in int32, `preferred_element_type`), rescaled to float after.
+changes. With int8 weights and activations the lowered ops are i8 x i8 -> i32 dots and
+convolutions (`preferred_element_type`), rescaled to float after. XLA:CPU runs the dots as
+s8 x s8 -> s32; it has no int8 convolution, so it widens a conv's s8 operands to s32 first
+(tests/test_quantize.py). Neither uses the CPU's VNNI instructions in a measurable way here.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def _kernels(params) -> dict[str, tuple[int, ...]]:
 def check(cfg, model: nn.Module, sample_x: jax.Array) -> None:
   """UserError naming the config.quantize field for an unknown mode, dtype or calibration, a
   layers pattern that matches no weight, a conv asked for weight-only or mixed types, or a
-  matched layer whose weights Qwix does not quantize (e.g. an nn.Embed lookup).
+  matched layer whose weights Qwix does not quantize (e.g. an nn.Embed lookup), or int4
+  activations with int4 weights (XLA rejects int4 x int4 dots).
 
   sample_x: a prepared model input batch (B, ...)."""
   if not enabled(cfg):
@@ -98,6 +101,11 @@ def check(cfg, model: nn.Module, sample_x: jax.Array) -> None:
     raise UserError(
       f'config.quantize.calibration={cfg.calibration!r} is unknown; use one of '
       f'{", ".join(CALIBRATIONS)}'
+    )
+  if cfg.act_dtype == 'int4' and cfg.weight_dtype == 'int4':  # XLA's hlo verifier rejects it
+    raise UserError(
+      "config.quantize.act_dtype='int4' with weight_dtype='int4': XLA cannot compile int4 x int4 "
+      "dots on CPU or GPU; use act_dtype='int8' (or '' for weight-only int4)"
     )
   try:
     regex = re.compile(cfg.layers)
@@ -147,18 +155,24 @@ def ptq_model(model: nn.Module, cfg) -> nn.Module:
   return qwix.quantize_model(model, qwix.PtqProvider(rules(cfg, training=False)))
 
 
-def calibrate(model: nn.Module, cfg, params, model_state: dict, inputs: list[jax.Array]) -> dict:
-  """Activation statistics ('quant_stats' collection) of the float `params` over `inputs`
-  (a list of (B, ...) model-input batches), through the QAT-provider model."""
+def calibrate(model: nn.Module, cfg, params, model_state: dict, batches: list[dict]) -> dict:
+  """Activation statistics ('quant_stats' collection) of the float `params` over `batches`
+  (prepared batches as the model sees them: {'inputs': (B, ...)[, 'segment_ids', 'positions']},
+  after task.prepare), through the QAT-provider model."""
+  from bigjax import steps
+
   qat = qat_model(model, cfg)
   state = {k: v for k, v in model_state.items() if k != 'quant_stats'}
-  stats = qat.init(jax.random.key(0), inputs[0]).get('quant_stats', {})
-  stats = jax.tree.map(jnp.zeros_like, stats)  # init already counted the first batch once
+  init = steps.apply_model(
+    qat, None, batches[0], train=False, init_rngs={'params': jax.random.key(0)}
+  )
+  stats = jax.tree.map(jnp.zeros_like, init.get('quant_stats', {}))  # init counted batch 0 once
   # Not jitted: Qwix 0.1.8 updates the statistics inside a custom_vjp, which leaks a tracer
   # under jit (see static_scales); a few eager batches cost about a second.
-  for x in inputs:
+  for batch in batches:
     variables = {'params': params, **state, 'quant_stats': stats}
-    stats = qat.apply(variables, x, mutable=['quant_stats'])[1]['quant_stats']
+    _, new = steps.apply_model(qat, variables, batch, train=False, mutable=['quant_stats'])
+    stats = new['quant_stats']
   return stats
 
 
@@ -192,8 +206,11 @@ def flat_arrays(qparams, cfg) -> dict[str, np.ndarray]:
   two per byte into uint8, fp8 as its raw uint8 bits)."""
   out = {}
   for path, x in jax.tree_util.tree_leaves_with_path(qparams):
-    name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
-    name = name.replace('/array', '').replace('/qvalue', '.qvalue').replace('/scale', '.scale')
+    # dict keys are the module path ('.../norm/scale' is a norm's scale); the attributes of a
+    # quantized leaf (WithAux.array.qvalue / .scale) become the suffix '.qvalue' / '.scale'
+    keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+    attrs = [k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey) and k.name != 'array']
+    name = '/'.join(keys) + ''.join(f'.{a}' for a in attrs)
     a = np.asarray(x)
     if cfg.weight_dtype == 'int4' and name.endswith('.qvalue'):
       nibbles = (a.astype(np.int8).ravel() & 0xF).astype(np.uint8)
@@ -205,14 +222,54 @@ def flat_arrays(qparams, cfg) -> dict[str, np.ndarray]:
   return out
 
 
-def _ms_per_batch(fn, variables, x, repeats: int = 10) -> float:
-  jax.block_until_ready(fn(variables, x))
+def _ms_per_batch(fn, variables, batch, repeats: int = 10) -> float:
+  jax.block_until_ready(fn(variables, batch))
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(variables, x))
+    jax.block_until_ready(fn(variables, batch))
     times.append(time.perf_counter() - t0)
   return float(np.median(times) * 1e3)
+
+
+def prepared(exp, batch: dict) -> dict:
+  """A host batch of the run -> the batch its model sees: task.prepare with the eval step's
+  fixed key (a causal-LM window (B, T + 1) becomes inputs and targets (B, T))."""
+  return exp.task.prepare(jax.tree.map(jnp.asarray, batch), jax.random.key(exp.config.seed))
+
+
+def quantize_run(exp, params, model_state: dict) -> tuple[nn.Module, nn.Module, dict, int]:
+  """(float model, PTQ model, the PTQ model's variables, their bytes) for a run's float `params`
+  and `model_state` (single-device jax arrays: Qwix finds a module's weight by identity, and
+  numpy arrays are copied). Activations (static_scales) are calibrated on
+  config.quantize.calibration_batches training batches; QAT runs' parameters are quantized the
+  same way, with dynamic activation scales."""
+  from bigjax import experiment, init_from, steps
+
+  config = exp.config
+  cfg = config.quantize
+  base = experiment.make_model(  # the float model (a QAT run's too)
+    config.model, exp.data, exp.task, init_from.hf_architecture(config)
+  )
+  stats = {}
+  if static_scales(cfg):
+    batches = [prepared(exp, exp.batches.batch(i)) for i in range(cfg.calibration_batches)]
+    stats = calibrate(base, cfg, params, model_state, batches)
+  sample = steps.prepare_inputs(prepared(exp, exp.batches.batch(0))['inputs'], None, None)
+  qparams, qbytes = quantized_params(base, cfg, params, stats, sample)
+  others = {k: v for k, v in model_state.items() if k != 'quant_stats'}
+  return base, ptq_model(base, cfg), {'params': qparams, **others}, qbytes
+
+
+def _eval_fn(exp, model: nn.Module):
+  """jitted (variables, host eval batch) -> the task's per-example eval outputs."""
+  from bigjax import steps
+
+  def run(variables, batch):
+    batch = exp.task.prepare(batch, jax.random.key(exp.config.seed))
+    return exp.task.eval_outputs(steps.apply_model(model, variables, batch, train=False), batch)
+
+  return jax.jit(run)
 
 
 def report(exp, state) -> dict[str, float]:
@@ -222,37 +279,22 @@ def report(exp, state) -> dict[str, float]:
 
   PTQ: the float parameters, activations calibrated on config.quantize.calibration_batches
   training batches. QAT: the trained parameters, dynamic activation scales (static_scales)."""
-  from bigjax import experiment, steps
-
-  cfg = exp.config.quantize
-  base = experiment.make_model(exp.config.model, exp.data, exp.task)  # the float model (QAT: too)
-  # jax arrays on one device: Qwix finds a module's weight by identity (numpy ones are copied).
   params = jax.tree.map(jnp.asarray, jax.device_get(state.params))
   model_state = jax.tree.map(jnp.asarray, jax.device_get(state.model_state))
-  prepare = lambda b: steps.prepare_inputs(jnp.asarray(b['inputs']), None, None)
-  stats = {}
-  if static_scales(cfg):
-    inputs = [prepare(exp.batches.batch(i)) for i in range(cfg.calibration_batches)]
-    stats = calibrate(base, cfg, params, model_state, inputs)
-  first = prepare(next(exp.eval_batches()))
-  qparams, qbytes = quantized_params(base, cfg, params, stats, first)
-  ptq = ptq_model(base, cfg)
-  others = {k: v for k, v in model_state.items() if k != 'quant_stats'}
-  quant_fn = jax.jit(lambda v, x: ptq.apply(v, x, train=False))
-  float_fn = jax.jit(lambda v, x: base.apply(v, x, train=False))
-  outputs = []
-  for batch in exp.eval_batches():
-    logits = quant_fn({'params': qparams, **others}, prepare(batch))
-    outputs.append(jax.device_get(exp.task.eval_outputs(logits, batch)))
-  n = len(exp.eval_arrays['inputs'])
+  base, ptq, qvariables, qbytes = quantize_run(exp, params, model_state)
+  others = {k: v for k, v in qvariables.items() if k != 'params'}
+  quant_fn, float_fn = _eval_fn(exp, ptq), _eval_fn(exp, base)
+  outputs = [jax.device_get(quant_fn(qvariables, batch)) for batch in exp.eval_batches()]
+  n = exp.eval_loader.num_examples
   outputs = jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *outputs)
-  evals = exp.task.eval_report(outputs, exp.eval_arrays.get('label'))
+  evals = exp.task.eval_report(outputs, exp.eval_labels())
   out = {f'quant_{k}': float(v) for k, v in evals.items() if np.ndim(v) == 0}
+  first = next(exp.eval_batches())
   out.update(
     float_bytes=float(param_bytes(params)),
     quant_bytes=float(qbytes),
     float_ms=_ms_per_batch(float_fn, {'params': params, **others}, first),
-    quant_ms=_ms_per_batch(quant_fn, {'params': qparams, **others}, first),
+    quant_ms=_ms_per_batch(quant_fn, qvariables, first),
   )
   return out
 
@@ -265,7 +307,7 @@ def write_quantized(run_dir: str, path: str, cfg=None) -> int:
   import io
   import os
 
-  from bigjax import checkpoint, config_lib, experiment, init_from, reporting, steps
+  from bigjax import checkpoint, config_lib, experiment, init_from, reporting
 
   config = config_lib.saved_config(os.path.join(run_dir, 'config.json'))
   if cfg is not None:
@@ -276,14 +318,8 @@ def write_quantized(run_dir: str, path: str, cfg=None) -> int:
   _, state = checkpoint.load_latest(init_from.checkpoint_dir(run_dir))
   params = jax.tree.map(jnp.asarray, state['params'])
   model_state = jax.tree.map(jnp.asarray, state.get('model_state', {}))
-  base = experiment.make_model(config.model, exp.data, exp.task)
-  prepare = lambda b: steps.prepare_inputs(jnp.asarray(b['inputs']), None, None)
-  stats = {}
-  if static_scales(config.quantize):
-    inputs = [prepare(exp.batches.batch(i)) for i in range(config.quantize.calibration_batches)]
-    stats = calibrate(base, config.quantize, params, model_state, inputs)
-  qparams, _ = quantized_params(base, config.quantize, params, stats, prepare(exp.batches.batch(0)))
+  _, _, qvariables, _ = quantize_run(exp, params, model_state)
   buffer = io.BytesIO()
-  np.savez(buffer, **flat_arrays(qparams, config.quantize))  # type: ignore[arg-type]
+  np.savez(buffer, **flat_arrays(qvariables['params'], config.quantize))  # type: ignore[arg-type]
   reporting.write_atomic(path, buffer.getvalue())
   return os.path.getsize(path)

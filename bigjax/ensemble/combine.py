@@ -2,16 +2,19 @@
 
   bigjax-ensemble --workdirs=runs/s0,runs/s1,runs/s2 --outdir=runs/ens3 \
       [--calibration_split='train[3500:]'] [--ood=rotate90,noise]
+      (runs trained with --config.data.train_split='train[:3500]')
   bigjax-ensemble --workdirs=runs/dropout --mc_dropout=20 --outdir=runs/mc20
 
 Each run is rebuilt from its config.json on this machine's mesh and restored from its newest
 checkpoint; its class probabilities on the eval split (the first run's config.data.eval_split)
-are computed by one jitted step per batch and the members' probabilities are averaged (Lakshminarayanan et
-al. 2017). --mc_dropout=T instead averages T forward passes with dropout on (Gal & Ghahramani 2016;
-one run, whose model must have dropout and no batch norm). --calibration_split: a split of the
-same dataset, held out from training, on which a temperature is fitted (Guo et al. 2017) and
-applied to the eval predictions. --ood: shifted eval inputs (bigjax.ensemble.shifts) whose
-predictive entropy and confidence are reported. Writes OUTDIR/report.json, OUTDIR/reliability.png
+are computed by one jitted step per batch and the members' probabilities are averaged
+(Lakshminarayanan et al. 2017). --mc_dropout=T instead averages T forward passes with dropout on
+(Gal & Ghahramani 2016; one run, whose model must have dropout and no batch norm).
+--calibration_split: a split of the same dataset that shares no example with any run's train or
+eval split (refused otherwise), on which a temperature is fitted (Guo et al. 2017) and applied to
+the eval predictions. --ood: shifted eval inputs (bigjax.ensemble.shifts) whose predictive
+entropy and confidence are reported. Runs that stream their data are refused (the eval split is
+read into memory). Writes OUTDIR/report.json, OUTDIR/reliability.png
 (and reliability_calibrated.png) and prints one line per section.
 """
 
@@ -28,18 +31,32 @@ import numpy as np
 from bigjax import checkpoint as checkpoint_lib
 from bigjax import cli, config_lib, experiment, steps
 from bigjax import mesh as mesh_lib
-from bigjax.data import pipeline
+from bigjax.data import inputs as data_inputs
+from bigjax.data import pipeline, sources
 from bigjax.ensemble import shifts, uncertainty
 from bigjax.errors import UserError
 from bigjax.reporting import write_json_atomic
 
 
-def load(workdir: str, devices=None) -> tuple[experiment.Experiment, Any]:
-  """(Experiment rebuilt from workdir/config.json, its newest checkpoint's state on the mesh)."""
+def build(workdir: str, devices=None) -> experiment.Experiment:
+  """The Experiment of the run in `workdir`, rebuilt from its config.json; UserError without a
+  config.json or for a run that streams its data (combining reads the eval split into memory)."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise UserError(f'--workdirs: {workdir} holds no config.json; give finished bigjax runs')
   exp = experiment.build(config_lib.saved_config(path), devices)
+  if isinstance(exp.eval_arrays, data_inputs.NotInMemory):
+    raise UserError(
+      f'--workdirs: {workdir} streams its data (config.data.load='
+      f"{exp.config.data.load!r}) and bigjax-ensemble needs its eval split in memory; combine "
+      "runs trained with config.data.load='memory', or train one run with "
+      'config.ensemble.members=N (its eval streams)'
+    )
+  return exp
+
+
+def restore(exp: experiment.Experiment, workdir: str) -> Any:
+  """The newest checkpoint's train state of the run in `workdir`, on exp's mesh."""
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
   try:
     state, _ = ckpt.restore_latest(exp.abstract)
@@ -47,7 +64,39 @@ def load(workdir: str, devices=None) -> tuple[experiment.Experiment, Any]:
     ckpt.close()
   if state is None:
     raise UserError(f'--workdirs: {workdir} holds no checkpoint; train it first')
-  return exp, state
+  return state
+
+
+def load(workdir: str, devices=None) -> tuple[experiment.Experiment, Any]:
+  """(Experiment rebuilt from workdir/config.json, its newest checkpoint's state on the mesh)."""
+  exp = build(workdir, devices)
+  return exp, restore(exp, workdir)
+
+
+def _rows(name: str, split: str, data_dir) -> tuple[str, int, int]:
+  """A split string ('train[3500:]', 'train[90%:]') -> (split name, first row, end row)."""
+  base = split.split('[')[0]
+  size = len(sources.open_split(name, base, data_dir))
+  return sources._split_range(name, split, {base: size})  # the loaders' own slice rules
+
+
+def check_calibration_split(exps: list[experiment.Experiment], workdirs, split: str) -> None:
+  """UserError when `split` shares an example with a run's train split (or its eval split): a
+  temperature fitted there would be fitted on what the runs trained (or are scored) on."""
+  for exp, workdir in zip(exps, workdirs):
+    d = exp.config.data
+    if d.standardize:
+      raise UserError('--calibration_split with config.data.standardize is not supported')
+    name, lo, hi = _rows(d.name, split, d.data_dir)
+    for field in ('train_split',) if d.cv_folds else ('train_split', 'eval_split'):
+      used, start, stop = _rows(d.name, d[field], d.data_dir)
+      if used == name and max(lo, start) < min(hi, stop):
+        raise UserError(
+          f'--calibration_split={split!r} overlaps config.data.{field}={d[field]!r} of '
+          f'{workdir} (rows {max(lo, start)}-{min(hi, stop) - 1} of {name!r}); calibrate on '
+          "examples the runs neither train nor are evaluated on (e.g. train the runs on "
+          "'train[:3500]' and calibrate on 'train[3500:]')"
+        )
 
 
 def _predict_step(exp: experiment.Experiment, samples: int, seed: int):
@@ -142,9 +191,11 @@ def combine(
     raise UserError(f'--mc_dropout={mc_dropout} takes one run, not {len(workdirs)}')
   for name in ood:
     shifts.SHIFTS.check(name)
-  loaded = [load(w, devices) for w in workdirs]
-  exps = [exp for exp, _ in loaded]
+  exps = [build(w, devices) for w in workdirs]
   _same_data(exps, list(workdirs))
+  if calibration_split:
+    check_calibration_split(exps, workdirs, calibration_split)
+  loaded = [(exp, restore(exp, w)) for exp, w in zip(exps, workdirs)]
   check_mc_dropout(exps[0], loaded[0][1], mc_dropout)
   seed = exps[0].config.seed
 
@@ -163,8 +214,6 @@ def combine(
   }
   if calibration_split:
     d = exps[0].config.data
-    if d.standardize:
-      raise UserError('--calibration_split with config.data.standardize is not supported')
     held_out = pipeline.load_split(d.name, calibration_split, d.data_dir)
     t = uncertainty.fit_temperature(mean_probs(held_out), np.asarray(held_out['label']))
     calibrated = uncertainty.with_temperature(probs, t)

@@ -91,7 +91,7 @@ class Attack:
 
   method: str
   norm: str
-  eps: float
+  eps: float | jax.Array  # traced under vmap over radii, or an eps warm-up
   steps: int = 10
   step_size: float = 0.0
   random_start: bool = True
@@ -102,18 +102,18 @@ class Attack:
     """'pgd_linf_0.1': the suffix of the eval report's robust_accuracy_<name> key."""
     return f'{self.method}_{self.norm}_{self.eps:g}'
 
-  def schedule(self) -> tuple[int, float, bool, int]:
+  def schedule(self) -> tuple[int, float | jax.Array, bool, int]:
     """(steps, step size, random start, restarts) this attack runs."""
     return METHODS.get(self.method)(self)
 
 
 @METHODS.register('fgsm')
-def _fgsm(a: Attack) -> tuple[int, float, bool, int]:
+def _fgsm(a: Attack) -> tuple[int, float | jax.Array, bool, int]:
   return 1, a.eps, False, 1
 
 
 @METHODS.register('pgd')
-def _pgd(a: Attack) -> tuple[int, float, bool, int]:
+def _pgd(a: Attack) -> tuple[int, float | jax.Array, bool, int]:
   return a.steps, a.step_size or 2.5 * a.eps / a.steps, a.random_start, a.restarts
 
 
@@ -205,6 +205,28 @@ def perturb(
   best, _ = jax.lax.fori_loop(1, restarts, body, (first, score(first)))
   chex.assert_equal_shape((best, x))
   return best
+
+
+def ascent_path(loss_fn: LossFn, x: jax.Array, rng: jax.Array, attack: Attack) -> jax.Array:
+  """The first `steps` iterates of one PGD start from the clean x (B, ...), unbounded: (steps, B,
+  ...) = x_0 (the random start, or x), x_1, ..., x_{steps-1}: the points at which FreeLB (Zhu et
+  al. 2020) takes its parameter gradients (the last ascent step's result is not used). Iterate
+  t + 1 is iterate t moved by step_size along the norm's direction of the loss gradient, then
+  projected onto the eps-ball around x, as in `perturb`."""
+  chex.assert_type(x, float)
+  steps, step_size, random_start, _ = attack.schedule()
+  norm = NORMS.get(attack.norm)
+  x0 = jax.lax.stop_gradient(x)
+  grad = jax.grad(lambda x: jnp.sum(loss_fn(x)))
+  start = x0 + norm.sample(rng, x0.shape, attack.eps) if random_start else x0
+
+  def body(x, _):
+    x = x + step_size * norm.direction(grad(x))
+    x = x0 + norm.project(x - x0, attack.eps)
+    return x, x
+
+  _, rest = jax.lax.scan(body, start, None, length=steps - 1)
+  return jax.lax.stop_gradient(jnp.concatenate([start[None], rest]))
 
 
 def perturbation_size(x_adv: jax.Array, x: jax.Array, norm: str) -> jax.Array:

@@ -9,6 +9,8 @@ shardings; their random starts come from (config.seed, batch index), so an eval 
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Any
 
 import jax
@@ -17,7 +19,6 @@ import numpy as np
 
 from bigjax import mesh as mesh_lib
 from bigjax import steps
-from bigjax.data import pipeline
 from bigjax.errors import UserError
 from bigjax.robust import attacks, objective
 from bigjax.tasks import base as task_base
@@ -107,25 +108,26 @@ class RobustEval:
 
   def report(self, exp, state) -> dict[str, float]:
     """{'robust_accuracy_<attack name>': fraction of the (first max_examples) eval examples still
-    classified correctly under that attack}."""
+    classified correctly under that attack}. Reads the eval split through exp.eval_batches(), so
+    in-memory and streamed data (config.data.load) are attacked alike."""
     if self._compiled is None:
       self._compiled = jax.jit(
         self._step,
         in_shardings=(exp.shardings, exp.batch_sharding, mesh_lib.replicated(exp.mesh)),
         out_shardings=exp.batch_sharding,
       )
-    arrays = exp.eval_arrays
+    n = exp.eval_loader.num_examples
     if self.cfg.max_examples:
-      arrays = {k: v[: self.cfg.max_examples] for k, v in arrays.items()}
+      n = min(n, self.cfg.max_examples)
+    batches = itertools.islice(exp.eval_batches(), math.ceil(n / exp.config.eval_batch_size))
     correct = []
-    for i, batch in enumerate(pipeline.eval_batches(arrays, exp.config.eval_batch_size)):
+    for i, batch in enumerate(batches):
       out = self._compiled(state, exp.to_global(batch), jnp.int32(i))
       if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         out = multihost_utils.process_allgather(out, tiled=True)
       correct.append(jax.device_get(out))
-    n = len(arrays['inputs'])
     return {
       f'robust_accuracy_{a.name}': float(np.concatenate([c[a.name] for c in correct])[:n].mean())
       for a in self.attacks

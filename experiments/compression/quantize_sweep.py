@@ -9,7 +9,8 @@ training batches (static absmax scales) and evaluated as int8 ('quant_accuracy')
 with fake quantization (straight-through gradients, dynamic activation scales); 'accuracy' is the
 fake-quantized eval, 'quant_accuracy' the converted int8 model's. Bytes: parameters in float32
 against int8 weights + float32 scales and biases. *_ms: median time of one jitted eval batch of
-512 on this CPU, float against int8 (s8 x s8 -> s32 dots and convolutions).
+512 on this CPU, float against int8 (XLA:CPU: s8 x s8 -> s32 dots; convolutions on s8 values
+widened to s32).
 """
 
 from bigjax import sweep

@@ -6,8 +6,8 @@ rounds to a target test accuracy, IID vs pathological non-IID clients, C in {0.1
 K = 100 clients over mnist5k's 4,000 training digits (40 each): 'iid' (a random 40) or 'shards'
 (sorted by label, 200 single-label shards of ~20, 2 per client). Client SGD at lr 0.1 for every
 algorithm (the paper tuned lr per setting; this CPU budget could not). Presets (zipped): FedSGD
-(E=1, B=inf) and FedAvg (B=10, E=1 or 5) at C=0.1, and FedAvg E=1, B=10 at C=1.0, each with its
-own round cap and eval interval (the resolution of 'rounds to target'). centralised_sweep.py
+(E=1, B=inf) and FedAvg (B=10, E=1 or 5) at C=0.1, and FedAvg B=10, E=1 or 5 at C=1.0, each with
+its own round cap and eval interval (the resolution of 'rounds to target'). centralised_sweep.py
 trains the same MLP on the pooled data; cnn_sweep.py is the CNN version (too slow for this
 machine). The plot hook writes rounds_to_target.md/.csv and accuracy_vs_rounds.png.
 """
@@ -42,11 +42,11 @@ def get_sweep():
     },
     settings=sweep.product(
       sweep.zip_axes(
-        sweep.axis('federated.client_fraction', [0.1, 0.1, 0.1, 1.0], label='C'),
-        sweep.axis('federated.local_epochs', [1, 1, 5, 1], label='E'),
-        sweep.axis('federated.local_batch_size', [0, 10, 10, 10], label='B'),
-        sweep.axis('num_steps', [150, 80, 40, 20], label='rounds'),
-        sweep.axis('eval_every', [10, 5, 2, 2], label='eval'),
+        sweep.axis('federated.client_fraction', [0.1, 0.1, 0.1, 1.0, 1.0], label='C'),
+        sweep.axis('federated.local_epochs', [1, 1, 5, 1, 5], label='E'),
+        sweep.axis('federated.local_batch_size', [0, 10, 10, 10, 10], label='B'),
+        sweep.axis('num_steps', [150, 80, 40, 20, 20], label='rounds'),
+        sweep.axis('eval_every', [10, 5, 2, 2, 2], label='eval'),
       ),
       sweep.axis('federated.split', ['iid', 'shards'], label='split'),
     ),
