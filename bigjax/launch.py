@@ -9,12 +9,13 @@ submitit submits one job of N x M tasks; `srun` starts one bigjax.train process 
 id) with no config.distributed flags. Each process reads its own rows of every batch; process 0
 writes DIR, which must be on a filesystem every node sees (checked with a marker file read inside
 a tiny job). The job asks for a signal `--signal_s` seconds before its time limit: the run saves a
-checkpoint and the job is requeued (up to --timeouts times), continuing bitwise. The SLURM scripts
-and one log per task are in DIR/slurm/.
+checkpoint and the job is requeued (up to --timeouts times), continuing bitwise. Task 0's output is
+appended to DIR/log.txt (as a sweep run's is to its log.txt), the other tasks' to their SLURM logs;
+the SLURM scripts and one SLURM log per task are in DIR/slurm/.
 
 The command waits for the job and exits with 0 when it completed, 1 when it failed (with the end of
-task 0's log); Ctrl-C (or SIGTERM) cancels the job (the run saves first). --nowait returns once
-the job is submitted.
+DIR/log.txt and of task 0's SLURM log, as a failed sweep run is shown); Ctrl-C (or SIGTERM) cancels
+the job (the run saves first). --nowait returns once the job is submitted.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from bigjax.cluster import resources as resources_lib
 from bigjax.cluster import slurm
 from bigjax.cluster.train_job import TrainJob
 from bigjax.errors import UserError
-from bigjax.sweep.launchers.base import log_tail
+from bigjax.sweep.launchers.base import LOG_NAME, log_tail
 
 LAUNCHERS = registry.Registry('launchers', '--launcher')
 
@@ -39,24 +40,27 @@ LAUNCHERS = registry.Registry('launchers', '--launcher')
 @LAUNCHERS.register('slurm')
 def launch_slurm(train_args: Sequence[str], workdir: str, r: resources_lib.Resources, wait: bool):
   """Submits bigjax.train `train_args` as one SLURM job of r.nodes x r.tasks_per_node tasks, its
-  scripts and logs in `workdir`/slurm; with `wait`, follows it and returns its exit status."""
+  scripts and SLURM logs in `workdir`/slurm, task 0's output in `workdir`/log.txt; with `wait`,
+  follows it and returns its exit status."""
   folder = os.path.join(workdir, 'slurm')
   slurm.check(r, folder)
   ex = slurm.executor(folder, r, f'bigjax-train:{os.path.basename(workdir)}', 1)
-  job = ex.submit(TrainJob(train_args, os.getcwd(), None, slurm.task_env(r), 'bigjax-launch'))
+  log = os.path.join(workdir, LOG_NAME)
+  job = ex.submit(TrainJob(train_args, os.getcwd(), log, slurm.task_env(r), 'bigjax-launch'))
   logs = os.path.join(folder, f'{job.job_id}_<task>_log.out|.err')
   print(
     f'bigjax: submitted SLURM job {job.job_id} ({r.nodes} node(s) x {r.tasks_per_node} task(s)); '
-    f'logs: {logs}',
+    f'output: {log}; SLURM logs: {logs}',
     file=sys.stderr,
   )
   if not wait:
     return 0
-  return _follow(job)
+  return _follow(job, log)
 
 
-def _follow(job) -> int:
-  """Prints the job's state changes until it ends; cancels it on Ctrl-C / SIGTERM."""
+def _follow(job, log: str) -> int:
+  """Prints the job's state changes until it ends, then for a failed job the end of `log` (task 0's
+  output) and of its SLURM log; cancels the job on Ctrl-C / SIGTERM."""
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
   outcome, shown = slurm.Outcome(job), ''
   try:
@@ -77,9 +81,8 @@ def _follow(job) -> int:
   if state == 'done':
     return 0
   print(
-    f'bigjax: SLURM job {job.job_id} failed ({why}); last lines of {job.paths.stderr}:\n'
-    f'{log_tail(str(job.paths.stderr))}\n  and of {job.paths.stdout}:\n'
-    f'{log_tail(str(job.paths.stdout), 6)}',
+    f'bigjax: SLURM job {job.job_id} failed ({why}); last lines of {log}:\n{log_tail(log)}\n'
+    f'  last lines of the SLURM log {job.paths.stderr}:\n{log_tail(str(job.paths.stderr), 6)}',
     file=sys.stderr,
   )
   return 1

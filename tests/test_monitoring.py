@@ -1,9 +1,12 @@
 """Watching a run: console eval lines with the learning rate, TensorBoard scalars (lr, steps/s)
-and an HParams entry, a W&B offline run, and a jax.profiler trace of config.profile_steps."""
+and an HParams entry, a W&B offline run (its config and scalars read back), and a jax.profiler
+trace of config.profile_steps."""
 
 import glob
+import json
 import os
 import struct
+import zlib
 
 import numpy as np
 import optax
@@ -45,6 +48,37 @@ def scalars(events, tag):
   ]
 
 
+def read_wandb_records(path):
+  """Every record of a W&B run log (`run-<id>.wandb`, what `wandb sync` uploads): a 7-byte file
+  header (':W&B', magic, version), then LevelDB's log format (32 KiB blocks; each piece a 7-byte
+  header: CRC, length, type 1 full / 2 first / 3 middle / 4 last) around `Record` protobufs."""
+  from wandb.proto import wandb_internal_pb2
+
+  with open(path, 'rb') as f:
+    data = f.read()
+  assert data[:4] == b':W&B', data[:7]
+  block, offset, pieces, records = 32768, 7, b'', []
+  while offset + 7 <= len(data):
+    left = block - offset % block
+    if left < 7:  # a block's tail too short for a header is padding
+      offset += left
+      continue
+    _, length, kind = struct.unpack('<IHB', data[offset : offset + 7])
+    if kind == 0:  # zero padding to the end of the block
+      offset += left
+      continue
+    pieces += data[offset + 7 : offset + 7 + length]
+    offset += 7 + length
+    if kind in (1, 4):
+      records.append(wandb_internal_pb2.Record.FromString(pieces))
+      pieces = b''
+  return records
+
+
+def _wandb_key(item):
+  return '/'.join(item.nested_key) or item.key
+
+
 @pytest.fixture(scope='module')
 def watched_run(tmp_path_factory):
   """The MLP smoke run (42 steps) with warmup + cosine, an eval every 14 steps, a trace of steps
@@ -57,11 +91,12 @@ def watched_run(tmp_path_factory):
   config.eval_every = 14
   config.profile_steps = (5, 8)
   config.wandb.project = 'bigjax-test'
-  os.environ['WANDB_MODE'] = 'offline'
-  os.environ['WANDB_SILENT'] = 'true'
   import jax
 
-  results = train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv('WANDB_MODE', 'offline')
+    mp.setenv('WANDB_SILENT', 'true')
+    results = train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
   return config, workdir, results
 
 
@@ -112,12 +147,30 @@ def test_console_prints_every_eval_with_its_lr(watched_run, capsys, tmp_path):
   assert all('accuracy=' in l and '(lr ' in l for l in lines)
 
 
-def test_wandb_offline_run_directory_holds_the_run(watched_run):
-  _, workdir, _ = watched_run
+def test_wandb_offline_run_holds_the_config_and_the_scalars(watched_run):
+  config, workdir, results = watched_run
   runs = glob.glob(str(workdir / 'wandb' / 'offline-run-*'))
   assert len(runs) == 1, os.listdir(workdir / 'wandb')
-  assert glob.glob(os.path.join(runs[0], 'run-*.wandb'))  # the offline log W&B syncs later
-  assert os.path.getsize(glob.glob(os.path.join(runs[0], 'run-*.wandb'))[0]) > 1000
+  run_id = f'bigjax-{zlib.crc32(str(workdir).encode()):08x}'  # a resumed run logs into the same
+  records = read_wandb_records(os.path.join(runs[0], f'run-{run_id}.wandb'))
+  run = next(r.run for r in records if r.WhichOneof('record_type') == 'run')
+  assert (run.run_id, run.project) == (run_id, 'bigjax-test')
+  sent = {u.key: json.loads(u.value_json) for u in run.config.update}
+  assert sent['optim.lr'] == config.optim.lr and sent['optim.schedule'] == 'warmup_cosine'
+  assert sent['model.name'] == config.model.name and sent['eval_every'] == 14
+  history = {}  # step -> {key: value}
+  for r in records:
+    if r.WhichOneof('record_type') == 'history':
+      row = {_wandb_key(i): json.loads(i.value_json) for i in r.history.item}
+      history.setdefault(row['_step'], {}).update(row)
+  # The same scalars as TensorBoard: train/lr at every log step, eval/accuracy at every eval.
+  tb = read_events(workdir / 'tensorboard')
+  lr = {s: h['train/lr'] for s, h in history.items() if 'train/lr' in h}
+  assert sorted(lr) == [s for s, _ in scalars(tb, 'train/lr')]
+  np.testing.assert_allclose([lr[s] for s in sorted(lr)], [v for _, v in scalars(tb, 'train/lr')])
+  accuracy = {s: h['eval/accuracy'] for s, h in history.items() if 'eval/accuracy' in h}
+  assert sorted(accuracy) == [14, 28, results['step']]
+  assert accuracy[results['step']] == pytest.approx(results['eval']['accuracy'])
 
 
 def test_profile_steps_write_a_trace(watched_run):

@@ -1,6 +1,7 @@
 """--launcher=ray on a Ray cluster started on this machine by `ray.init()`: the 2 x 2 smoke sweep
-gives the local launcher's results.md and a second invocation starts nothing; an unreachable
-address, a request no node can give and a multi-host request are one line before anything runs."""
+gives the local launcher's results.md and a second invocation starts nothing; a failed run is shown
+with its exit status and the end of its log; an unreachable address, a request no node can give and
+a multi-host request are one line before anything runs."""
 
 import os
 import re
@@ -46,7 +47,7 @@ def ray_cluster():
       ray.shutdown()
 
 
-@pytest.mark.slow  # a Ray cluster and 8 smoke runs (local reference included): ~40 s on 2 cores
+@pytest.mark.slow  # a Ray cluster and 8 smoke runs: ~135 s on 2 busy cores (~70 s the local reference)
 def test_ray_sweep_gives_the_local_results_and_reruns_nothing(
   ray_cluster, tmp_path_factory, monkeypatch
 ):
@@ -65,6 +66,32 @@ def test_ray_sweep_gives_the_local_results_and_reruns_nothing(
 
   monkeypatch.setattr(ray, 'remote', no_task)
   assert [r.status for r in sweep.run_sweep(path, workdir, launcher='ray')] == ['skipped'] * 4
+
+
+@pytest.mark.slow  # the Ray cluster (~10 s to start) and one run that fails at start-up
+def test_failed_run_shows_its_exit_status_and_log(ray_cluster, tmp_path, monkeypatch):
+  path = tmp_path / 'sweep.py'
+  path.write_text(
+    'from bigjax import sweep\n\n\ndef get_sweep():\n  return sweep.Sweep(\n'
+    "      config='mlp_breast_cancer:smoke', settings=sweep.axis('batch_size', [8000]),\n"
+    "      metrics=['accuracy'])\n"
+  )
+  monkeypatch.setenv('XLA_FLAGS', '')
+  runs = sweep.run_sweep(str(path), str(tmp_path / 'out'), launcher='ray')
+  assert [r.status for r in runs] == ['failed']
+  log = os.path.join(runs[0].workdir, 'log.txt')
+  # As under the local launcher: why, then the end of the run's log.txt.
+  assert runs[0].message.startswith(
+    f'bigjax.train exited with status 2; see its log; last lines of {log}:\n'
+  ), runs[0].message
+  assert (
+    runs[0]
+    .message.rstrip()
+    .endswith(
+      '    bigjax: error: config.batch_size=8000 is larger than the training split (455 examples); '
+      'lower config.batch_size'
+    )
+  )
 
 
 @pytest.mark.slow  # starts the Ray cluster (~10 s)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from bigjax import checkpoint, sweep
+from bigjax import checkpoint, launch, sweep
 from bigjax.cluster import slurm
 from bigjax.errors import UserError
 
@@ -51,7 +51,7 @@ def slurm_sweep(tmp_path_factory):
   return workdir, err.getvalue()
 
 
-@pytest.mark.slow  # 8 smoke runs, 4 of them SLURM jobs (~60 s on 2 idle cores)
+@pytest.mark.slow  # 8 smoke runs: 4 SLURM jobs (65-95 s on 2 busy cores), the local reference (~70 s)
 def test_slurm_sweep_gives_the_local_results(slurm_sweep, tmp_path_factory):
   workdir, err = slurm_sweep
   local = cluster_sweep.local_reference(tmp_path_factory)
@@ -83,20 +83,25 @@ def test_second_invocation_submits_nothing(slurm_sweep, tmp_path_factory, monkey
   assert sorted(os.listdir(os.path.join(workdir, 'slurm'))) == before
 
 
-def test_failed_run_shows_its_log_and_slurm_log(tmp_path):
-  # One SLURM job (a run that exits 2 at start-up): submission, squeue states, the failure.
+def test_failed_runs_show_their_log_and_slurm_log(tmp_path):
+  # A job array of 3 runs that exit 2 at start-up, at most 2 at once (--jobs=2): submission,
+  # squeue states, the failures.
   path = tmp_path / 'sweep.py'
   path.write_text(
     'from bigjax import sweep\n\n\ndef get_sweep():\n  return sweep.Sweep(\n'
-    "      config='mlp_breast_cancer:smoke', settings=sweep.axis('batch_size', [8000]),\n"
-    "      metrics=['accuracy'])\n"
+    "      config='mlp_breast_cancer:smoke',\n"
+    "      settings=sweep.axis('batch_size', [8000, 9000, 10000]), metrics=['accuracy'])\n"
   )
-  runs = sweep.run_sweep(str(path), str(tmp_path / 'out'), launcher='slurm')
-  assert [r.status for r in runs] == ['failed']
-  message = runs[0].message
-  assert re.match(r'RunFailed: bigjax.train exited with status 2 \(SLURM job \d+\)', message)
-  assert 'config.batch_size=8000 is larger than the training split' in message  # log.txt
-  assert 'last lines of the SLURM log' in message and 'RunFailed' in message  # submitit's log
+  workdir = tmp_path / 'out'
+  runs = sweep.run_sweep(str(path), str(workdir), launcher='slurm', jobs=2)
+  assert [r.status for r in runs] == ['failed'] * 3
+  for run, size in zip(runs, (8000, 9000, 10000)):
+    message = run.message
+    assert re.match(r'RunFailed: bigjax.train exited with status 2 \(SLURM job \d+_\d\)', message)
+    assert f'config.batch_size={size} is larger than the training split' in message  # log.txt
+    assert 'last lines of the SLURM log' in message and 'RunFailed' in message  # submitit's log
+  (script,) = (workdir / 'slurm').glob('*_submission.sh')
+  assert '#SBATCH --array=0-2%2' in script.read_text()  # the cap below the array's size
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,16 +151,78 @@ def test_no_controller_is_one_line(tmp_path, monkeypatch):
   assert not (tmp_path / 'out').exists()
 
 
-def test_workdir_the_nodes_do_not_see_is_one_line(tmp_path):
-  # The sweep runs in a mount namespace of its own, with a tmpfs over its workdir's parent: the
-  # marker file it writes there is invisible to slurmd's jobs, as on a node-local disk.
+@pytest.mark.parametrize(
+  'flags, expected',
+  [
+    (['--partition=nope'], 'no such SLURM partition; the cluster has debug'),
+    (['--cpus_per_task=512'], 'SLURM cannot give a job 1 node(s) x 1 task(s), 512 CPU(s) per task'),
+    (['--tasks_per_node=2', '--nodes=2'], 'SLURM cannot give a job 2 node(s) x 2 task(s)'),
+    (['--mem_gb=100000'], 'SLURM cannot give a job'),
+  ],
+  ids=['partition', 'cpus', 'nodes', 'memory'],
+)
+def test_bad_launch_request_is_one_line_before_anything_is_submitted(
+  flags, expected, tmp_path, capsys
+):
+  workdir = tmp_path / 'out'
+  jobs_before = _squeue_ids()
+  with pytest.raises(SystemExit) as exit_info:
+    launch.main(
+      ['bigjax-launch', *flags, '--', '--config=mlp_breast_cancer:smoke', f'--workdir={workdir}']
+    )
+  err = capsys.readouterr().err.strip()
+  assert exit_info.value.code == 2 and err.startswith('bigjax: error: ') and '\n' not in err
+  assert expected in err
+  assert not workdir.exists() and _squeue_ids() <= jobs_before
+
+
+def test_failed_launch_shows_the_end_of_its_log(tmp_path, capsys):
+  # A run that passes bigjax-launch's flag checks and exits 2 in the job (the batch does not fit
+  # the data): exit status 1, the job's state changes, then the end of task 0's SLURM log.
+  workdir = tmp_path / 'out'
+  with pytest.raises(SystemExit) as exit_info:
+    launch.main(
+      [
+        'bigjax-launch',
+        '--time_min=5',
+        '--',
+        '--config=mlp_breast_cancer:smoke',
+        f'--workdir={workdir}',
+        '--config.batch_size=8000',
+      ]
+    )
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 1, err
+  job_id = re.search(r'submitted SLURM job (\d+) \(1 node\(s\) x 1 task\(s\)\)', err).group(1)
+  assert f'SLURM job {job_id}: running' in err
+  failed = err[err.index(f'bigjax: SLURM job {job_id} failed') :]
+  # As a failed sweep run is shown: the end of the run's log.txt, then of its SLURM log.
+  assert failed.startswith(
+    f'bigjax: SLURM job {job_id} failed (RunFailed: bigjax.train exited with status 2 (SLURM job '
+    f'{job_id}); see its log); last lines of {workdir / "log.txt"}:\n'
+  )
+  run_log, slurm_log = failed.split(f'last lines of the SLURM log {workdir / "slurm"}/')
+  assert run_log.rstrip().endswith(
+    '    bigjax: error: config.batch_size=8000 is larger than the training split (455 examples); '
+    'lower config.batch_size'
+  )
+  assert 'RunFailed: bigjax.train exited with status 2' in slurm_log  # submitit's traceback
+
+
+@pytest.mark.parametrize('command', ['sweep', 'launch'])
+def test_workdir_the_nodes_do_not_see_is_one_line(command, tmp_path):
+  # bigjax-sweep or bigjax-launch runs in a mount namespace of its own, with a tmpfs over its
+  # workdir's parent: the marker file it writes there is invisible to slurmd's jobs, as on a
+  # node-local disk.
   private = tmp_path / 'private'
   private.mkdir()
   (tmp_path / 'sweep.py').write_text(cluster_sweep.SWEEP)
-  sweep_cmd = (
-    f'{sys.executable} -m bigjax.sweep --sweep={tmp_path / "sweep.py"} '
-    f'--workdir={private / "out"} --launcher=slurm'
-  )
+  sweep_cmd = {
+    'sweep': f'{sys.executable} -m bigjax.sweep --sweep={tmp_path / "sweep.py"} '
+    f'--workdir={private / "out"} --launcher=slurm',
+    'launch': f'{sys.executable} -m bigjax.launch -- --config=mlp_breast_cancer:smoke '
+    f'--workdir={private / "out"}',
+  }[command]
   unshare = (
     ['unshare', '--mount'] if os.geteuid() == 0 else ['unshare', '--mount', '--map-root-user']
   )
@@ -212,7 +279,7 @@ def _params(workdir):
   return checkpoint.load_latest(os.path.join(workdir, 'checkpoints'))[1]['params']
 
 
-@pytest.mark.slow  # a 2-task SLURM job and a local run (~30 s on 2 cores)
+@pytest.mark.slow  # a 2-task SLURM job and a local run (70-95 s on 2 busy cores)
 def test_two_task_srun_run_equals_one_process_two_devices(tmp_path):
   flags = ['--config.log_every=1', '--config.num_steps=12']
   reference = _train([f'--workdir={tmp_path / "one"}', *flags], 2, tmp_path / 'one.log')
@@ -234,9 +301,11 @@ def test_two_task_srun_run_equals_one_process_two_devices(tmp_path):
     _params(tmp_path / 'one'),
   )
   job_id = re.search(r'submitted SLURM job (\d+)', err).group(1)
-  for task in (0, 1):  # one log per task
-    out = open(tmp_path / 'srun' / 'slurm' / f'{job_id}_{task}_log.out').read()
-    assert f'(SLURM job {job_id}, task {task} of 2)' in out
+  # Task 0's output goes to the run's log.txt, task 1's to its own SLURM log.
+  log = open(tmp_path / 'srun' / 'log.txt').read()
+  assert f'(SLURM job {job_id}, task 0 of 2)' in log and 'final eval' in log
+  out = open(tmp_path / 'srun' / 'slurm' / f'{job_id}_1_log.out').read()
+  assert f'(SLURM job {job_id}, task 1 of 2)' in out
 
 
 def _wait_for(predicate, timeout, what, proc):
@@ -256,13 +325,24 @@ def _job_field(job_id, name):
   return re.search(rf'\b{name}=(\S+)', out).group(1)
 
 
-@pytest.mark.slow  # ~100 s: the warning comes within 30 s, a requeued job waits 10 s (cred_expire)
+def _steps_lasting(seconds, tmp_path):
+  """How many MLP smoke steps take about `seconds` on this machine, from a short run's measured
+  step time (it varies 5x between our machines: 0.7 ms on an AVX-512 EPYC, 3-5 ms on others)."""
+  probe = _train([f'--workdir={tmp_path / "probe"}', '--config.num_steps=3000'], 1, tmp_path / 'p')
+  assert probe.wait(timeout=300) == 0, (tmp_path / 'p').read_text()[-3000:]
+  results = json.load(open(tmp_path / 'probe' / 'results.json'))
+  return int(seconds / results['throughput']['step_time_s']) // 1000 * 1000
+
+
+@pytest.mark.slow  # 3-4 min: 100 s of training twice at once, a requeued job waits 10 s (cred_expire)
 def test_time_limit_signal_saves_requeues_and_ends_bitwise(tmp_path):
   # The job asks for the warning signal 300 s before its time limit (--signal_s=300). It starts
   # with 30 minutes; once it trains, the test sets the limit so that under 330 s are left, so
-  # slurmctld's time-limit check (every 30 s) sends the warning next time, 240-330 s before the
-  # limit. After the requeue the limit goes back to 30 minutes, and the run resumes and ends.
-  steps = 20000
+  # slurmctld's time-limit check (every 30 s) sends the warning within 60 s, 240-330 s before the
+  # limit. After the requeue the limit goes back to 30 minutes, and the run resumes and ends. The
+  # run must still be training when the warning comes: it lasts ~100 s alone, longer beside the
+  # reference run.
+  steps = _steps_lasting(100, tmp_path)
   flags = [f'--config.num_steps={steps}', '--config.log_every=100']
   flags.append('--config.checkpoint_every=100000')  # the only save before the end: the signal's
   reference = _train([f'--workdir={tmp_path / "reference"}', *flags], 1, tmp_path / 'ref.log')
@@ -292,10 +372,12 @@ def test_time_limit_signal_saves_requeues_and_ends_bitwise(tmp_path):
   assert launch.returncode == 0, err
   assert reference.wait(timeout=600) == 0, (tmp_path / 'ref.log').read_text()[-3000:]
   out = open(workdir / 'slurm' / f'{job_id}_0_log.out').read()
-  log = open(workdir / 'slurm' / f'{job_id}_0_log.err').read()
+  slurm_log = open(workdir / 'slurm' / f'{job_id}_0_log.err').read()
   assert 'Caught signal SIGUSR2' in out and f'Requeued job {job_id}' in out  # submitit
-  assert 'DUE TO TIME LIMIT' not in log  # signalled before the limit, not killed at it
-  saved = int(re.search(r'received: saved step (\d+)', log).group(1))
+  assert 'DUE TO TIME LIMIT' not in slurm_log  # signalled before the limit, not killed at it
+  log = open(workdir / 'log.txt').read()  # the run's output: two launches of the same command
+  assert log.count('==== bigjax-launch ') == 2 and 'resuming at step' in log
+  saved = int(re.search(r'SIGUSR2 received: saved step (\d+)', log).group(1))
   results = json.load(open(workdir / 'results.json'))
   assert 0 < saved < steps and results['step'] == steps
   assert results['steps_this_run'] == steps - saved  # resumed, not restarted

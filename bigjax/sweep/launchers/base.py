@@ -21,6 +21,7 @@ from bigjax.sweep.plan import Run
 
 PENDING, RUNNING, DONE, FAILED = 'pending', 'running', 'done', 'failed'
 LOG_TAIL_LINES = 15
+LOG_NAME = 'log.txt'  # a run's output (task 0's), in its workdir
 
 
 def train_args(run: Run) -> list[str]:
@@ -30,7 +31,7 @@ def train_args(run: Run) -> list[str]:
 
 def log_path(run: Run) -> str:
   """The run's log.txt: every launch appends its header line and the run's output."""
-  return os.path.join(run.workdir, 'log.txt')
+  return os.path.join(run.workdir, LOG_NAME)
 
 
 @dataclasses.dataclass
