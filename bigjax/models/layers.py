@@ -123,6 +123,8 @@ def max_pool_2x2(x_BHWC):
 
   Same forward result as `nn.max_pool(x, (2, 2), strides=(2, 2))`, written as reshape + max because
   that gradient is far cheaper on XLA:CPU than the select-and-scatter `nn.max_pool` lowers to.
+  (The maximum of four strided slices was 2x faster than this alone but made the whole mnist_cnn
+  train step 1.16x slower in CPU time; experiments/bench/README.md, issue 19.)
   """
   b, h, w, c = x_BHWC.shape
   x = x_BHWC[:, : h // 2 * 2, : w // 2 * 2]

@@ -1,6 +1,9 @@
 """Training throughput of a small byte-level GPT: bigjax vs a plain jax loop vs PyTorch eager (CPU).
 
-  python experiments/bench/gpt.py [--steps 60] [--rounds 3]  (from any directory; writes nothing)
+  python experiments/bench/gpt.py [--steps 60] [--rounds 3] [--out [FILE]]  (from any directory)
+
+--out writes the printed output to FILE as well (default results/gpt_cpu_<date>.md); otherwise
+nothing is written.
 
 Contenders, all on the same GPT: pre-LN decoder, 4 layers, 4 heads, 128 wide, context 128, learned
 positions, tied input/output embedding, GELU (tanh) MLP 4x, LayerNorm eps 1e-5, no dropout, byte
@@ -23,14 +26,15 @@ TrainBatches does with seed 0, so all three train on the same batches in the sam
   torch     the same GPT in PyTorch eager: F.scaled_dot_product_attention(is_causal=True), fused
             AdamW, one thread per core (skipped if torch is missing).
 Tokens/s excludes the first step (compilation / warm-up) and times all remaining steps, blocking on
-the result at the end. "compile s" is the ahead-of-time XLA compile of the train step (jax) or the
-first eager step (torch). Model FLOP/s uses FLOPs/token = 6*N + 12*L*T*d (N = bigjax's parameter
-count minus the position embeddings; 12*L*T*d = attention scores and weighted sum, forward and
-backward, no causal saving); "of peak" divides it by a float32 2048^3 jax matmul measured once at
-the start. Each (round, contender) runs in a fresh subprocess, interleaved round by round (bigjax,
-jax loop, torch, bigjax, ...) so all three see the same machine state; the table gives the median
-and [min-max] over rounds. The plain loops are adapted from the reference anchors (gpt_jax.py,
-gpt_torch.py, matmul_peak.py) and self-contained.
+the result at the end. "data wait" (bigjax only) is results.json's throughput.data_wait_fraction:
+the share of the timed steps' wall time the loop spent blocked on the next batch. "compile s" is the
+ahead-of-time XLA compile of the train step (jax) or the first eager step (torch). Model FLOP/s uses
+FLOPs/token = 6*N + 12*L*T*d (N = bigjax's parameter count minus the position embeddings; 12*L*T*d =
+attention scores and weighted sum, forward and backward, no causal saving); "of peak" divides it by
+a float32 2048^3 jax matmul measured once at the start. Each (round, contender) runs in a fresh
+subprocess, interleaved round by round (bigjax, jax loop, torch, bigjax, ...) so all three see the
+same machine state; the table gives the median and [min-max] over rounds. The plain loops are
+adapted from the reference anchors (gpt_jax.py, gpt_torch.py, matmul_peak.py) and self-contained.
 """
 
 import argparse
@@ -123,8 +127,9 @@ def run_bigjax(steps):
     'loss': r['train']['loss'],
     'loss_window': window,
     'num_params': r['num_params'],
-    'flop_params': r['num_params'] - kw.max_len * kw.embed_dim,
-  }  # minus position embeddings
+    'flop_params': r['num_params'] - kw.max_len * kw.embed_dim,  # minus position embeddings
+    'data_wait_fraction': r['throughput']['data_wait_fraction'],
+  }
 
 
 def run_jax_loop(steps):
@@ -198,7 +203,9 @@ def run_jax_loop(steps):
   }
 
 
-def run_torch(steps):
+def torch_model_and_optimizer():
+  """The PyTorch GPT (bigjax's init, see the module docstring) and its fused AdamW, one thread per
+  core."""
   import torch
   from torch import nn
   import torch.nn.functional as F
@@ -243,7 +250,6 @@ def run_torch(steps):
         x = blk(x)
       return self.ln_f(x) @ self.wte.weight.T  # tied LM head
 
-  windows = torch.from_numpy(shakespeare_windows())
   model = GPT()
   decay = [p for p in model.parameters() if p.dim() >= 2]
   no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -254,16 +260,31 @@ def run_torch(steps):
     eps=EPS,
     fused=True,
   )
+  return model, opt
+
+
+def torch_step(model, opt, windows):
+  """One eager training step on (B, BLOCK + 1) int64 windows -> the loss (a 0-d tensor)."""
+  import torch.nn.functional as F
+
+  x, y = windows[:, :-1], windows[:, 1:].long()
+  loss = F.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
+  opt.zero_grad(set_to_none=True)
+  loss.backward()
+  opt.step()
+  return loss.detach()
+
+
+def run_torch(steps):
+  import torch
+
+  windows = torch.from_numpy(shakespeare_windows())
+  model, opt = torch_model_and_optimizer()
   batches = [windows[torch.from_numpy(idx)] for idx in batch_indices(len(windows), steps)]
   losses = []
   t_first = time.perf_counter()
   for i, w in enumerate(batches):
-    x, y = w[:, :-1], w[:, 1:].long()
-    loss = F.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    losses.append(loss.detach())
+    losses.append(torch_step(model, opt, w))
     if i == 0:  # eager runs synchronously on CPU; the first step is warm-up
       first_s, t0 = time.perf_counter() - t_first, time.perf_counter()
   losses = torch.stack(losses).tolist()
@@ -291,6 +312,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--steps', type=int, default=60)
   parser.add_argument('--rounds', type=int, default=3)
+  harness.add_out_flag(parser, 'gpt')
   parser.add_argument('--worker', choices=list(RUNNERS), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.steps < 2:
@@ -299,21 +321,20 @@ def main():
     harness.worker_result(RUNNERS[args.worker](args.steps))
     return
 
-  print(harness.machine_info())
+  out = harness.Output(args.out)
+  out.print(harness.machine_info())
   peak = harness.run_worker(__file__, 'matmul', '--steps', args.steps)
-  print(
+  out.print(
     f'float32 matmul peak (jax, 2048^3): median {peak["median_gflops"]:.1f} GFLOP/s, '
-    f'best {peak["best_gflops"]:.1f}',
-    flush=True,
+    f'best {peak["best_gflops"]:.1f}'
   )
   contenders = [c for c in CONTENDERS if c != 'torch' or importlib.util.find_spec('torch')]
   results = {c: [] for c in contenders}
   for r in range(args.rounds):
     for c in contenders:
       results[c].append(harness.run_worker(__file__, c, '--steps', args.steps))
-      print(
-        f'round {r + 1}/{args.rounds} {c:9s} {results[c][-1]["tokens_per_s"]:7.0f} tokens/s',
-        flush=True,
+      out.print(
+        f'round {r + 1}/{args.rounds} {c:9s} {results[c][-1]["tokens_per_s"]:7.0f} tokens/s'
       )
 
   big = results['bigjax'][0]
@@ -322,41 +343,47 @@ def main():
   for c in contenders:  # the same model everywhere, and each run's final train loss
     for x in results[c]:
       if x['num_params'] != big['num_params']:
-        print(f'WARNING: {c} has {x["num_params"]} params, bigjax {big["num_params"]}')
+        out.print(f'WARNING: {c} has {x["num_params"]} params, bigjax {big["num_params"]}')
       if 'losses' in x:
         x['loss'] = float(np.mean(x['losses'][-window:]))
 
   med = lambda c, k: float(np.median([x[k] for x in results[c]]))
   base = med('jax loop', 'tokens_per_s')
-  print(
+  out.print(
     f'\nGPT {N_LAYER}L/{N_HEAD}H/{N_EMBD}d, context {BLOCK}, batch {BATCH}, {args.steps} steps '
     f'(first untimed), {args.rounds} rounds; median [min-max]; N = {n_flop:,} params '
     f'(without position embeddings), {flops_per_token:,} FLOP/token; matmul peak '
-    f'{peak["median_gflops"]:.1f} GFLOP/s\n'
+    f'{peak["median_gflops"]:.1f} GFLOP/s; load average at the end {os.getloadavg()[0]:.2f}\n'
   )
-  print(
+  out.print(
     '| contender | tokens/s median [min–max] | ratio to plain jax loop | model TFLOP/s | '
-    'fraction of matmul peak | final train loss | compile s |'
+    'fraction of matmul peak | final train loss | data wait | compile s |'
   )
-  print('|---|---|---|---|---|---|---|')
+  out.print('|---|---|---|---|---|---|---|---|')
   for c in contenders:
     tps = [x['tokens_per_s'] for x in results[c]]
     tflops = np.median(tps) * flops_per_token / 1e12
-    print(
+    wait = f'{med(c, "data_wait_fraction"):.1%}' if c == 'bigjax' else '—'
+    out.print(
       f'| {c} | {np.median(tps):.0f} [{min(tps):.0f}–{max(tps):.0f}] | '
       f'{np.median(tps) / base:.3f} | {tflops:.4f} | '
-      f'{tflops * 1e3 / peak["median_gflops"]:.2f} | {med(c, "loss"):.4f} | '
+      f'{tflops * 1e3 / peak["median_gflops"]:.2f} | {med(c, "loss"):.4f} | {wait} | '
       f'{med(c, "compile_s"):.2f} |'
     )
   if 'torch' not in contenders:
-    print('| torch | skipped: torch is not installed | | | | | |')
-  print(
+    out.print('| torch | skipped: torch is not installed | | | | | | |')
+  out.print(
     f'\nfinal train loss: mean over the last {window} steps (bigjax\'s last logged window). '
-    'compile s: XLA compile of the train step (jax); first eager step (torch).'
+    'compile s: XLA compile of the train step (jax); first eager step (torch). data wait: share '
+    'of the timed steps spent blocked on the next batch (results.json '
+    'throughput.data_wait_fraction; goal < 2%).'
   )
-  print(f'\nbigjax / jax loop = {med("bigjax", "tokens_per_s") / base:.3f}  (goal >= 0.95)')
+  out.print(f'\nbigjax / jax loop = {med("bigjax", "tokens_per_s") / base:.3f}  (goal >= 0.95)')
   if 'torch' in contenders:
-    print(f'torch / jax loop  = {med("torch", "tokens_per_s") / base:.3f}')
+    out.print(f'torch / jax loop  = {med("torch", "tokens_per_s") / base:.3f}')
+    ratio = med('bigjax', 'tokens_per_s') / med('torch', 'tokens_per_s')
+    out.print(f'bigjax / torch    = {ratio:.3f}  (goal >= 1.0)')
+  out.close()
 
 
 if __name__ == '__main__':

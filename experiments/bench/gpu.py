@@ -31,7 +31,7 @@ result; step time = elapsed / steps. MFU (bigjax.flops): model FLOPs per step / 
 bf16 peak of the device (H100 SXM 989.5 TFLOP/s); GPT model FLOPs = 6*N*tokens + 12*L*T*d*tokens
 (no remat recompute, no causal saving). XLA's own count is printed for reference only: it counts
 a scanned layer once and the cuDNN attention kernel as zero, so it falls far below the model count.
-Goals on one H100: >= 40% MFU for gpt125m, >= 55% for gpt1b.
+Goals on one H100 or H200 (issue 19): >= 50% MFU for gpt125m, >= 60% for gpt1b.
 """
 
 import argparse

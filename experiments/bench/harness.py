@@ -1,4 +1,5 @@
-"""What the benchmarks share: machine info, one fresh subprocess per measurement, interleaved rounds.
+"""What the benchmarks share: machine info, one fresh subprocess per measurement, interleaved rounds,
+and the output copied to a results file (`--out`).
 
 A benchmark script runs itself with `--worker NAME ...` (`sys.executable` and the script's absolute
 path, in the caller's current directory); the worker prints one line `RESULT {json}` that
@@ -6,12 +7,17 @@ path, in the caller's current directory); the worker prints one line `RESULT {js
 installed package and its configs are loaded by bare name.
 """
 
+import datetime
 import importlib.metadata
 import json
 import os
 import platform
 import subprocess
 import sys
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+# CPU flags worth a line in every result: vector width, bf16/int8 dot products, AMX tiles.
+ISA_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_tile', 'amx_bf16')
 
 
 def version(pkg):
@@ -28,7 +34,7 @@ def machine_info():
     platform.processor() or '?',
   )
   flags = next((l for l in open('/proc/cpuinfo') if l.startswith('flags')), '').split()
-  isa = ','.join(f for f in ('avx2', 'avx512f', 'amx_tile') if f in flags) or 'no avx2'
+  isa = ','.join(f for f in ISA_FLAGS if f in flags) or 'no avx2'
   info = (
     f'python {platform.python_version()}, jax {version("jax")}, jaxlib {version("jaxlib")}, '
     f'flax {version("flax")}, optax {version("optax")}, torch {version("torch")}, '
@@ -55,3 +61,40 @@ def run_worker(script, name, *args):
 def worker_result(result):
   """Prints a worker's result in the form run_worker reads."""
   print('RESULT ' + json.dumps(result), flush=True)
+
+
+def default_out(name, device='cpu'):
+  """experiments/bench/results/<name>_<device>_<YYYY-MM-DD>.md."""
+  return os.path.join(RESULTS_DIR, f'{name}_{device}_{datetime.date.today().isoformat()}.md')
+
+
+def add_out_flag(parser, name, device='cpu'):
+  """--out [FILE]: also write the output to FILE (default results/<name>_<device>_<date>.md)."""
+  parser.add_argument(
+    '--out',
+    nargs='?',
+    const=default_out(name, device),
+    default='',
+    help=f'also write the output to FILE (no FILE: {os.path.relpath(default_out(name, device))})',
+  )
+
+
+class Output:
+  """Prints lines and, with a path, also writes them there when closed (the command line first,
+  in a code block), so a results file holds exactly what the run printed."""
+
+  def __init__(self, path=''):
+    self.path, self.lines = path, []
+
+  def print(self, text='', flush=True):
+    print(text, flush=flush)
+    self.lines.append(str(text))
+
+  def close(self):
+    if not self.path:
+      return
+    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    command = ' '.join(['python', os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    with open(self.path, 'w', encoding='utf-8') as f:
+      f.write(f'```\n{command}\n```\n\n' + '\n'.join(self.lines) + '\n')
+    print(f'wrote {self.path}')

@@ -5,6 +5,11 @@
 gpu.py --profile DIR writes DIR/<model>/plugins/profile/<time>/perfetto_trace.json.gz. Only events on
 the GPU's stream threads count; the kinds are matched from kernel names (cuBLAS/nvjet/cutlass
 matmuls, cuDNN attention, XLA fusions).
+
+GPU traces only. XLA:CPU traces (jax 0.10.2) cannot be summed this way: the thunk events of Eigen
+`dot`s end when the work is handed to the thread pool, so their time shows up in whichever op runs
+next (a 17 GFLOP transposed matmul read 16 ms next to a 450 ms YNNPACK matmul in one measured trace,
+issue 19). On the CPU, time blocks alone instead: `experiments/bench/blocks.py --one_core`.
 """
 
 import argparse

@@ -165,7 +165,9 @@ def _dropout(weights, rate, rng):
 @IMPLEMENTATIONS.register('xla')
 def _xla_attention(q, k, v, mask, bias, *, causal, dropout_rate, dropout_rng, chunk_size):
   """Einsum attention. With as many kv heads as query heads it uses 4-D einsums: the grouped 5-D
-  form compiled to extra full-size transposes on XLA:CPU (a GPT step ran ~10% slower)."""
+  form compiled to extra full-size transposes on XLA:CPU (a GPT step ran ~10% slower). Moving the
+  heads axis first before the einsums was 1.5-1.9x faster for this kernel alone but compiles to the
+  same program inside a GPT train step (issue 19; experiments/bench/README.md), so it is not used."""
   del chunk_size
   B, T, N, H = q.shape
   S, K = k.shape[1:3]
