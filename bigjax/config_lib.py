@@ -165,14 +165,16 @@ def base_config():
   c.wandb = dict(project='', entity='', name='')
   # Compression (bigjax/compress/, ranges in RANGES and FRACTIONS below). distill: teacher = a
   # finished run's workdir ('' = off); loss = alpha * task loss + (1 - alpha) * T^2 *
-  # KL(teacher_T || student_T), T = temperature > 0. prune: method '' (off) | 'magnitude' (the
-  # smallest `sparsity` in [0, 1) of the `params`-matching kernels, scope 'global' | 'layer') | 'n_m'
-  # (n of every m along each kernel's input axis); schedule 'one_shot' (after begin_step updates) |
+  # KL(teacher_T || student_T), T = temperature > 0; split '' = the KL term on the train batch,
+  # else on the same step's batch of that split of the dataset (its labels unread; in-memory image
+  # or feature data). prune: method '' (off) | 'magnitude' (the smallest `sparsity` in [0, 1) of
+  # the `params`-matching kernels, scope 'global' | 'layer') | 'n_m' (n of every m consecutive
+  # inputs of each kernel: prune.input_axes); schedule 'one_shot' (after begin_step updates) |
   # 'gradual' (Zhu & Gupta cubic from begin_step to end_step, every `frequency` steps). quantize:
   # mode '' (off) | 'ptq' | 'qat' through Qwix, weight_dtype / act_dtype ('' = weight-only) in
   # int8 | int4 | fp8, calibration 'absmax' | 'minmax' over calibration_batches train batches,
   # layers = a module-path regex (full match).
-  c.distill = dict(teacher='', temperature=4.0, alpha=0.5)
+  c.distill = dict(teacher='', temperature=4.0, alpha=0.5, split='')
   c.prune = dict(
     method='',
     sparsity=0.5,
@@ -200,7 +202,9 @@ def base_config():
   # (random_start), best of `restarts` >= 1. eval_attacks: methods () = off, else every method at
   # every eps; each eval reports robust_accuracy_<method>_<norm>_<eps> over the first max_examples
   # eval examples (0 = all). adversarial: method '' = off; the first round(fraction * B) examples of
-  # each train batch, fraction in (0, 1], are replaced by attacks on the current model.
+  # each train batch, fraction in (0, 1], are replaced by attacks on the current model; method
+  # 'freelb' (token inputs, fraction 1): FreeLB, the update averages the gradients along its
+  # `steps`-step ascent. eps_warmup_steps K > 0 ramps eps linearly from 0 to eps over K steps.
   c.eval_attacks = dict(
     methods=(),
     norm='linf',
@@ -220,6 +224,7 @@ def base_config():
     random_start=True,
     restarts=1,
     fraction=1.0,
+    eps_warmup_steps=0,
   )
   # Ensembles (bigjax/ensemble/members.py, checked there): members N >= 1 trains N members in one
   # jitted step (stacked on a leading 'members' axis, which mesh_axis '' keeps replicated or maps to
@@ -233,20 +238,26 @@ def base_config():
   # check_init_from below; read by bigjax/init_from.py.
   c.init_from = dict(checkpoint='', load='.*', hf='')
   # Parameter-efficient fine-tuning (bigjax/peft/; checked by check_peft below and the method):
-  # method '' (off) | 'lora' | 'ia3' | 'adapter' freezes the base and trains only the adapter.
+  # method '' (off) | 'lora' | 'ia3' | 'adapter' | 'adalora' | 'prompt' | 'prefix' freezes the base
+  # and trains only the adapter.
   # target: a regex searched in Dense kernel paths ('stack/layer_0/self_attention/query/kernel');
   # rank r >= 1, alpha (the update is scaled by alpha / r), dropout on the adapter's input, dora
   # (DoRA's magnitude and direction). save: 'all' checkpoints the whole train state, 'trainable'
   # only the adapter and its optimizer state (a resume rebuilds the base from config.init_from).
-  # init_from: a HF PEFT save_pretrained LoRA adapter directory put onto the config.init_from.hf
-  # base (its adapter_config.json states rank, alpha, dora and the targets:
-  # bigjax/peft/hf_adapter.py). quantize: QLoRA, '' (a float base) | 'int8' | 'nf4' frozen kernels
-  # of the Dense layers whose module path quantize_layers full-matches (bigjax/peft/qlora.py).
+  # init_from: a HF PEFT save_pretrained adapter directory (LoRA, prompt or prefix tuning) put onto
+  # the config.init_from.hf base (its adapter_config.json states rank, alpha, dora and the targets,
+  # or the number of virtual tokens: bigjax/peft/hf_import.py). quantize: QLoRA, '' (a float
+  # base) | 'int8' | 'nf4' frozen kernels of the Dense layers whose module path quantize_layers
+  # full-matches (bigjax/peft/qlora.py).
   # method 'ia3': scales on the target layers' outputs, on the inputs of those ia3_feedforward (a
   # regex) matches; 'adapter': a bottleneck MLP of width `bottleneck` on the target layers' outputs.
   # 'adalora': SVD-form updates of initial rank `rank`, pruned to an average target_rank between
   # steps tinit and num_steps - tfinal (every delta_t), importance smoothing beta1 / beta2, the
-  # orthogonality regulariser's weight orth_reg (bigjax/peft/adalora.py).
+  # orthogonality regulariser's weight orth_reg (bigjax/peft/adalora.py). 'prompt': virtual_tokens
+  # learned embeddings in front of the tokens (bigjax/peft/prompt.py); 'prefix': virtual_tokens
+  # learned keys/values in front of every self-attention layer's (bigjax/peft/prefix.py).
+  # trainable_base: a regex over base parameter paths that train fully beside the adapter (HF
+  # PEFT's modules_to_save: '^classifier/', a head the pretrained model did not have).
   c.peft = dict(
     method='',
     target='self_attention/(query|value)/kernel',
@@ -260,6 +271,8 @@ def base_config():
     quantize_layers='.*',
     ia3_feedforward='mlp/wo/kernel',
     bottleneck=16,
+    virtual_tokens=20,
+    trainable_base='',
     adalora=dict(target_rank=4, tinit=0, tfinal=0, delta_t=1, beta1=0.85, beta2=0.85, orth_reg=0.5),
   )
   # Federated learning, simulated (bigjax/federated/; checked by check_federated below): clients
@@ -309,7 +322,8 @@ PEFT_SAVES = ('all', 'trainable')  # config.peft.save
 def check_peft(config) -> None:
   """UserError for config.peft (declared just above): an unknown save mode, save='trainable'
   with no base to rebuild the frozen parameters from (config.init_from), or an adapter to import
-  (init_from) without method 'lora' and its base (config.init_from.hf)."""
+  (init_from) without a method that imports one (lora, prompt, prefix) and its base
+  (config.init_from.hf)."""
   peft = config.peft
   if peft.save not in PEFT_SAVES:
     raise UserError(
@@ -320,11 +334,12 @@ def check_peft(config) -> None:
       "config.peft.save='trainable' rebuilds the frozen base from config.init_from on resume, "
       "which is empty; set config.init_from.hf or .checkpoint, or use config.peft.save='all'"
     )
-  if peft.init_from and (peft.method != 'lora' or not config.init_from.hf):
+  imports = ('lora', 'prompt', 'prefix')
+  if peft.init_from and (peft.method not in imports or not config.init_from.hf):
     raise UserError(
-      f'config.peft.init_from={peft.init_from!r} puts a PEFT LoRA adapter onto the '
-      "config.init_from.hf base; set config.peft.method='lora' and config.init_from.hf to the "
-      "adapter's base model directory"
+      f'config.peft.init_from={peft.init_from!r} puts a PEFT adapter (LoRA, prompt or prefix '
+      "tuning) onto the config.init_from.hf base; set config.peft.method to the adapter's and "
+      "config.init_from.hf to its base model directory"
     )
 
 
@@ -471,6 +486,7 @@ RANGES = (
   ('quantize.calibration_batches', 1, 'a batch count'),
   ('peft.rank', 1, 'a LoRA rank'),
   ('peft.bottleneck', 1, 'an adapter bottleneck width'),
+  ('peft.virtual_tokens', 1, 'a number of virtual tokens'),
   ('peft.adalora.tinit', 0, 'a step count'),
   ('peft.adalora.tfinal', 0, 'a step count'),
   ('peft.adalora.delta_t', 1, 'a step interval'),

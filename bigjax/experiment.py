@@ -153,8 +153,10 @@ def model_kwargs(
       assert pretrained is not None
       raise UserError(
         f'config.model.kwargs.{field}={kwargs[field]!r} contradicts {pretrained.where} '
-        f'({pretrained.name_of(field)} gives {field}={value!r}); remove '
-        f'config.model.kwargs.{field} (the checkpoint states it)'
+        f'({pretrained.name_of(field)} gives {field}={value!r}); the checkpoint states the '
+        "architecture: start from the config's hf argument (--config=NAME:hf=DIR: gpt_shakespeare, "
+        'llama_shakespeare, bert_shakespeare_mlm, bert_genre), which leaves it unset, or remove '
+        f'config.model.kwargs.{field} in the config file'
       )
   kwargs.update(stated)
   facts = dict(dataclasses.asdict(data), output_size=task.output_size)
@@ -376,6 +378,7 @@ def build(config, devices=None) -> Experiment:
   total_steps = config.num_steps or config.num_epochs * batches.steps_per_epoch
   tx = optim.make_optimizer(config.optim, total_steps)
   batches, tx = federated.plan(config, splits.train_arrays, mesh, batches, tx)  # rounds
+  batches = distill.with_split(config, batches)  # config.distill.split: its batch beside each
   sample = steps.sample_batch(task, splits.sample)
   model, tx, teacher = _compression(config, data, task, model, tx, sample)
   model, tx, adapter = peft.build(config, model, tx, sample)  # config.peft: bigjax/peft
@@ -439,7 +442,7 @@ def _compression(config, data, task, model, tx, sample):
   if config.quantize.mode == 'qat':
     model = quantize.qat_model(model, config.quantize)
   if prune.enabled(config.prune):
-    tx = prune.wrap(tx, config.prune)
+    tx = prune.wrap(tx, config.prune, variables['params'])  # names give N:M groups their axes
   return model, tx, teacher
 
 

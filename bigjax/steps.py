@@ -131,7 +131,8 @@ def make_train_step(
   log_grad_norms: metrics also hold 'grad_norm/<name>', the L2 norm of the gradients of each
   top-level parameter module (e.g. hidden_0 ... output for the MLP).
   distill: a bigjax.compress.distill.Teacher: its model runs on the same inputs with
-  state.teacher and the loss becomes Teacher.loss (metrics add 'task_loss', 'distill_kl').
+  state.teacher and the loss becomes Teacher.loss (metrics add 'task_loss', 'distill_kl'); with
+  Teacher.split, student and teacher run on the batch's distill split inputs for the KL term.
   prune_cfg: config.prune when pruning: metrics add 'sparsity' and 'sparsity/<layer>' (exact zeros
   of the new parameters).
   adversarial: a bigjax.robust.adversarial.Adversarial (config.adversarial): part of each batch
@@ -140,12 +141,14 @@ def make_train_step(
   the frozen ones are carried over bitwise.
   """
 
-  def loss_and_grads(params, model_state, batch, k_augment, k_dropout, teacher=None):
+  def loss_and_grads(params, model_state, batch, k_augment, k_dropout, teacher=None, step=None):
     mutable = list(model_state) or False
     student, augment = model, (k_augment, augment_cfg)
     if adversarial is not None:  # attacked inputs (or shifted embeddings): bigjax/robust
       variables = {'params': params, **model_state}
-      student, batch, augment = adversarial.perturb(model, variables, batch, augment, k_dropout)
+      student, batch, augment = adversarial.perturb(
+        model, variables, batch, augment, k_dropout, step
+      )
 
     def loss_fn(params):
       out = apply_model(
@@ -160,15 +163,28 @@ def make_train_step(
       outputs, new_model_state = out if mutable else (out, model_state)
       loss, metrics = task.loss_and_metrics(outputs, batch)
       if distill is not None:
-        teacher_out = apply_model(distill.model, teacher, batch, train=False, augment=augment)
-        loss, metrics = distill.loss(loss, metrics, outputs, teacher_out)
+        soft_out, soft_batch = outputs, batch
+        if distill.split:  # config.distill.split: the soft term on that split's batch instead
+          soft_batch = distill.soft_batch(batch)
+          out = apply_model(
+            student,
+            {'params': params, **model_state},
+            soft_batch,
+            train=True,
+            rngs={'dropout': jax.random.fold_in(k_dropout, 1)},
+            mutable=mutable,
+            augment=augment,
+          )
+          soft_out = out[0] if mutable else out  # its batch statistics are not kept
+        teacher_out = apply_model(distill.model, teacher, soft_batch, train=False, augment=augment)
+        loss, metrics = distill.loss(loss, metrics, soft_out, teacher_out)
       return loss, (metrics, dict(new_model_state))
 
     grad_fn = jax.value_and_grad if peft is None else peft.value_and_grad  # bigjax/peft
     (loss, (metrics, model_state)), grads = grad_fn(loss_fn, has_aux=True)(params)
     return grads, model_state, dict(metrics, loss=loss)
 
-  def accumulated(params, model_state, batch, k_augment, k_dropout, teacher=None):
+  def accumulated(params, model_state, batch, k_augment, k_dropout, teacher=None, step=None):
     a = grad_accum_steps
     micro = jax.tree.map(
       lambda x: jnp.swapaxes(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 0, 1), batch
@@ -184,6 +200,7 @@ def make_train_step(
         jax.random.fold_in(k_augment, i),
         jax.random.fold_in(k_dropout, i),
         teacher,
+        step,
       )
       add = lambda x, y: jax.tree.map(jnp.add, x, y)
       return (add(grads_sum, grads), model_state, add(metrics_sum, metrics)), None
@@ -196,6 +213,7 @@ def make_train_step(
       k_augment,
       k_dropout,
       teacher,
+      step,
     )
     zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
     (grads, model_state, metrics), _ = jax.lax.scan(
@@ -211,7 +229,7 @@ def make_train_step(
     batch = task.prepare(batch, k_task)
     compute = loss_and_grads if grad_accum_steps == 1 else accumulated
     grads, model_state, metrics = compute(
-      state.params, state.model_state, batch, k_augment, k_dropout, state.teacher
+      state.params, state.model_state, batch, k_augment, k_dropout, state.teacher, state.step
     )
     loss = metrics.pop('loss')
     grad_norm = optax.tree.norm(grads)

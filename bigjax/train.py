@@ -9,9 +9,10 @@ workdir)` returns the final results dict.
 
 The workdir receives config.json, sharding.txt, checkpoints/, tensorboard/, history.jsonl (the
 learning curve, kept across restarts), with config.early_stopping best/ and best.json, and at the
-end results.json (and eval_predictions.npz with config.save_eval_predictions). Invalid input
-(unknown field, wrong type, bad mesh or batch size, unknown component, missing dataset) is reported
-on one line with exit status 2 before anything is written.
+end results.json (and eval_predictions.npz with config.save_eval_predictions, reliability.png
+with config.ensemble.members > 1). Invalid input (unknown field, wrong type, bad mesh or batch
+size, unknown component, missing dataset) is reported on one line with exit status 2 before
+anything is written.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 
 from bigjax import checkpoint as checkpoint_lib
 from bigjax import cli, experiment, federated, flops, history, init_from, optim, peft, reporting
+from bigjax import compile as compile_lib
 from bigjax import mesh as mesh_lib
 from bigjax import workdir as workdir_lib
 from bigjax.errors import NonFiniteError, Preempted, UserError
@@ -60,6 +62,7 @@ class Loop:
   last_eval: tuple = (None, None)  # (step, report) of the newest eval
   t_train: float | None = None  # time after the first (warm-up) step
   first_timed_step: int = 0
+  data_wait_s: float = 0.0  # time the timed steps spent blocked on the next batch
 
 
 def _is_time(step: int, every: int) -> bool:
@@ -223,7 +226,11 @@ def _train(config, exp, workdir, saved, loaded, allow_config_change, t_start) ->
       batches = exp.device_batches(loop.step)  # grain, read ahead and moved to the devices ahead
       while loop.step < exp.total_steps and not early.stopped:
         profile.before(loop.step)
-        state, metrics = train_step(state, next(batches))
+        t_wait = time.time()
+        batch = next(batches)
+        if loop.t_train is not None:  # counted over the timed steps, as train_s is
+          loop.data_wait_s += time.time() - t_wait
+        state, metrics = train_step(state, batch)
         if loop.t_train is None:  # throughput counts the steps after the first (warm-up) one
           jax.block_until_ready(metrics)
           loop.t_train, loop.first_timed_step = time.time(), loop.step + 1
@@ -256,13 +263,23 @@ def _train(config, exp, workdir, saved, loaded, allow_config_change, t_start) ->
     timed_steps = step - loop.first_timed_step if loop.t_train else 0
 
     # -- 5. Final evaluation and results (an eval already in the history is not counted twice).
-    if loop.last_eval[0] == step and not config.save_eval_predictions:
+    diagram = config.ensemble.members > 1  # an in-step ensemble draws its reliability diagram
+    if loop.last_eval[0] == step and not (config.save_eval_predictions or diagram):
       eval_report = loop.last_eval[1]
     else:
       eval_report, outputs = exp.evaluate(eval_step, state, return_outputs=True)
       if config.save_eval_predictions and chief:
         save_eval_predictions(
           os.path.join(workdir, 'eval_predictions.npz'), exp.task, outputs, exp.eval_labels()
+        )
+      if diagram and chief:
+        from bigjax.ensemble import uncertainty
+
+        uncertainty.reliability_diagram(
+          outputs,
+          exp.eval_labels(),
+          os.path.join(workdir, 'reliability.png'),
+          f'{config.ensemble.members} members',
         )
     if not hist.has(step, 'eval'):
       reporter.scalars(step, 'eval', eval_report)
@@ -277,6 +294,9 @@ def _train(config, exp, workdir, saved, loaded, allow_config_change, t_start) ->
     )
     reporter.hparams(config.to_dict(), {f'eval/{k}': v for k, v in _scalars(eval_report).items()})
     throughput = flops.throughput_report(exp, train_step, train_s, timed_steps) if chief else None
+    if throughput:  # blocked on next(batches): an upper bound on the device's wait for data
+      throughput['data_wait_s'] = loop.data_wait_s
+      throughput['data_wait_fraction'] = loop.data_wait_s / train_s if train_s > 0 else None
     if throughput and throughput['mfu'] is not None:
       rate = (
         f"{throughput['tokens_per_s']:,.0f} tokens/s"
@@ -286,6 +306,11 @@ def _train(config, exp, workdir, saved, loaded, allow_config_change, t_start) ->
       reporter.print(
         f"throughput: {throughput['step_time_s'] * 1e3:.1f} ms/step, {rate}, "
         f"MFU {throughput['mfu']:.1%} of {throughput['peak_source']}"
+        + (
+          f", waiting for data {throughput['data_wait_fraction']:.1%}"
+          if throughput['data_wait_fraction'] is not None
+          else ''
+        )
       )
   finally:
     profile.close()
@@ -303,6 +328,10 @@ def _train(config, exp, workdir, saved, loaded, allow_config_change, t_start) ->
     'wall_time_s': time.time() - t_start,
     'train_examples_per_s': timed_steps * config.batch_size / train_s if train_s > 0 else None,
     'num_params': int(sum(np.prod(p.shape) for p in jax.tree.leaves(state.params))),
+    # config.peft: the parameters that train (the adapter, config.peft.trainable_base)
+    'num_trainable': exp.peft.num_trainable if exp.peft is not None else None,
+    # per-device bytes of the compiled train step (XLA's memory analysis; bigjax/compile.py)
+    'train_step_memory': compile_lib.memory_report(train_step),
     'devices': exp.mesh.size,
     'platform': jax.devices()[0].platform,
     'throughput': throughput,
