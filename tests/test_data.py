@@ -137,6 +137,7 @@ def test_each_augmentation_does_what_it_says():
     )
 
 
+@pytest.mark.slow  # slow: moved out of the default run 2026-12-06 (default run under 10 min on 2 cores)
 def test_processes_preparing_one_offline_dataset_at_once_all_succeed(tmp_path):
   """Parallel sweep runs or the processes of one host may prepare the same dataset together: the
   losers of the final rename use the winner's copy instead of failing with FileExistsError."""

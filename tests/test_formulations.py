@@ -37,8 +37,12 @@ def _close(a, b, rtol=RTOL):
 
 @pytest.mark.parametrize(
   'n,d,v,chunk',
-  [(64, 16, 37, 16), (100, 8, 50, 32), (7, 4, 11, 64), (33, 12, 260, 1)],
-  ids=['divides', 'padded last chunk', 'one chunk', 'chunk of one'],
+  [
+    pytest.param(64, 16, 37, 16, id='divides', marks=pytest.mark.slow),
+    pytest.param(100, 8, 50, 32, id='padded last chunk'),
+    pytest.param(7, 4, 11, 64, id='one chunk', marks=pytest.mark.slow),
+    pytest.param(33, 12, 260, 1, id='chunk of one'),
+  ],
 )
 def test_chunked_cross_entropy_equals_plain(n, d, v, chunk):
   keys = jax.random.split(jax.random.key(n), 4)
@@ -87,6 +91,7 @@ def _step_losses(tmp_path, name, one_device):
   return np.array([h['loss'] for h in results['history'] if h['split'] == 'train'])
 
 
+@pytest.mark.slow  # slow: moved out of the default run 2026-12-06 (default run under 10 min on 2 cores)
 def test_training_curve_with_the_chunked_loss_equals_the_plain_one(
   tmp_path, monkeypatch, one_device
 ):

@@ -136,6 +136,7 @@ def test_merged_weights_equal_the_adapted_model(lora_run, dora):
   np.testing.assert_allclose(merged, adapted, rtol=1e-5, atol=1e-5 * np.abs(adapted).max())
 
 
+@pytest.mark.slow  # slow: moved out of the default run 2026-12-06 (default run under 10 min on 2 cores)
 def test_llama_generation_with_an_adapter_equals_its_merged_weights(lora_run):
   """KV-cache generation (Llama's grouped-query cache) of the trained LoRA run equals that of the
   base model with the adapter merged into its weights: greedy, and sampled at temperature 1 with
@@ -233,6 +234,7 @@ def test_bad_peft_fields_are_one_line_errors(fields, message):
     assert 'stack/layer_0/self_attention/query/kernel' in str(e.value)
 
 
+@pytest.mark.slow  # slow: moved out of the default run 2026-12-06 (default run under 10 min on 2 cores)
 def test_base_params_are_built_into_the_runs_shardings_and_equal_the_runs_base():
   """bigjax-sample / -export rebuild an adapter-only run's frozen base (peft.saving.base_params)
   on the run's (data=2, fsdp=2, tensor=2) mesh, sharded, bitwise the base the run trained on; a

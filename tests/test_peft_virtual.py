@@ -176,9 +176,10 @@ def _incremental(model, params, tokens, split):
 @pytest.mark.parametrize(
   'name, method',  # ~40 s each on the loaded 2-core machine: half in the slow pass
   [
-    ('llama', ''),  # Llama's own KV cache (grouped-query: 2 key/value heads cached)
+    # Llama's own KV cache (grouped-query: 2 key/value heads cached)
+    pytest.param('llama', '', marks=pytest.mark.slow),
     ('llama', 'prompt'),
-    ('gpt', 'prefix'),
+    pytest.param('gpt', 'prefix', marks=pytest.mark.slow),
     pytest.param('llama_scan', '', marks=pytest.mark.slow),
     pytest.param('llama_scan', 'prefix', marks=pytest.mark.slow),
     pytest.param('gpt', 'prompt', marks=pytest.mark.slow),
@@ -283,7 +284,7 @@ def _imported(family, base_dir, **peft_fields):
 @pytest.mark.parametrize(
   'family, method',
   [
-    ('llama', 'prompt'),
+    pytest.param('llama', 'prompt', marks=pytest.mark.slow),
     ('llama', 'prefix'),
     pytest.param('gpt', 'prompt', marks=pytest.mark.slow),
     pytest.param('gpt', 'prefix', marks=pytest.mark.slow),
@@ -305,7 +306,7 @@ def test_imported_peft_virtual_tokens_give_peft_logits(family, method, hf_root):
 # ----------------------------------------------------------------------------------------------
 # Training through bigjax-train's step: only the virtual tokens move
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize('method', ['prompt', 'prefix'])
+@pytest.mark.parametrize('method', [pytest.param('prompt', marks=pytest.mark.slow), 'prefix'])
 def test_only_the_virtual_tokens_train(method):
   """8 steps on one batch: the virtual tokens move, every frozen parameter stays bitwise, and the
   batch's loss falls."""

@@ -33,4 +33,44 @@ def get_sweep():
     ),
     seeds=[0, 1, 2],
     metrics=['accuracy', 'loss', 'train/sparsity'],
+    plot=plot,
   )
+
+
+def plot(runs, outdir):
+  """accuracy_vs_sparsity.png: mean test accuracy (error bars: population std over seeds) against
+  the sparsity of the pruned kernels, one line per schedule."""
+  import os
+
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  done = [r for r in runs if r.finished]
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for schedule, label in (
+    ('one_shot', 'one-shot at step 310'),
+    ('gradual', 'gradual, steps 124-434'),
+  ):
+    mine = [r for r in done if r.values['prune.schedule'] == schedule]
+    levels = sorted({r.values['prune.sparsity'] for r in mine})
+    accs = [
+      [r.metrics['accuracy'] for r in mine if r.values['prune.sparsity'] == s] for s in levels
+    ]
+    ax.errorbar(
+      levels,
+      [np.mean(a) for a in accs],
+      [np.std(a) for a in accs],
+      marker='o',
+      ms=3,
+      capsize=3,
+      label=label,
+    )
+  ax.set(xlabel='sparsity of the pruned kernels', ylabel='test accuracy (mnist5k)')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(outdir, 'accuracy_vs_sparsity.png'), dpi=120)
+  plt.close(fig)
