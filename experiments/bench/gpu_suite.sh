@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 19's GPU runs in one command, about 8 minutes on one H100 (device time, machine start not
 # counted): gpu.py's baseline for gpt125m and gpt1b, the candidate variants (remat for a larger
-# batch), the chunked cross-entropy against the plain loss, and gpu_checks.py
-# (cuDNN attention, bf16 training vs fp32). Everything it prints is also written to
+# batch), the chunked cross-entropy against the plain loss, gpu_checks.py (cuDNN attention, bf16
+# training vs fp32) and int8 PTQ inference against float (mnist_cnn, issue 15). Everything it
+# prints is also written to
 # $RESULTS/gpu_<device>_<date>.md (RESULTS defaults to $OUT when the device tool runs it, else to
 # experiments/bench/results/); copy that file into experiments/bench/results/ and commit it.
 #
@@ -69,6 +70,13 @@ if [ "${SUITE_QUICK:-0}" != 1 ]; then
   step 'Candidate: gpt1b at batch 16 with remat dots' \
     python3 $bench/gpu.py --models gpt1b --steps 10 --batch gpt1b=16 --set remat=dots "${gpu_smoke[@]}"
 fi
+# int8 inference against float (issue 15): mnist_cnn trained in float, PTQ int8 weights and
+# activations (Qwix), eval batches of 512 timed by bigjax.compress.quantize (median of 10).
+cnn_config=mnist_cnn
+[ "${SUITE_CPU_SMOKE:-0}" = 1 ] && cnn_config=mnist_cnn:smoke
+step 'int8 PTQ inference vs float (mnist_cnn, eval batch 512)' bash -c "
+  python3 -m bigjax.train --config=$cnn_config --workdir=/tmp/bigjax_int8_ptq --config.quantize.mode=ptq >/dev/null 2>&1 &&
+  python3 -c 'import json; e = json.load(open(\"/tmp/bigjax_int8_ptq/results.json\"))[\"eval\"]; print(\"| accuracy | quant_accuracy | float_ms | quant_ms | speedup |\"); print(\"|---|---|---|---|---|\"); print(\"| %.4f | %.4f | %.3f | %.3f | %.2f |\" % (e[\"accuracy\"], e[\"quant_accuracy\"], e[\"float_ms\"], e[\"quant_ms\"], e[\"float_ms\"] / e[\"quant_ms\"]))'"
 step 'Correctness: cuDNN attention, bf16 training vs fp32' \
   python3 $bench/gpu_checks.py --checks attention,training --steps 100 "${smoke[@]}"
 echo "wrote $log"
