@@ -35,6 +35,29 @@ def load_config(name, arg=None):
   )
 
 
+def tiny_gpt2(vocab: int):
+  """A random 2-layer, 3-head, 24-wide `transformers` GPT-2 (torch seed 0, no dropout, context 64)
+  in eval mode: the base model of the PEFT parity tests."""
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  config = transformers.GPT2Config(
+    vocab_size=vocab,
+    n_positions=64,
+    n_embd=24,
+    n_layer=2,
+    n_head=3,
+    bos_token_id=None,
+    eos_token_id=None,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+    initializer_range=0.1,
+  )
+  return transformers.GPT2LMHeadModel(config).eval()
+
+
 def file_digests(directory):
   """{relative path: sha1} of every file under `directory` but the workdir lock (its holder's pid
   changes): what must stay bitwise unchanged when a run refuses to start."""

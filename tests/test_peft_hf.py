@@ -21,7 +21,7 @@ from bigjax import experiment, init_from  # noqa: E402
 from bigjax.errors import UserError  # noqa: E402
 from bigjax.peft import common, hf_directory, hf_export  # noqa: E402
 
-from conftest import load_config  # noqa: E402
+from conftest import load_config, tiny_gpt2  # noqa: E402
 
 torch.set_num_threads(1)
 V = 260  # the 'bytes' tokenizer's vocabulary: the bases are built for it
@@ -61,21 +61,7 @@ def _llama():
 
 
 def _gpt2():
-  torch.manual_seed(0)
-  config = transformers.GPT2Config(
-    vocab_size=V,
-    n_positions=64,
-    n_embd=24,
-    n_layer=2,
-    n_head=3,
-    bos_token_id=None,
-    eos_token_id=None,
-    resid_pdrop=0.0,
-    embd_pdrop=0.0,
-    attn_pdrop=0.0,
-    initializer_range=0.1,
-  )
-  return _perturbed(transformers.GPT2LMHeadModel(config))
+  return _perturbed(tiny_gpt2(V))
 
 
 def _with_lora(base, directory, **lora):

@@ -34,7 +34,7 @@ from bigjax.models import attention, bert, gpt, llama  # noqa: E402
 from bigjax.models.generate import generate  # noqa: E402
 from bigjax.peft import common, prefix, prompt  # noqa: E402
 
-from conftest import load_config  # noqa: E402
+from conftest import load_config, tiny_gpt2  # noqa: E402
 
 torch.set_num_threads(1)
 P = 3  # virtual tokens
@@ -229,20 +229,7 @@ def _hf_base(family):
       pad_token_id=None,
     )
     return transformers.LlamaForCausalLM(config).eval()
-  config = transformers.GPT2Config(
-    vocab_size=VOCAB,
-    n_positions=64,
-    n_embd=24,
-    n_layer=2,
-    n_head=3,
-    bos_token_id=None,
-    eos_token_id=None,
-    resid_pdrop=0.0,
-    embd_pdrop=0.0,
-    attn_pdrop=0.0,
-    initializer_range=0.1,
-  )
-  return transformers.GPT2LMHeadModel(config).eval()
+  return tiny_gpt2(VOCAB)
 
 
 @functools.cache
