@@ -95,12 +95,7 @@ class Model(nn.Module):
         f'{offset + prepended} virtual tokens (prompt / prefix tuning); shorten the sequences '
         'or raise max_len'
       )
-    start = 0
-    if decode:  # position of the first new row = number of rows already in the cache
-      index = self.variable('cache', 'position_index', lambda: jnp.zeros((), jnp.int32))
-      start = index.value
-      if not self.is_initializing():
-        index.value = start + x.shape[1]
+    start = attention.decode_start(self, x.shape[1]) if decode else 0
     if positions is None:
       positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
     mask = None

@@ -299,12 +299,7 @@ class Model(nn.Module):
       embed(inputs), decode=decode
     )
     prepended = x_BRD.shape[1] - t  # rotary positions need no table: they may pass max_len
-    start = 0
-    if decode:  # position of the first new row = number of rows already in the cache
-      index = self.variable('cache', 'position_index', lambda: jnp.zeros((), jnp.int32))
-      start = index.value
-      if not self.is_initializing():
-        index.value = start + x_BRD.shape[1]
+    start = attention.decode_start(self, x_BRD.shape[1]) if decode else 0
     x_BTD = nn.Dropout(self.dropout)(x_BRD, deterministic=not train)
     if positions is None:
       positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))

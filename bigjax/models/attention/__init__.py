@@ -28,7 +28,7 @@ from bigjax.models.attention.kernels import (
   padding_mask,
   reference_attention,
 )
-from bigjax.models.attention.layer import MultiHeadAttention, decode_with_cache
+from bigjax.models.attention.layer import MultiHeadAttention, decode_start, decode_with_cache
 from bigjax.models.attention.positions import LearnedPositions, apply_rotary, sinusoidal_positions
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
   'causal_mask',
   'chunked',
   'combine_masks',
+  'decode_start',
   'decode_with_cache',
   'dot_product_attention',
   'padding_mask',

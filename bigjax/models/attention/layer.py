@@ -21,6 +21,17 @@ from bigjax.models.attention.kernels import (
 from bigjax.models.attention.positions import apply_rotary
 
 
+def decode_start(module: nn.Module, rows: int) -> jax.Array | int:
+  """Position of the first of `rows` new rows under KV-cache decoding: the number of rows already
+  in the cache (the model's 'cache' variable `position_index`, advanced here by `rows`). Called
+  inside a decoder's compact __call__ (gpt, llama); 0 while the cache is being created."""
+  index = module.variable('cache', 'position_index', lambda: jnp.zeros((), jnp.int32))
+  start = index.value
+  if not module.is_initializing():
+    index.value = start + rows
+  return start
+
+
 def decode_with_cache(module, q, k, v, mask, positions_BT, *, length: int, rotary_base=None):
   """The KV-cache step of a self-attention layer (called inside its compact __call__; used by
   `MultiHeadAttention` and the Llama attention).
