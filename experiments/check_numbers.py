@@ -5,10 +5,11 @@
 A README table whose header is the header of a table in `results/*.md` (a copy of the runner's
 table) must hold only rows of that table, character for character. Any other table (a summary
 written by hand) may only quote numbers found in the results files (`results/*.csv` cells and
-`results/*.md` tables), to the precision it quotes them: 0.954 is backed by 0.95433, not by 0.9549.
-Columns and rows about a paper or a published figure, signed differences (+0.017) and whole numbers (sizes,
-counts) are not checked. A table right after a `<!-- unbacked: REASON -->` line is not checked but
-listed (`declared_unbacked`); the test pins that list. Used by tests/test_experiment_numbers.py.
+`results/*.md` tables; subfolders of `results/` count too), to the precision it quotes them: 0.954
+is backed by 0.95433, not by 0.9549. Columns and rows about a paper or a published figure, signed
+differences (+0.017) and whole numbers (sizes, counts) are not checked. A table right after a
+`<!-- unbacked: REASON -->` line is not checked but listed (`declared_unbacked`); the test pins that
+list. Used by tests/test_experiment_numbers.py.
 """
 
 from __future__ import annotations
@@ -65,16 +66,21 @@ def _cells(row: str) -> list[str]:
   return [c.strip() for c in row.strip('|').split('|')]
 
 
+def _results_files(results_dir: str, ext: str) -> list[str]:
+  """The .csv or .md files in results_dir and its subfolders (one per dataset, say)."""
+  return glob.glob(os.path.join(results_dir, '**', f'*.{ext}'), recursive=True)
+
+
 def result_numbers(results_dir: str) -> list[float]:
   """Every decimal number in the results files (csv cells, md table cells)."""
   values: list[float] = []
-  for path in glob.glob(os.path.join(results_dir, '*.csv')):
+  for path in _results_files(results_dir, 'csv'):
     with open(path, encoding='utf-8') as f:
       for row in csv.reader(f):
         for cell in row:
           with contextlib.suppress(ValueError):  # a label, not a number
             values.append(float(cell))
-  for path in glob.glob(os.path.join(results_dir, '*.md')):
+  for path in _results_files(results_dir, 'md'):
     for _, rows in tables(path):
       for row in rows:
         values += [float(x) for x in NUMBER.findall(row)]
@@ -96,12 +102,10 @@ def check(experiment_dir: str) -> list[str]:
   readme_tables = tables(readme)
   if not readme_tables:
     return []
-  if not glob.glob(os.path.join(results_dir, '*.csv')) + glob.glob(
-    os.path.join(results_dir, '*.md')
-  ):
+  if not _results_files(results_dir, 'csv') + _results_files(results_dir, 'md'):
     return [f'{readme}: tables but no results/*.csv or results/*.md to back them']
   copies = {}
-  for path in glob.glob(os.path.join(results_dir, '*.md')):
+  for path in _results_files(results_dir, 'md'):
     for header, rows in tables(path):
       copies.setdefault(header, set()).update(rows)
   pool = result_numbers(results_dir)
