@@ -335,15 +335,16 @@ def _steps_lasting(seconds, tmp_path):
   return int(seconds / results['throughput']['step_time_s']) // 1000 * 1000
 
 
-@pytest.mark.slow  # 3-4 min: 100 s of training twice at once, a requeued job waits 10 s (cred_expire)
+@pytest.mark.slow  # 4-6 min: 200 s of training twice at once, a requeued job waits 10 s (cred_expire)
 def test_time_limit_signal_saves_requeues_and_ends_bitwise(tmp_path):
   # The job asks for the warning signal 300 s before its time limit (--signal_s=300). It starts
   # with 30 minutes; once it trains, the test sets the limit so that under 330 s are left, so
   # slurmctld's time-limit check (every 30 s) sends the warning within 60 s, 240-330 s before the
   # limit. After the requeue the limit goes back to 30 minutes, and the run resumes and ends. The
-  # run must still be training when the warning comes: it lasts ~100 s alone, longer beside the
-  # reference run.
-  steps = _steps_lasting(100, tmp_path)
+  # run must still be training when the warning comes: it lasts ~200 s at the probe's step time
+  # (sized for 100 s, a run ended before the warning on 2026-12-06: the probe had run on a busier
+  # machine than the job, which trained faster than the probe said).
+  steps = _steps_lasting(200, tmp_path)
   flags = [f'--config.num_steps={steps}', '--config.log_every=100']
   flags.append('--config.checkpoint_every=100000')  # the only save before the end: the signal's
   reference = _train([f'--workdir={tmp_path / "reference"}', *flags], 1, tmp_path / 'ref.log')
