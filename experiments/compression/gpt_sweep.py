@@ -62,4 +62,48 @@ def get_sweep():
       'quant_bytes',
     ],
     derived={'quant_gap': lambda m: m['quant_loss'] - m['loss']},
+    plot=plot,
   )
+
+
+def plot(runs, outdir):
+  """loss_vs_sparsity.png: mean validation loss (error bars: population std over seeds) against
+  the sparsity of the pruned kernels: one-shot and gradual magnitude pruning as lines from the
+  dense model, 2:4 as one point."""
+  import os
+
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  done = [r for r in runs if r.finished]
+
+  def losses(method, schedule):
+    mine = [
+      r
+      for r in done
+      if r.values['prune.method'] in ('', method)
+      and (r.values['prune.method'] == '' or r.values['prune.schedule'] == schedule)
+    ]
+    levels = sorted({r.values['prune.sparsity'] for r in mine})
+    per = [[r.metrics['loss'] for r in mine if r.values['prune.sparsity'] == s] for s in levels]
+    return levels, [np.mean(p) for p in per], [np.std(p) for p in per]
+
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for method, schedule, label, fmt in (
+    ('magnitude', 'one_shot', 'magnitude, one-shot at step 150', 'o-'),
+    ('magnitude', 'gradual', 'magnitude, gradual 60-240', 's-'),
+    ('n_m', 'one_shot', '2:4 at step 150', 'D'),
+  ):
+    levels, mean, std = losses(method, schedule)
+    if method == 'n_m':  # the 2:4 point alone, not joined to the dense one
+      levels, mean, std = levels[1:], mean[1:], std[1:]
+    ax.errorbar(levels, mean, std, fmt=fmt, ms=4, capsize=3, label=label)
+  ax.set(xlabel='sparsity of the pruned kernels', ylabel='validation loss (nats per byte)')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(outdir, 'loss_vs_sparsity.png'), dpi=120)
+  plt.close(fig)
