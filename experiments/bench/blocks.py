@@ -20,7 +20,6 @@ for bigjax's CNN and GPT modules were measured
 
 import argparse
 import os
-import sys
 import time
 from typing import Any
 
@@ -516,7 +515,6 @@ def block_gpt_step():
     'jax optax.flatten(adam) + decay': gpt_step_jax(flat_adam=True),
     'jax bfloat16 compute, float32 params': gpt_step_jax(dtype='bfloat16'),
   }
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   calls['torch eager (SDPA, fused AdamW)'] = torch_gpt_step()
   return calls, {}
 
