@@ -13,7 +13,7 @@ from nbclient import NotebookClient
 import nbformat
 import pytest
 
-from conftest import REPO
+from conftest import REPO, XLA_CPU_COLLECTIVE_FLAGS
 
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, 'colabs', '*.ipynb')))
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in NOTEBOOKS]
@@ -53,7 +53,8 @@ def _run(name, tmp_path):
       f'print({FIGURES_MARK!r} + __import__("json").dumps(FIGURES_PER_CELL))'
     )
   )
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # the set-up cell chooses
+  # the set-up cell chooses the device count; the collective limits stay (conftest.py)
+  env = dict(os.environ, XLA_FLAGS=XLA_CPU_COLLECTIVE_FLAGS)
   client = NotebookClient(
     nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': str(tmp_path)}}
   )

@@ -19,7 +19,7 @@ import pytest
 
 from bigjax import checkpoint
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 pytestmark = pytest.mark.slow  # two-process runs, 90-350 s each on 2 cores; CI runs the slow pass
 
@@ -38,22 +38,18 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _env(devices):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  return dict(
-    env,
-    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-    PYTHONPATH=os.pathsep.join(filter(None, [REPO, env.get('PYTHONPATH')])),
-  )
-
-
 def _start(workdir, extra, num_processes, devices):
   """Starts the processes of one run; returns the Popen list."""
   cmd = [sys.executable, '-m', 'bigjax.train', f'--workdir={workdir}', *BASE, *extra]
   if num_processes == 1:
     return [
       subprocess.Popen(
-        cmd, cwd=REPO, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd,
+        cwd=REPO,
+        env=subprocess_env(devices),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
       )
     ]
   port = _free_port()
@@ -67,7 +63,7 @@ def _start(workdir, extra, num_processes, devices):
         '--config.distributed.timeout_s=60',
       ],
       cwd=REPO,
-      env=_env(devices),
+      env=subprocess_env(devices),
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,

@@ -24,7 +24,7 @@ from bigjax import checkpoint, launch, sweep
 from bigjax.cluster import slurm
 from bigjax.errors import UserError
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 pytestmark = pytest.mark.skipif(
   shutil.which('sbatch') is None, reason='sbatch not on PATH (no SLURM here; see .ci/slurm/start)'
@@ -250,25 +250,18 @@ def test_workdir_the_nodes_do_not_see_is_one_line(command, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # bigjax-launch: multi-process training, time limits.
 # ------------------------------------------------------------------------------------------------
-def _env(devices):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  return dict(
-    env,
-    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-    PYTHONPATH=os.pathsep.join(filter(None, [REPO, env.get('PYTHONPATH')])),
-  )
-
-
 def _launch(resource_flags, train_flags, **popen):
   cmd = [sys.executable, '-m', 'bigjax.launch', *resource_flags, '--', *MLP, *train_flags]
-  return subprocess.Popen(cmd, cwd=REPO, env=_env(1), text=True, **popen)
+  return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(1), text=True, **popen)
 
 
 def _train(train_flags, devices, log):
   """bigjax.train here (its output in `log`: a pipe would fill up with the progress bar)."""
   cmd = [sys.executable, '-m', 'bigjax.train', *MLP, *train_flags]
   out = open(log, 'w')
-  return subprocess.Popen(cmd, cwd=REPO, env=_env(devices), stdout=out, stderr=subprocess.STDOUT)
+  return subprocess.Popen(
+    cmd, cwd=REPO, env=subprocess_env(devices), stdout=out, stderr=subprocess.STDOUT
+  )
 
 
 def _losses(workdir):
