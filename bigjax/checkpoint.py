@@ -45,6 +45,12 @@ class Checkpointer:
   def latest_step(self):
     return self.manager.latest_step()
 
+  def newest_committed_step(self) -> int | None:
+    """The newest step whose save has finished on disk (orbax renames a step's temporary folder
+    when it commits), or None. Unlike `latest_step`, never a save still in flight."""
+    steps = ocp.utils.checkpoint_steps(self.directory) if os.path.isdir(self.directory) else []
+    return max(steps, default=None)
+
   def save(self, step, state):
     """Saves `state` as `step` (asynchronously; call `wait` before relying on it). A full disk is
     a one-line UserError naming the newest committed step, which still restores."""

@@ -217,8 +217,11 @@ def _train(config, exp, workdir, saved, loaded, allow_config_change, t_start) ->
         f'step {early.best_step})'
       )
 
+  def last_saved() -> str:  # read as the process ends: a save still in flight never commits
+    step = ckpt.newest_committed_step()
+    return f'{step} in {ckpt.directory}' if step is not None else 'none'
+
   try:
-    last_saved = lambda: f'{loop.last_saved} in {ckpt.directory}' if loop.last_saved else 'none'
     with (
       Preemption(config.log_every) as preemption,
       PeerWatch(config.distributed.peer_timeout_s, last_saved, config.distributed.timeout_s),

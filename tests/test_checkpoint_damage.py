@@ -107,3 +107,15 @@ def test_two_damaged_steps_fall_back_two(finished_run, tmp_path, caplog):
   _, a = checkpoint.load_latest(finished_run / 'checkpoints')
   _, b = checkpoint.load_latest(workdir / 'checkpoints')
   jax.tree.map(np.testing.assert_array_equal, a['params'], b['params'])
+
+
+def test_a_save_in_flight_is_not_the_newest_committed_step(finished_run, tmp_path):
+  """What a run that ends mid-save (a lost peer's message) reports: a step whose folder still has
+  orbax's temporary name is not committed, and never restores."""
+  directory = tmp_path / 'checkpoints'
+  shutil.copytree(finished_run / 'checkpoints', directory)
+  ckpt = checkpoint.Checkpointer(str(directory))
+  assert ckpt.newest_committed_step() == 42
+  os.rename(directory / '42', directory / '42.orbax-checkpoint-tmp-1234567')
+  assert checkpoint.Checkpointer(str(directory)).newest_committed_step() == 40
+  assert checkpoint.Checkpointer(str(tmp_path / 'none')).newest_committed_step() is None

@@ -20,7 +20,7 @@ from bigjax.errors import UserError  # noqa: E402
 from bigjax.models.generate import generate  # noqa: E402
 from bigjax.peft import common  # noqa: E402
 
-from conftest import load_config  # noqa: E402
+from conftest import load_config, subprocess_env  # noqa: E402
 
 torch.set_num_threads(1)
 BYTES_VOCAB = 260  # the 'bytes' tokenizer's vocabulary
@@ -167,7 +167,7 @@ def _run_processes(workdir, num_processes, devices, extra, method='dora'):
   import subprocess
   import sys
 
-  from test_multiprocess import _env, _free_port, _wait
+  from test_multiprocess import _free_port, _wait
 
   from conftest import REPO
 
@@ -198,7 +198,7 @@ def _run_processes(workdir, num_processes, devices, extra, method='dora'):
     subprocess.Popen(
       cmd + dist(i),
       cwd=REPO,
-      env=_env(devices),
+      env=subprocess_env(devices),
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,
