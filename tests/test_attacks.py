@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigjax import experiment
+from bigjax import experiment, train
 from bigjax.errors import UserError
 from bigjax.robust import attacks
 
@@ -129,6 +129,8 @@ def _attacked(config, devices, steps=60):
   train_step = exp.compile_train_step()
   for i in range(steps):
     state, _ = train_step(state, exp.to_global(exp.batches.batch(i)))
+    if i % train.MAX_STEPS_IN_FLIGHT == 0:  # as the train loop bounds it (XLA:CPU deadlock)
+      jax.block_until_ready(state)
   return exp.evaluate(exp.compile_eval_step(), state), jax.device_get(state.params)
 
 

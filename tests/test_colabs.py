@@ -13,7 +13,7 @@ from nbclient import NotebookClient
 import nbformat
 import pytest
 
-from conftest import REPO, XLA_CPU_COLLECTIVE_FLAGS
+from conftest import REPO
 
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, 'colabs', '*.ipynb')))
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in NOTEBOOKS]
@@ -53,8 +53,7 @@ def _run(name, tmp_path):
       f'print({FIGURES_MARK!r} + __import__("json").dumps(FIGURES_PER_CELL))'
     )
   )
-  # the set-up cell chooses the device count; the collective limits stay (conftest.py)
-  env = dict(os.environ, XLA_FLAGS=XLA_CPU_COLLECTIVE_FLAGS)
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # the set-up cell chooses
   client = NotebookClient(
     nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': str(tmp_path)}}
   )
