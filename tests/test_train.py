@@ -198,3 +198,20 @@ def test_results_report_compile_time_and_throughput_consistently(tmp_path, one_d
   assert t['mfu'] == pytest.approx(t['model_flops_per_step'] / t['step_time_s'] / 1e11)
   with open(tmp_path / 'results.json') as f:
     assert json.load(f)['throughput'] == json.loads(json.dumps(t))  # what the run returned
+
+
+@pytest.mark.parametrize('bound', [train.MAX_STEPS_IN_FLIGHT, 10_000])
+def test_train_loop_waits_for_the_step_max_steps_in_flight_back(bound, tmp_path, monkeypatch):
+  """Past MAX_STEPS_IN_FLIGHT dispatched steps the loop blocks on the oldest one's metrics, every
+  step (XLA:CPU deadlocks with more than 32 queued on a multi-device mesh); no bound, no waits."""
+  config = load_config('mlp_breast_cancer', 'smoke')  # 42 steps
+  config.log_every = config.checkpoint_every = 1000  # nothing else reads the metrics early
+  monkeypatch.setattr(train, 'MAX_STEPS_IN_FLIGHT', bound)
+  waited = []
+  block = jax.block_until_ready
+  monkeypatch.setattr(jax, 'block_until_ready', lambda x: waited.append(x) or block(x))
+  train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+  on_metrics = [x for x in waited if isinstance(x, dict) and 'loss' in x]
+  assert len(on_metrics) == 1 + max(
+    0, 42 - bound
+  )  # the warm-up step's, then one a step past the bound
