@@ -69,7 +69,8 @@ class Loop:
 # than its per-device in-flight limit (32) queue on several devices that share collectives: seen
 # with 60 steps dispatched back to back on a 2x2x2 mesh of fake CPU devices (every device thread
 # idle at an all-reduce or all-gather, one launch waiting on that limit's semaphore; stop 24's CI
-# run and again on 2026-12-07). 8 still keeps an accelerator's queue full.
+# run and again on 2026-12-07). 8 queued steps should keep an accelerator busy (not yet measured on
+# a GPU).
 MAX_STEPS_IN_FLIGHT = 8
 
 
